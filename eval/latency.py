@@ -1,0 +1,382 @@
+"""Latency and memory of one causal LM: prefill throughput, time to first token, time per output token.
+
+Every number says which path produced it (`generate` with a dynamic cache, or `static_compile`: a static
+cache with the decode step compiled by `generate` itself), because at batch 1 both teacher and student are
+bound by Python and launch overhead and the path changes the answer more than the model does.
+
+Timing: CUDA events on GPU (the host may run ahead of the device), `time.perf_counter` on CPU. Each
+workload runs `warmup` untimed times, then `repeats` timed times; we report median, p20 and p80 of the
+per-run values.
+
+Memory: weight bytes are the sum of parameter bytes. Peak memory is the extra memory over what was resident
+before a workload (the weights of every loaded model included), so that teacher and student compare fairly
+even when both sit in one process: `torch.cuda.max_memory_allocated` on GPU, and on CPU the process RSS
+sampled every 10 ms by a background thread during the warm-up runs (coarse: glibc keeps freed pages, so a workload that
+fits in memory freed by an earlier one shows a delta near zero).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import psutil
+import torch
+from transformers import PreTrainedModel
+
+# Direction of each metric; compare_latency turns it into a speedup that is > 1 when the student is better.
+HIGHER_IS_BETTER = {"tokens_per_s": True, "ms_per_token": False, "ms": False, "bytes": False}
+
+
+@dataclass
+class LatencySettings:
+    """What to time. The defaults fit a 2-core CPU: teacher plus student of 135M-400M parameters in < 60 s.
+
+    prefill: (batch, length) pairs for prefill throughput.
+    ttft_lengths: prompt lengths for time to first token, always at batch 1.
+    decode_batches: batch sizes for time per output token.
+    decode_prompt_len / decode_new_tokens: prompt length and number of generated tokens for decode.
+    static_compile: also time the static-cache + torch.compile decode path (only sensible on GPU).
+    """
+
+    # Sized on the 2-core dev box (fp32, 1 thread): a 360M Llama prefills ~50 tokens/s and decodes at
+    # ~0.19 s/token (batch 1) and ~0.4 s/step (batch 4); batch-4 decode and prefill dominate the total.
+    prefill: tuple[tuple[int, int], ...] = ((1, 64), (4, 32))
+    ttft_lengths: tuple[int, ...] = (32,)
+    decode_batches: tuple[int, ...] = (1, 4)
+    decode_prompt_len: int = 16
+    decode_new_tokens: int = 8
+    repeats: int = 3
+    warmup: int = 1
+    static_compile: bool = False
+    seed: int = 0
+
+    @classmethod
+    def for_device(cls, device: str | torch.device) -> "LatencySettings":
+        """CPU defaults on a CPU device; on a GPU the sizes of BASELINES.md (batch 1 and 32, 128-token prompt,
+        64 new tokens) plus the static-cache + compile path."""
+        if torch.device(device).type != "cuda":
+            return cls()
+        return cls(
+            prefill=((1, 512), (8, 2048), (32, 512)),
+            ttft_lengths=(128, 2048),
+            decode_batches=(1, 32),
+            decode_prompt_len=128,
+            decode_new_tokens=64,
+            repeats=5,
+            warmup=2,
+            static_compile=True,
+        )
+
+
+class _RssSampler:
+    """Peak process RSS above a baseline, sampled by a daemon thread (CPU substitute for max_memory_allocated)."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self._proc = psutil.Process()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.base = 0
+        self.peak = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> "_RssSampler":
+        self.base = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        # One last reading, in case the workload ended between two samples.
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def extra_bytes(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+class _Timer:
+    """Times callables on `device` in seconds; `run` also reports the peak memory they added."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+
+    def seconds(self, fn: Callable[[], object]) -> float:
+        if self.is_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def run(self, fn: Callable[[], object], warmup: int, repeats: int) -> tuple[list[float], int]:
+        """Warm-up then timed runs of `fn`. Returns (seconds per timed run, peak extra bytes over all runs)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            for _ in range(warmup):
+                fn()
+            times = [self.seconds(fn) for _ in range(repeats)]
+            return times, max(0, torch.cuda.max_memory_allocated(self.device) - base)
+        # The sampler thread slows a 2-thread OpenMP forward by ~15% (it preempts a worker), so memory is
+        # read during the warm-up runs and the timed runs go without it; with no warm-up it covers those.
+        with _RssSampler() as sampler:
+            for _ in range(warmup):
+                fn()
+            times = [] if warmup else [self.seconds(fn) for _ in range(repeats)]
+        if warmup:
+            times = [self.seconds(fn) for _ in range(repeats)]
+        return times, sampler.extra_bytes
+
+
+def _entry(
+    values: list[float], metric: str, path: str, batch: int, length: int, peak_extra: int | None, **extra: object
+) -> dict:
+    """One result entry: median, p20, p80 of the per-run values in `metric` units."""
+    p20, median, p80 = (float(v) for v in np.percentile(np.asarray(values, dtype=np.float64), [20, 50, 80]))
+    out = {
+        "metric": metric,
+        "median": median,
+        "p20": p20,
+        "p80": p80,
+        "n": len(values),
+        "higher_is_better": HIGHER_IS_BETTER[metric],
+        "path": path,
+        "batch": batch,
+        "length": length,
+    }
+    if peak_extra is not None:
+        out["peak_extra_bytes"] = int(peak_extra)
+    out.update(extra)
+    return out
+
+
+def _failed(metric: str, path: str, batch: int, length: int, reason: str) -> dict:
+    """Entry for a path that could not run: no numbers, the reason instead (compare_latency skips it)."""
+    return {
+        "metric": metric,
+        "median": None,
+        "p20": None,
+        "p80": None,
+        "n": 0,
+        "higher_is_better": HIGHER_IS_BETTER[metric],
+        "path": path,
+        "batch": batch,
+        "length": length,
+        "error": reason,
+    }
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters (tied weights once, since `parameters()` de-duplicates)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _random_ids(vocab_size: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
+    """[batch, length] int64 token ids, reproducible per (seed, batch, length) so teacher and student see the same."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 10_007 + length)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen).to(device)
+
+
+def _forward_kwargs(model: PreTrainedModel) -> dict:
+    """Only compute logits at the last position when the model supports it: a real prefill needs only that
+    one, and a 150k-vocab LM head over every position would dominate the timing."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _pad_token_id(model: PreTrainedModel) -> int:
+    """A pad id for `generate` (only used for finished rows, which never occur with min_new_tokens)."""
+    gc = model.generation_config
+    for tok in (gc.pad_token_id, gc.eos_token_id):
+        if isinstance(tok, list) and tok:
+            return int(tok[0])
+        if isinstance(tok, int):
+            return tok
+    return 0
+
+
+def _measure_prefill(
+    model: PreTrainedModel, vocab_size: int, s: LatencySettings, timer: _Timer, out: dict[str, dict]
+) -> None:
+    fkw = _forward_kwargs(model)
+    for batch, length in s.prefill:
+        ids = _random_ids(vocab_size, batch, length, s.seed, timer.device)
+        mask = torch.ones_like(ids)
+
+        def run() -> object:
+            # use_cache=True: a real prefill also writes the KV cache, and that costs memory traffic.
+            return model(input_ids=ids, attention_mask=mask, use_cache=True, **fkw).logits
+
+        times, peak = timer.run(run, s.warmup, s.repeats)
+        tps = [batch * length / t for t in times]
+        out[f"prefill_b{batch}_s{length}"] = _entry(tps, "tokens_per_s", "forward", batch, length, peak)
+
+
+def _measure_ttft(
+    model: PreTrainedModel, vocab_size: int, s: LatencySettings, timer: _Timer, out: dict[str, dict]
+) -> None:
+    fkw = _forward_kwargs(model)
+    for length in s.ttft_lengths:
+        ids = _random_ids(vocab_size, 1, length, s.seed, timer.device)
+        mask = torch.ones_like(ids)
+
+        def run() -> object:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **fkw).logits
+            # The greedy token is what a server would stream back; .item() makes the host wait for it.
+            return logits[:, -1].argmax(-1).item()
+
+        times, peak = timer.run(run, s.warmup, s.repeats)
+        out[f"ttft_b1_s{length}"] = _entry([t * 1000 for t in times], "ms", "forward", 1, length, peak)
+
+
+def _generate_fn(
+    model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, static: bool
+) -> Callable[[], torch.Tensor]:
+    kwargs: dict = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        num_beams=1,
+        # min == max: EOS can never end a row early, so every run generates exactly new_tokens tokens.
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=_pad_token_id(model),
+    )
+    if static:
+        # On CUDA, generate compiles the decode step itself when the cache is static (reduce-overhead mode,
+        # i.e. CUDA graphs); prefill stays eager.
+        kwargs["cache_implementation"] = "static"
+    return lambda: model.generate(**kwargs)
+
+
+def _measure_decode(
+    model: PreTrainedModel,
+    vocab_size: int,
+    s: LatencySettings,
+    timer: _Timer,
+    batch: int,
+    static: bool,
+) -> dict:
+    """ms per output token = (t(generate N) - t(generate 1)) / (N - 1), paired per repeat: this removes
+    the prefill and generate's set-up, leaving only decode steps."""
+    path = "static_compile" if static else "generate"
+    n = s.decode_new_tokens
+    if n < 2:
+        return _failed("ms_per_token", path, batch, s.decode_prompt_len, "decode_new_tokens must be >= 2")
+    ids = _random_ids(vocab_size, batch, s.decode_prompt_len, s.seed, timer.device)
+    full = _generate_fn(model, ids, n, static)
+    first = _generate_fn(model, ids, 1, static)
+    # Warm-up, then timed pairs. With static_compile the warm-up must be the full length: it triggers the
+    # compile, and a shorter run would size the static cache differently and recompile later. Eager CPU
+    # has nothing to compile, so a 2-token run warms the prefill and decode-step shapes at a fraction of
+    # the cost (the batch-4 decode dominates the CPU budget); its RSS peak then misses N-2 tokens of cache.
+    warm = full if (static or timer.is_cuda) else _generate_fn(model, ids, 2, static)
+    _, peak = timer.run(warm, s.warmup, 0)
+    per_token = []
+    for _ in range(s.repeats):
+        t_first = timer.seconds(first)
+        t_full = timer.seconds(full)
+        # Clamp at a tiny positive value: on a noisy CPU a pair can invert for very small models.
+        per_token.append(max((t_full - t_first) / (n - 1), 1e-9) * 1000)
+    extra: dict = {"new_tokens": n}
+    if static:
+        # generate keeps its compiled forward here; absent means it fell back to eager with a static cache.
+        extra["compiled"] = hasattr(model, "_compiled_call")
+    return _entry(per_token, "ms_per_token", path, batch, s.decode_prompt_len, peak, **extra)
+
+
+def measure_latency(
+    model: PreTrainedModel,
+    vocab_size: int,
+    settings: LatencySettings,
+    device: str | torch.device,
+) -> dict[str, dict]:
+    """Time one model (already on `device`) on random token ids in [0, vocab_size).
+
+    Returns {setting: entry}, e.g. "prefill_b4_s128" (tokens_per_s), "ttft_b1_s128" (ms),
+    "decode_b1" (ms_per_token, plain generate), "decode_static_b1" (static cache + compile, GPU only),
+    "memory_weights" and "memory_peak_extra" (bytes). Each entry: {"metric", "median", "p20", "p80", "n",
+    "higher_is_better", "path", "batch", "length", ...}; a path that could not run has median None and
+    an "error" string.
+    """
+    if settings.repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {settings.repeats}")
+    device = torch.device(device)
+    timer = _Timer(device)
+    was_training = model.training
+    model.eval()
+    out: dict[str, dict] = {}
+    try:
+        with torch.inference_mode():
+            _measure_prefill(model, vocab_size, settings, timer, out)
+            _measure_ttft(model, vocab_size, settings, timer, out)
+            for batch in settings.decode_batches:
+                out[f"decode_b{batch}"] = _measure_decode(model, vocab_size, settings, timer, batch, static=False)
+            if settings.static_compile:
+                for batch in settings.decode_batches:
+                    key = f"decode_static_b{batch}"
+                    try:
+                        out[key] = _measure_decode(model, vocab_size, settings, timer, batch, static=True)
+                    except Exception as exc:  # noqa: BLE001 - compile failures come in many types
+                        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        out[key] = _failed("ms_per_token", "static_compile", batch, settings.decode_prompt_len, reason)
+    finally:
+        model.train(was_training)
+
+    # A CPU figure means little without its thread count: on a shared 2-core box, 2 OpenMP threads next to
+    # another busy process ran a tiny model 20x slower than 1 thread did.
+    context = {"device": str(device)} | ({} if timer.is_cuda else {"cpu_threads": torch.get_num_threads()})
+    for entry in out.values():
+        entry.update(context)
+    wb = weight_bytes(model)
+    out["memory_weights"] = _entry([float(wb)], "bytes", "weights", 0, 0, None)
+    peaks = [e["peak_extra_bytes"] for e in out.values() if "peak_extra_bytes" in e]
+    source = "torch.cuda.max_memory_allocated" if timer.is_cuda else "rss_sampled"
+    out["memory_peak_extra"] = _entry([float(max(peaks, default=0))], "bytes", "all", 0, 0, None, source=source,
+                                      **context)
+    out["memory_weights"].update(context)
+    return out
+
+
+def compare_latency(teacher: dict, student: dict) -> dict[str, dict]:
+    """Per setting present in both with numbers: {"metric", "teacher", "student", "speedup", "path", "batch",
+    "length"}. speedup > 1 means the student is better: student/teacher for higher-is-better metrics
+    (throughput), teacher/student for times and bytes."""
+    out: dict[str, dict] = {}
+    for key, t in teacher.items():
+        s = student.get(key)
+        if s is None or t.get("median") is None or s.get("median") is None:
+            continue
+        tm, sm = float(t["median"]), float(s["median"])
+        higher = t.get("higher_is_better", HIGHER_IS_BETTER.get(t["metric"], False))
+        num, den = (sm, tm) if higher else (tm, sm)
+        out[key] = {
+            "metric": t["metric"],
+            "teacher": tm,
+            "student": sm,
+            "speedup": num / den if den > 0 else float("inf"),
+            "path": t.get("path"),
+            "batch": t.get("batch"),
+            "length": t.get("length"),
+        }
+    return out

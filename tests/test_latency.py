@@ -1,0 +1,112 @@
+"""eval/latency.py on two tiny random Llamas: numbers are sane, the speedup arithmetic is right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from eval.latency import LatencySettings, compare_latency, measure_latency, weight_bytes
+
+VOCAB = 256
+TINY = LatencySettings(
+    prefill=((1, 16), (2, 16)),
+    ttft_lengths=(16,),
+    decode_batches=(1, 2),
+    decode_prompt_len=8,
+    decode_new_tokens=4,
+    repeats=3,
+    warmup=1,
+    # On CPU generate does not compile, so this times the static cache alone; it still proves the path runs.
+    static_compile=True,
+)
+
+
+def _llama(hidden: int, layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    small, big = _llama(64, 2), _llama(128, 6)
+    # One thread: on a shared 2-core box two OpenMP threads beside any other busy process made these tiny
+    # models ~20x slower (each op waits for a preempted worker), which only costs test time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {
+            "small": measure_latency(small, VOCAB, TINY, "cpu"),
+            "big": measure_latency(big, VOCAB, TINY, "cpu"),
+            "small_weights": weight_bytes(small),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_all_settings_present_finite_positive(results: dict) -> None:
+    expected = {"prefill_b1_s16", "prefill_b2_s16", "ttft_b1_s16", "decode_b1", "decode_b2",
+                "decode_static_b1", "decode_static_b2", "memory_weights", "memory_peak_extra"}
+    for name in ("small", "big"):
+        res = results[name]
+        assert expected <= set(res), set(res) ^ expected
+        for key, e in res.items():
+            assert "error" not in e, (key, e.get("error"))
+            if key == "memory_peak_extra":  # RSS deltas can be 0 when freed pages are reused
+                assert e["median"] >= 0
+                continue
+            for stat in ("median", "p20", "p80"):
+                assert math.isfinite(e[stat]) and e[stat] > 0, (name, key, stat, e[stat])
+            assert e["p20"] <= e["median"] <= e["p80"]
+            assert e["higher_is_better"] == (e["metric"] == "tokens_per_s")
+        assert res["decode_b1"]["path"] == "generate"
+        assert res["decode_static_b1"]["path"] == "static_compile"
+        assert res["decode_static_b1"]["compiled"] is False  # generate compiles only on accelerators
+        assert res["prefill_b2_s16"]["batch"] == 2 and res["prefill_b2_s16"]["length"] == 16
+        assert res["decode_b1"]["cpu_threads"] == 1 and res["memory_peak_extra"]["source"] == "rss_sampled"
+
+
+def test_weights_and_relative_speed(results: dict) -> None:
+    assert results["small"]["memory_weights"]["median"] == results["small_weights"]
+    assert results["big"]["memory_weights"]["median"] > results["small"]["memory_weights"]["median"]
+    # The big model has 3x the layers and 4x the width: allow a lot of timer noise on a shared 2-core
+    # box, but it must not be more than 3x faster than the small one.
+    for key in ("prefill_b1_s16", "prefill_b2_s16"):
+        assert results["big"][key]["median"] < 3 * results["small"][key]["median"]
+
+
+def test_compare_latency_math() -> None:
+    teacher = {
+        "prefill_b1_s128": {"metric": "tokens_per_s", "median": 100.0, "higher_is_better": True},
+        "decode_b1": {"metric": "ms_per_token", "median": 30.0, "higher_is_better": False},
+        "ttft_b1_s128": {"metric": "ms", "median": 50.0, "higher_is_better": False},
+        "memory_weights": {"metric": "bytes", "median": 4e9, "higher_is_better": False},
+        "decode_static_b1": {"metric": "ms_per_token", "median": None, "error": "no compile"},
+        "only_teacher": {"metric": "ms", "median": 1.0, "higher_is_better": False},
+    }
+    student = {
+        "prefill_b1_s128": {"metric": "tokens_per_s", "median": 250.0, "higher_is_better": True},
+        "decode_b1": {"metric": "ms_per_token", "median": 10.0, "higher_is_better": False},
+        "ttft_b1_s128": {"metric": "ms", "median": 100.0, "higher_is_better": False},
+        "memory_weights": {"metric": "bytes", "median": 1e9, "higher_is_better": False},
+        "decode_static_b1": {"metric": "ms_per_token", "median": 5.0, "higher_is_better": False},
+    }
+    cmp = compare_latency(teacher, student)
+    assert set(cmp) == {"prefill_b1_s128", "decode_b1", "ttft_b1_s128", "memory_weights"}
+    assert cmp["prefill_b1_s128"]["speedup"] == pytest.approx(2.5)  # throughput: student / teacher
+    assert cmp["decode_b1"]["speedup"] == pytest.approx(3.0)  # time: teacher / student
+    assert cmp["ttft_b1_s128"]["speedup"] == pytest.approx(0.5)  # student slower -> < 1
+    assert cmp["memory_weights"]["speedup"] == pytest.approx(4.0)
+    assert cmp["decode_b1"]["teacher"] == 30.0 and cmp["decode_b1"]["student"] == 10.0
+
+
+def test_settings_for_device() -> None:
+    cpu = LatencySettings.for_device("cpu")
+    assert cpu == LatencySettings() and not cpu.static_compile
+    gpu = LatencySettings.for_device("cuda:0")  # constructing the settings needs no GPU
+    assert gpu.static_compile and gpu.decode_batches == (1, 32) and (8, 2048) in gpu.prefill
+    assert gpu.repeats == 5 and gpu.decode_new_tokens == 64 and gpu.decode_prompt_len == 128
