@@ -88,12 +88,8 @@ class EvalConfig:
 @dataclass
 class LatencyConfig:
     enabled: bool = True
-    prefill: list[list[int]] = field(default_factory=lambda: [[1, 128], [4, 128]])  # [batch, length]
-    decode_batches: list[int] = field(default_factory=lambda: [1])
-    decode_prompt: int = 32
-    decode_new_tokens: int = 16
-    repeats: int = 3
-    warmup: int = 1
+    repeats: int = 0  # timed repeats per setting (0: the benchmark's default for the device)
+    cpu_threads: int = 1  # CPU only: threads while timing (two threads on a busy 2-core box are noisy)
 
 
 @dataclass

@@ -31,7 +31,7 @@ def code_hash(*packages: str) -> str:
     h = hashlib.sha256()
     for name in sorted(packages):
         path = REPO_ROOT / name
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files = sorted(f for f in path.rglob("*") if f.suffix in (".py", ".yaml")) if path.is_dir() else [path]
         for f in files:
             h.update(str(f.relative_to(REPO_ROOT)).encode())
             h.update(f.read_bytes())

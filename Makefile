@@ -1,0 +1,57 @@
+# MoE-to-dense distillation. `make help` lists targets and variables.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+TEACHER ?= smollm2-moe
+STUDENT ?= derived
+PRESET ?= default
+SET ?=
+RUN ?=
+PYTEST_ARGS ?=
+PORT ?= 5000
+
+# The hub is off unless a user with hub access says otherwise (HF_HUB_OFFLINE=0 make distill ...).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+
+.PHONY: help install distill test ui compare clean
+
+help: ## this list
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "Variables (current value):"
+	@echo "  TEACHER=$(TEACHER)   smollm2-moe (built here), a local MoE folder, or a hub id"
+	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a local dense folder, or a hub id"
+	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')"
+	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
+	@echo "  RUN=<name>           run folder name under runs/ (default: teacher--student--preset)"
+	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
+	@echo "  HF_HUB_OFFLINE=$(HF_HUB_OFFLINE)  set 0 to allow hub ids"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install the pinned dependencies
+
+distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, RUN)
+	$(PY) -m pipelines.run --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
+		--set "$(SET)" --run-name "$(RUN)"
+
+test: $(VENV)/.installed ## unit tests + end-to-end test on tiny models
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+ui: $(VENV)/.installed ## MLflow UI on http://127.0.0.1 (PORT=5000)
+	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)
+
+compare: $(VENV)/.installed ## Pareto plot of quality vs speedup over every distill run in MLflow
+	$(PY) -m eval.compare --out runs/compare
+
+clean: ## remove runs/ and the MLflow store (keeps .venv and the resource cache)
+	rm -rf runs mlflow.db mlartifacts

@@ -1,0 +1,219 @@
+"""`make distill`: teacher -> data -> logits -> student -> distill -> eval -> latency -> report.
+
+Each stage runs only if its inputs changed (content hashes, see `stage_cache`), inside a nested MLflow run of
+one parent run per invocation. A killed run is simply rerun: finished stages are reused, and the two long
+ones (logits, distill) resume from their last shard or checkpoint.
+
+    python -m pipelines.run --teacher smollm2-moe --student derived --preset default --set "eval.limit=20"
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipelines.config import REPO_ROOT, ConfigError, PipelineConfig, load_config  # noqa: E402
+
+StageFn = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: str  # "module:function" or "module:factory(arg)", imported lazily so `--help` stays fast
+    config: tuple[str, ...]  # config sections the output depends on
+    code: tuple[str, ...]  # project sources whose change invalidates the output
+    upstream: tuple[str, ...]
+    uses_device: bool = False
+
+
+_EVAL_CODE = ("eval/lm_eval_runner.py", "eval/tasks", "pipelines/stages_eval.py", "teachers/load.py")
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", "pipelines.stages_models:teacher_stage", ("teacher", "teacher_options"),
+          ("teachers/upcycle.py", "teachers/smollm2_moe.py", "teachers/load.py", "pipelines/stages_models.py"), ()),
+    Stage("data", "pipelines.stages_data:data_stage", ("data",),
+          ("resources", "pipelines/stages_data.py"), ("teacher",)),
+    Stage("logits", "pipelines.stages_data:logits_stage", ("logits",),
+          ("teachers", "pipelines/stages_data.py"), ("teacher", "data"), uses_device=True),
+    Stage("student", "pipelines.stages_models:student_stage", ("student", "student_options"),
+          ("students", "teachers/load.py", "pipelines/stages_models.py"), ("teacher",)),
+    Stage("distill", "pipelines.stages_train:distill_stage", ("distill",),
+          ("distill", "pipelines/stages_train.py"), ("student", "logits"), uses_device=True),
+    Stage("eval_teacher", "pipelines.stages_eval:make_eval_stage(teacher)", ("eval",), _EVAL_CODE,
+          ("teacher", "data"), uses_device=True),
+    Stage("eval_student_init", "pipelines.stages_eval:make_eval_stage(student)", ("eval",), _EVAL_CODE,
+          ("student", "data"), uses_device=True),
+    Stage("eval_student", "pipelines.stages_eval:make_eval_stage(distill)", ("eval",), _EVAL_CODE,
+          ("distill", "data"), uses_device=True),
+    Stage("latency", "pipelines.stages_eval:latency_stage", ("latency",),
+          ("eval/latency.py", "pipelines/stages_eval.py"), ("teacher", "distill"), uses_device=True),
+    Stage("report", "pipelines.stages_eval:report_stage", (),
+          ("eval/report.py", "pipelines/stages_eval.py"),
+          ("teacher", "logits", "student", "distill", "eval_teacher", "eval_student_init", "eval_student",
+           "latency")),
+)
+
+
+def _resolve(spec: str) -> StageFn:
+    import importlib
+
+    module, func = spec.split(":")
+    m = re.fullmatch(r"(\w+)\((\w+)\)", func)
+    mod = importlib.import_module(module)
+    return getattr(mod, m.group(1))(m.group(2)) if m else getattr(mod, func)
+
+
+def slug(text: str) -> str:
+    base = Path(text).name if Path(text).exists() else text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-")[:40] or "model"
+
+
+def run_name(cfg: PipelineConfig) -> str:
+    return cfg.run_name or f"{slug(cfg.teacher)}--{slug(cfg.student)}--{cfg.preset}"
+
+
+def input_hash(stage: Stage, cfg: PipelineConfig, records: dict[str, dict], device: str) -> str:
+    from pipelines.stage_cache import code_hash, hash_text
+
+    ups = [f"{u}={records[u]['output_hash']}" for u in stage.upstream]
+    return hash_text(stage.name, cfg.section_hash(*stage.config) if stage.config else "",
+                     code_hash(*stage.code), *ups, device if stage.uses_device else "")
+
+
+def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, Any]:
+    """Reuse the stage's output if its inputs are unchanged, else (re)run it; log either way to MLflow."""
+    import mlflow
+
+    from pipelines.stage_cache import is_fresh, read_stage, write_stage
+    from pipelines.tracking import flat_params, log_metrics, stage_run
+
+    out = ctx.stage_dir(stage.name)
+    h = input_hash(stage, ctx.cfg, ctx.records, ctx.device.type)
+    rec = is_fresh(out, h)
+    cfg_part = {s: ctx.cfg.to_dict()[s] for s in stage.config}
+    with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
+        mlflow.log_params(flat_params(cfg_part))
+        if rec is not None:
+            print(f"[{stage.name}] inputs unchanged ({h}); reusing {out}", flush=True)
+            mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
+            log_metrics(rec.get("metrics", {}))
+            return rec
+        old = read_stage(out)
+        if old and old.get("input_hash") != h and out.exists():
+            # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_stage(out, {"input_hash": h, "complete": False, "stage": stage.name})
+        print(f"[{stage.name}] running (inputs {h})", flush=True)
+        t0 = time.perf_counter()
+        result = _resolve(stage.fn)(ctx, out)
+        seconds = time.perf_counter() - t0
+        rec = {"stage": stage.name, "input_hash": h, "complete": True, "seconds": seconds,
+               "mlflow_run_id": run.info.run_id, **result}
+        rec["metrics"] = {**result.get("metrics", {}), f"{stage.name}/seconds": seconds}
+        log_metrics(rec["metrics"])
+        mlflow.log_dict(rec, "stage.json")
+        write_stage(out, rec)
+        print(f"[{stage.name}] done in {seconds:.1f} s", flush=True)
+        return rec
+
+
+def publish_report(ctx: Any, mlflow_info: dict[str, str]) -> Path:
+    """Copy the report to the run folder with this invocation's MLflow ids, and log it to the parent run."""
+    import mlflow
+
+    from eval.report import write_report
+
+    report = json.loads(Path(ctx.output("report", "report_json")).read_text())
+    report["mlflow"] = mlflow_info
+    path = ctx.run_dir / "report.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    files = write_report(report, ctx.run_dir)
+    for f in [path, *files.values()]:
+        mlflow.log_artifact(str(f))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="make distill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="")
+    ap.add_argument("--student", default="")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--set", default="", help='space-separated key=value overrides, e.g. "distill.lr=1e-4"')
+    ap.add_argument("--run-name", default="")
+    ap.add_argument("--runs-dir", default=str(REPO_ROOT / "runs"))
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.set, teacher=args.teacher, student=args.student,
+                          run_name=args.run_name)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return run_pipeline(cfg, Path(args.runs_dir))
+
+
+def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
+    import mlflow
+
+    from pipelines.context import RunContext, pick_device
+    from pipelines.tracking import TrackingError, flat_params, git_commit, setup_tracking
+
+    try:
+        exp_id = setup_tracking()
+        device = pick_device(cfg.device)
+    except (TrackingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = runs_dir / run_name(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"error: another `make distill` is running in {run_dir}; wait for it or pass RUN=<other name>",
+              file=sys.stderr)
+        return 2
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
+    tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit()}
+    t0 = time.perf_counter()
+    with mlflow.start_run(run_name=run_dir.name, tags={**tags, "stage": "pipeline"}) as parent:
+        mlflow.log_params(flat_params(cfg.to_dict()))
+        mlflow.log_dict(cfg.to_dict(), "config.json")
+        info = {"experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
+        ctx.records["_mlflow"] = info
+        for stage in STAGES:
+            if stage.name == "latency" and not cfg.latency.enabled:
+                continue
+            if stage.name == "report" and not cfg.latency.enabled:
+                ctx.records["latency"] = {"outputs": {"compare": {}}, "output_hash": "disabled"}
+            ctx.records[stage.name] = run_stage(stage, ctx, {**tags, "parent": parent.info.run_id})
+        report = publish_report(ctx, info)
+        summary = ctx.output("report", "summary")
+        mlflow.log_metrics({k: v for k, v in {"summary/retained_mean": summary["retained_mean"],
+                                              "summary/speedup": summary["speedup"],
+                                              "pipeline/seconds": time.perf_counter() - t0}.items()
+                            if v == v})
+    print(f"\nreport: {report.with_suffix('.md')}\n"
+          f"retained quality (mean over tasks): {summary['retained_mean']:.3f}; "
+          f"speedup ({summary['speedup_setting']}): {summary['speedup']:.2f}x\n"
+          f"MLflow: experiment {exp_id}, run {info['parent_run_id']} ({info['tracking_uri']}); `make ui` to browse\n"
+          f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Stages `data` (tokenised training sequences + held-out text) and `logits` (the teacher's top-k cache)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from pipelines.context import RunContext
+from pipelines.stage_cache import hash_files
+from resources.corpus import iter_documents
+from teachers.load import load_teacher, load_tokenizer
+from teachers.topk_logit_cache import (CacheMeta, LogitCache, LogitCacheWriter, cache_fidelity_kl,
+                                       topk_from_logits)
+
+SEQUENCES_FILE = "sequences.safetensors"
+
+
+def tokenizer_hash(tok: Any) -> str:
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def data_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Tokenise the training text into fixed-length sequences; keep the held-out documents apart.
+
+    Sources are interleaved document by document (each document capped at two sequences' worth of tokens),
+    so even a small token budget sees every kind of text. Writes `sequences.safetensors` (input_ids
+    [N, S] int32), `sequence_sources.json` (majority source per sequence) and `heldout.jsonl`.
+    """
+    d = ctx.cfg.data
+    tok = load_tokenizer(ctx.output("teacher", "path"), "teacher", ctx.cfg.teacher_options.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError("the teacher's tokenizer has no EOS token to separate documents")
+    docs = {s: list(iter_documents(s)) for s in dict.fromkeys(d.sources + [d.heldout_source])}
+    heldout = docs[d.heldout_source][-d.heldout_docs:] if d.heldout_docs else []
+    if d.heldout_docs:
+        docs[d.heldout_source] = docs[d.heldout_source][:-d.heldout_docs]
+    need = (d.train_tokens // d.seq_len) * d.seq_len
+    cap = 2 * d.seq_len
+    stream: list[int] = []
+    origin: list[int] = []
+    names = list(d.sources)
+    cursors = {s: 0 for s in names}
+    bar = tqdm(total=need, desc="tokenise", unit="tok")
+    while len(stream) < need and names:
+        for s in list(names):
+            if cursors[s] >= len(docs[s]):
+                names.remove(s)
+                continue
+            ids = tok(docs[s][cursors[s]].text, add_special_tokens=False)["input_ids"][:cap] + [tok.eos_token_id]
+            cursors[s] += 1
+            stream += ids
+            origin += [d.sources.index(s)] * len(ids)
+            bar.update(len(ids))
+            if len(stream) >= need:
+                break
+    bar.close()
+    if len(stream) < need:
+        raise ValueError(f"the sources {d.sources} hold only {len(stream)} tokens, fewer than data.train_tokens="
+                         f"{d.train_tokens}")
+    seqs = torch.tensor(stream[:need], dtype=torch.int32).view(-1, d.seq_len)
+    org = torch.tensor(origin[:need]).view(-1, d.seq_len)
+    majority = [d.sources[int(torch.bincount(row).argmax())] for row in org]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": seqs}, str(out / SEQUENCES_FILE))
+    (out / "sequence_sources.json").write_text(json.dumps(majority))
+    with open(out / "heldout.jsonl", "w") as fh:
+        for doc in heldout:
+            fh.write(json.dumps({"text": doc.text, "source": doc.source, "id": doc.doc_id}) + "\n")
+    per_source = {s: majority.count(s) for s in d.sources}
+    return {"outputs": {"sequences": str(out / SEQUENCES_FILE), "heldout": str(out / "heldout.jsonl"),
+                        "num_sequences": len(seqs), "tokens": seqs.numel(), "sequences_per_source": per_source,
+                        "tokenizer_hash": tokenizer_hash(tok)},
+            "output_hash": hash_files(out),
+            "metrics": {"data/tokens": seqs.numel(), "data/sequences": len(seqs),
+                        "data/heldout_docs": len(heldout)}}
+
+
+@torch.inference_mode()
+def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Run the teacher over the sequences and write its top-k distribution to a sharded cache.
+
+    Resumes from the last complete shard if a previous run was killed.
+    """
+    cfg = ctx.cfg
+    seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
+    teacher, tok = load_teacher(ctx.output("teacher", "path"), ctx.device, ctx.dtype,
+                                cfg.teacher_options.allow_dense, cfg.teacher_options.trust_remote_code)
+    vocab = len(tok)  # padding rows past the tokenizer are never a target
+    meta = CacheMeta(k=cfg.logits.top_k, vocab_size=vocab, seq_len=seqs.shape[1],
+                     teacher_hash=ctx.records["teacher"]["output_hash"],
+                     tokenizer_hash=ctx.output("data", "tokenizer_hash"),
+                     data_hash=ctx.records["data"]["output_hash"])
+    writer = LogitCacheWriter(out / "cache", meta, sequences_per_shard=cfg.logits.sequences_per_shard)
+    start = writer.num_completed_sequences
+    n, bs = len(seqs), cfg.logits.batch_size
+    t0, done_tokens = time.perf_counter(), 0
+    with tqdm(total=n, initial=start, desc="teacher logits", unit="seq") as bar:
+        for i in range(start, n, bs):
+            ids = seqs[i:i + bs].long()
+            logits = teacher(input_ids=ids.to(ctx.device), use_cache=False).logits[..., :vocab]
+            top_ids, top_lp, tail = topk_from_logits(logits, cfg.logits.top_k)
+            writer.add(ids, top_ids.cpu(), top_lp.cpu(), tail.cpu())
+            done_tokens += ids.numel()
+            bar.update(len(ids))
+    seconds = time.perf_counter() - t0
+    manifest = writer.finalize(n)
+    cache = LogitCache(out / "cache")
+    # Fidelity: how far the distribution the cache reconstructs is from the teacher's full one.
+    sample = cache[0]
+    full = teacher(input_ids=sample["input_ids"][None].to(ctx.device), use_cache=False).logits[0, :, :vocab]
+    kl = cache_fidelity_kl(full.float().cpu(), sample["topk_ids"], sample["topk_logprobs"], sample["tail_logmass"])
+    nbytes, ntok = cache.nbytes(), cache.num_tokens()
+    mass = sample["topk_logprobs"].exp().sum(-1).mean().item()
+    return {"outputs": {"cache": str(out / "cache"), "tokens": ntok, "k": cfg.logits.top_k, "bytes": nbytes,
+                        "bytes_per_token": nbytes / ntok, "fidelity_kl": kl, "topk_mass": mass,
+                        "shards": len(manifest["shards"])},
+            "output_hash": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16],
+            "metrics": {"logits/tokens_per_s": done_tokens / seconds if done_tokens else 0.0,
+                        "logits/bytes_per_token": nbytes / ntok, "logits/fidelity_kl": kl,
+                        "logits/topk_mass": mass, "logits/tokens": ntok}}

@@ -1,0 +1,100 @@
+"""Stages `teacher` and `student`: make or check the two models, and save them as transformers folders."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pipelines.context import RunContext
+from pipelines.stage_cache import hash_files
+from students.derive import derive_dense_student
+from students.vocab import shared_vocab_size
+from teachers.load import (ModelLoadError, count_parameters, is_moe, load_config, load_teacher, load_tokenizer,
+                           resolve_model_path)
+from teachers.smollm2_moe import UNTRAINED_NOTE, build_smollm2_moe
+
+BUILTIN_TEACHERS = ("smollm2-moe",)
+
+
+def external_identity(name_or_path: str) -> str:
+    """Cheap identity of a model the pipeline did not write: file names, sizes and mtimes, or the hub id."""
+    p = Path(name_or_path)
+    if not p.is_dir():
+        return hashlib.sha256(name_or_path.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(p)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _model_summary(model: Any, name: str, path: str) -> dict[str, Any]:
+    total, active = count_parameters(model)
+    return {"name": name, "path": path, "params_total": total, "params_active": active,
+            "architecture": type(model).__name__}
+
+
+def teacher_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Build the default upcycled teacher, or check a user's teacher is a loadable MoE."""
+    cfg = ctx.cfg
+    opts = cfg.teacher_options
+    notes: list[str] = []
+    if cfg.teacher in BUILTIN_TEACHERS:
+        path = build_smollm2_moe(out / "model", opts.num_experts, opts.top_k, opts.router_init_std)
+        notes.append(UNTRAINED_NOTE)
+        path_str, identity = str(path), hash_files(out / "model")
+    else:
+        path_str = resolve_model_path(cfg.teacher, "teacher")
+        identity = external_identity(path_str)
+    model, tok = load_teacher(path_str, device="cpu", dtype=ctx.dtype, allow_dense=opts.allow_dense,
+                              trust_remote_code=opts.trust_remote_code)
+    summary = _model_summary(model, cfg.teacher, path_str)
+    summary["num_experts"] = getattr(model.config, "num_local_experts", None) or getattr(
+        model.config, "num_experts", None)
+    summary["top_k"] = getattr(model.config, "num_experts_per_tok", None)
+    return {"outputs": {"path": path_str, "summary": summary, "notes": notes, "vocab": len(tok)},
+            "output_hash": identity,
+            "metrics": {"teacher/params_total": summary["params_total"],
+                        "teacher/params_active": summary["params_active"]}}
+
+
+def check_student_source(name_or_path: str, teacher_path: str, trust_remote_code: bool) -> str:
+    """A user-given student must be dense and share the teacher's vocabulary; return its resolved path."""
+    path = resolve_model_path(name_or_path, "student")
+    scfg = load_config(path, "student", trust_remote_code)
+    if is_moe(scfg):
+        raise ModelLoadError(f"student '{name_or_path}' is a Mixture-of-Experts model ({type(scfg).__name__}); "
+                             "the student must be dense. Use STUDENT=derived to build one from the teacher.")
+    tcfg = load_config(teacher_path, "teacher", trust_remote_code)
+    shared_vocab_size(load_tokenizer(teacher_path, "teacher", trust_remote_code),
+                      load_tokenizer(path, "student", trust_remote_code),
+                      getattr(tcfg, "vocab_size", 0), getattr(scfg, "vocab_size", 0))
+    return path
+
+
+def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Derive the dense student from the teacher, or check and reference the user's dense model."""
+    cfg = ctx.cfg
+    teacher_path = ctx.output("teacher", "path")
+    trust = cfg.teacher_options.trust_remote_code
+    if cfg.student == "derived":
+        teacher, tok = load_teacher(teacher_path, device="cpu", dtype=ctx.dtype,
+                                    allow_dense=cfg.teacher_options.allow_dense, trust_remote_code=trust)
+        student = derive_dense_student(teacher, keep_layers=cfg.student_options.keep_layers,
+                                       method=cfg.student_options.method)
+        del teacher
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        student.save_pretrained(out / "model", safe_serialization=True)
+        tok.save_pretrained(out / "model")
+        path, identity = str(out / "model"), hash_files(out / "model")
+        name = f"derived({cfg.student_options.method}, layers={cfg.student_options.keep_layers})"
+    else:
+        path = check_student_source(cfg.student, teacher_path, trust)
+        identity = external_identity(path)
+        from teachers.load import load_causal_lm
+        student = load_causal_lm(path, "student", "cpu", ctx.dtype, trust)
+        name = cfg.student
+    summary = _model_summary(student, name, path)
+    summary["init"] = "derived" if cfg.student == "derived" else "pretrained"
+    return {"outputs": {"path": path, "summary": summary}, "output_hash": identity,
+            "metrics": {"student/params_total": summary["params_total"]}}

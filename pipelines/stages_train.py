@@ -1,0 +1,39 @@
+"""Stage `distill`: train the student on the teacher's cached top-k distribution."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.trainer import train_student
+from pipelines.context import RunContext
+from pipelines.stage_cache import hash_files
+from pipelines.tracking import log_metrics
+from teachers.load import load_causal_lm, load_tokenizer
+from teachers.topk_logit_cache import LogitCache
+
+# What the logged MLflow model needs to be loaded again (without it MLflow probes for torchvision).
+MODEL_PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
+
+
+def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    cfg = ctx.cfg
+    trust = cfg.teacher_options.trust_remote_code
+    # fp32 master weights everywhere; on GPU the trainer runs the forward under bf16 autocast.
+    student = load_causal_lm(ctx.output("student", "path"), "student", ctx.device, torch.float32, trust)
+    tok = load_tokenizer(ctx.output("student", "path"), "student", trust)
+    cache = LogitCache(Path(ctx.output("logits", "cache")))
+    result = train_student(student, cache, cfg.distill, out / "checkpoints", cache.meta.vocab_size, ctx.device,
+                           log_fn=lambda m, step: log_metrics({f"train/{k}": v for k, v in m.items()}, step))
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out / "model", safe_serialization=True)
+    tok.save_pretrained(out / "model")
+    import mlflow
+
+    info = mlflow.transformers.log_model(transformers_model={"model": student.cpu(), "tokenizer": tok},
+                                         name="student", task="text-generation",
+                                         pip_requirements=MODEL_PIP_REQUIREMENTS)
+    return {"outputs": {"path": str(out / "model"), "model_uri": info.model_uri, **result},
+            "output_hash": hash_files(out / "model"),
+            "metrics": {f"train/final_{k}": v for k, v in result.items()}}

@@ -1,0 +1,26 @@
+"""Shared test fixtures. The hub is off for every test: nothing may reach for the network at run time."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real tokenizer (read once from the fetched gguf) saved as an ordinary tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from resources.fetch import fetch
+    from teachers.smollm2_moe import find_gguf
+
+    gguf = find_gguf(fetch("smollm2"))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok.save_pretrained(out)
+    return out

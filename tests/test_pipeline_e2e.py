@@ -1,0 +1,85 @@
+"""The whole pipeline on a tiny random Mixtral teacher (SmolLM2's real tokenizer) and a little real text.
+
+Checks what a user relies on: the MLflow parent run with one nested run per stage, finite report numbers,
+the files in the run folder, and that a rerun reuses every stage.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id)
+    out = tmp_path_factory.mktemp("tiny_moe")
+    MixtralForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from pipelines.config import load_config
+    from pipelines.run import STAGES, run_pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config("ci", teacher=str(tiny_moe_dir), student="derived", run_name="e2e")
+    runs = tmp_path / "runs"
+    assert run_pipeline(cfg, runs) == 0
+
+    run_dir = runs / "e2e"
+    report = json.loads((run_dir / "report.json").read_text())
+    for f in ("report.md", "report.html", "quality_vs_speedup.png"):
+        assert (run_dir / f).is_file(), f
+    assert report["teacher"]["params_active"] < report["teacher"]["params_total"]
+    assert report["student"]["params_total"] < report["teacher"]["params_active"]
+    assert report["cache"]["tokens"] == 1024 and report["cache"]["k"] == 8 and report["cache"]["bytes"] > 0
+    assert report["quality"], "no quality metrics"
+    for key, row in report["quality"].items():
+        for who in ("teacher", "student_init", "student"):
+            assert math.isfinite(row[who]), (key, who, row)
+        if row["teacher"] != 0:  # a random model can score 0 on 4 examples; retained is then undefined
+            assert math.isfinite(row["retained"]), (key, row)
+    assert "heldout_text/bits_per_byte" in report["quality"]
+    assert "arc_easy/acc" in report["quality"]
+    for key, row in report["latency"].items():
+        assert math.isfinite(row["speedup"]) and row["speedup"] > 0, (key, row)
+    assert math.isfinite(report["training"]["final_loss"])
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("distill")
+    parent = client.get_run(report["mlflow"]["parent_run_id"])
+    assert parent.data.tags["stage"] == "pipeline" and parent.data.tags["teacher"] == str(tiny_moe_dir)
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == {s.name for s in STAGES}
+    distill = next(c for c in children if c.data.tags["stage"] == "distill")
+    history = client.get_metric_history(distill.info.run_id, "train/loss")
+    assert len(history) == report["training"]["steps"] and all(math.isfinite(m.value) for m in history)
+    assert client.search_logged_models(experiment_ids=[exp.experiment_id]), "the distilled student was not logged as a model"
+    assert "report.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # A rerun with nothing changed reuses every stage and makes a new parent run.
+    assert run_pipeline(cfg, runs) == 0
+    report2 = json.loads((run_dir / "report.json").read_text())
+    assert report2["mlflow"]["parent_run_id"] != parent.info.run_id
+    children2 = client.search_runs([exp.experiment_id],
+                                   filter_string=f"tags.mlflow.parentRunId = '{report2['mlflow']['parent_run_id']}'")
+    assert {c.data.tags["skipped"] for c in children2} == {"true"}
+    assert report2["quality"] == report["quality"]
