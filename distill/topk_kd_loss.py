@@ -45,7 +45,8 @@ def topk_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_l
     """
     lq = student_bucket_logprobs(student_logits, topk_ids, temperature)
     lp = teacher_bucket_logprobs(topk_logprobs, tail_logmass, temperature)
-    return (lp.exp() * (lp - lq)).sum(-1) * temperature**2
+    # A bucket the teacher gives no mass (an empty tail when k = V) contributes 0, not 0 * -inf.
+    return torch.where(lp == float("-inf"), 0.0, lp.exp() * (lp - lq)).sum(-1) * temperature**2
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval tasks over real benchmark data, latency, reports and run comparison."""

@@ -1,0 +1,1 @@
+"""Pipelines: configuration, stages wired together, MLflow tracking. May import every other package."""
