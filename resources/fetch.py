@@ -154,6 +154,7 @@ def _download(source: Source, dest: Path) -> tuple[Path, str, list[str]]:
         return _single_file(dest, source), source.version, cmd
     if source.registry == "debian":
         _require_client("apt-get", "this needs a Debian-based system")
+        _ensure_apt_lists(dest)
         cmd = ["apt-get", "download", source.spec]
         try:
             _run(cmd, dest)
@@ -171,6 +172,14 @@ def _download(source: Source, dest: Path) -> tuple[Path, str, list[str]]:
         version = _run(["dpkg-deb", "--field", str(deb), "Version"], dest).strip()
         return deb, version, cmd
     raise FetchError(f"unknown registry {source.registry!r} for {source.name!r}")
+
+
+def _ensure_apt_lists(cwd: Path) -> None:
+    """A fresh Debian machine has no package lists, so `apt-get download` finds nothing: fetch them once."""
+    lists = Path("/var/lib/apt/lists")
+    if any(lists.glob("*_Packages*")) or os.geteuid() != 0:
+        return  # lists present, or not root: the hint in `_run` tells the user what to do
+    _run(["apt-get", "update", "-qq"], cwd)
 
 
 def _require_client(exe: str, hint: str) -> None:

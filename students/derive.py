@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from teachers.upcycle import copy_rope_settings
+
 _SHARED_FIELDS = (
     "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
@@ -64,9 +66,7 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
     keep = parse_keep_layers(keep_layers, tc.num_hidden_layers)
     kwargs = {f: getattr(tc, f) for f in _SHARED_FIELDS if getattr(tc, f, None) is not None}
     cfg = LlamaConfig(intermediate_size=tc.intermediate_size, num_hidden_layers=len(keep), **kwargs)
-    for attr in ("rope_parameters", "rope_theta", "rope_scaling"):
-        if getattr(tc, attr, None) is not None:
-            setattr(cfg, attr, getattr(tc, attr))
+    copy_rope_settings(tc, cfg)
     dtype = next(teacher.parameters()).dtype
     student = LlamaForCausalLM(cfg).to(dtype)
     src = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}

@@ -26,11 +26,16 @@ def upcycled_config(dense: LlamaConfig, num_experts: int, top_k: int) -> Mixtral
     kwargs = {f: getattr(dense, f) for f in _SHARED_FIELDS if getattr(dense, f, None) is not None}
     cfg = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None,
                         router_aux_loss_coef=0.01, output_router_logits=False, **kwargs)
-    # RoPE settings live in a dict in transformers 5 (theta, scaling type); carry them over whole.
-    for attr in ("rope_parameters", "rope_theta", "rope_scaling"):
-        if getattr(dense, attr, None) is not None:
-            setattr(cfg, attr, getattr(dense, attr))
+    copy_rope_settings(dense, cfg)
     return cfg
+
+
+def copy_rope_settings(src: object, dst: object) -> None:
+    """RoPE settings live in one dict in transformers 5 (`rope_parameters`: type, theta, scaling); carry it whole
+    (setting the older `rope_theta`/`rope_scaling` attributes instead only earns a deprecation warning)."""
+    rope = getattr(src, "rope_parameters", None)
+    if rope is not None:
+        dst.rope_parameters = dict(rope)
 
 
 @torch.no_grad()
