@@ -6,9 +6,21 @@ from pathlib import Path
 
 import pytest
 
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Without a GPU our Triton kernels run through Triton's interpreter. It is chosen when a kernel is decorated,
+# so it must be set before any `kernels` module is imported.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

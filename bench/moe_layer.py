@@ -1,0 +1,290 @@
+"""Fused MoE kernels against transformers' `eager` and `grouped_mm`, in one GPU run.
+
+    python -m bench.moe_layer [--out bench/results/moe_layer.csv] [--quick] [--no-model] [--sweep]
+
+For the OLMoE-1B-7B, Qwen3-30B-A3B and Mixtral-8x7B layer shapes at T in {1, 16, 256, 4096, 16384}, with
+skewed routing (Zipf-like expert popularity, as trained routers show), it times one MoE block (router +
+experts) per provider and reports time, TFLOP/s and the share of the physical floor, where
+floor = max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both ceilings measured at the
+start of this run; bytes count the weights of the experts this routing actually hits, plus input and output.
+Then it times whole-model forward (8 x 2048 tokens, random weights) for each provider and a dense Llama twin
+with the same active FFN width. Every row goes to the CSV with columns
+kernel, provider, shape, tokens, metric, value, unit, gpu, timestamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import math
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+from kernels.hf_moe import enable_fused_moe, register
+from kernels.moe_experts import TileConfig
+
+SHAPES = {
+    "olmoe-1b-7b": lambda: OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                                       num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                                       num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096),
+    "qwen3-30b-a3b": lambda: Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                            moe_intermediate_size=768, num_hidden_layers=12, num_attention_heads=32,
+                                            num_key_value_heads=4, head_dim=128, num_experts=128,
+                                            num_experts_per_tok=8, norm_topk_prob=True,
+                                            max_position_embeddings=4096),
+    "mixtral-8x7b": lambda: MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                          num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
+                                          num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096),
+}
+MODEL_NOTE = {"olmoe-1b-7b": "16 of 16 layers", "qwen3-30b-a3b": "12 of 48 layers", "mixtral-8x7b": "4 of 32 layers"}
+TOKENS = [1, 16, 256, 4096, 16384]
+PROVIDERS = ["eager", "grouped_mm", "fused_triton"]
+ZIPF = 1.0  # expert popularity ~ 1/rank^ZIPF
+
+
+def bench(fn, reps: int = 20, warm: int = 3) -> float:
+    """Median seconds of fn() by CUDA events, after warm-up."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings() -> tuple[float, float]:
+    """Measured bf16 matmul FLOP/s and device copy bytes/s (read + write) on this GPU."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / bench(lambda: a @ b, reps=10)
+    x = torch.randn(1024**3, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 2 / bench(lambda: y.copy_(x), reps=10)
+    del a, b, x, y
+    return flops, bw
+
+
+def skew_router(block: torch.nn.Module, hidden: int, gen: torch.Generator) -> torch.Tensor:
+    """Give the router a Zipf-like preference along a direction u that inputs share; returns u [H].
+
+    logits_e = x . W_e with W_e = noise/sqrt(H) + b_e * u and x = noise + 4u, so expert e's logit is shifted by
+    about 4 b_e; b_e = log(1/rank^ZIPF) / 4 makes popularity fall off roughly as 1/rank."""
+    w = block.gate.weight
+    E, H = w.shape
+    u = torch.randn(H, device="cuda", generator=gen)
+    u /= u.norm()
+    rank = torch.randperm(E, device="cuda", generator=gen).float() + 1
+    b = -ZIPF * torch.log(rank) / 4
+    with torch.no_grad():
+        w.copy_((torch.randn(E, H, device="cuda", generator=gen) / math.sqrt(H) + b[:, None] * u[None, :]).to(w.dtype))
+    return u
+
+
+def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[int], stamp: str, gpu: str,
+               sweep: bool) -> list[dict]:
+    """Time one MoE block (router + experts) per provider and token count."""
+    register()
+    cfg._experts_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(_one_layer(cfg), dtype=torch.bfloat16).cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        for p in block.experts.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    u = skew_router(block, cfg.hidden_size, gen)
+    E = block.gate.weight.shape[0]
+    k = cfg.num_experts_per_tok
+    H = cfg.hidden_size
+    I = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    rows = []
+    for T in tokens:
+        x = (torch.randn(1, T, H, device="cuda", generator=gen) + 4 * u).to(torch.bfloat16)
+        with torch.no_grad():
+            _, _, idx = block.gate(x.view(-1, H))
+        hit = int(torch.unique(idx).numel())
+        counts = torch.bincount(idx.reshape(-1), minlength=E).float()
+        flops = T * k * 3 * 2 * H * I
+        bytes_ = hit * 3 * H * I * 2 + 2 * T * H * 2 + E * H * 2
+        floor = max(flops / peak_flops, bytes_ / peak_bw)
+        base = dict(kernel="moe_layer", shape=shape, tokens=T, gpu=gpu, timestamp=stamp)
+        rows.append({**base, "provider": "routing", "metric": "experts_hit", "value": hit, "unit": "experts"})
+        rows.append({**base, "provider": "routing", "metric": "max_over_mean_load",
+                     "value": round(float(counts.max() / counts.mean()), 3), "unit": "ratio"})
+        rows.append({**base, "provider": "floor", "metric": "time", "value": round(floor * 1e6, 2), "unit": "us"})
+        ref = None
+        for prov in PROVIDERS:
+            _set_provider(model, prov)
+            with torch.no_grad():
+                out = block(x)
+                if ref is None:
+                    ref = out.double()
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                t = bench(lambda: block(x), reps=20 if T <= 4096 else 10)
+            rows += _perf_rows(base, prov, t, flops, floor, err)
+            print(f"{shape:14s} T={T:6d} {prov:13s} {t * 1e6:10.1f} us  {flops / t / 1e12:7.1f} TFLOP/s  "
+                  f"floor share {floor / t:6.1%}  rel.err vs eager {err:.1e}", flush=True)
+        if sweep and T >= 256:
+            rows += _sweep(model, block, x, base, flops, floor)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _perf_rows(base: dict, prov: str, t: float, flops: float, floor: float, err: float) -> list[dict]:
+    return [{**base, "provider": prov, "metric": "time", "value": round(t * 1e6, 2), "unit": "us"},
+            {**base, "provider": prov, "metric": "tflops", "value": round(flops / t / 1e12, 2), "unit": "TFLOP/s"},
+            {**base, "provider": prov, "metric": "floor_share", "value": round(floor / t, 4), "unit": "ratio"},
+            {**base, "provider": prov, "metric": "rel_err_vs_eager", "value": float(f"{err:.3e}"), "unit": "ratio"}]
+
+
+def _sweep(model, block, x, base, flops, floor) -> list[dict]:
+    """Time tile configs of the grouped path on this shape (feeds kernels.moe_experts.pick_configs)."""
+    import kernels.moe_experts as me
+
+    _set_provider(model, "fused_triton")
+    rows = []
+    stock = me.pick_configs
+    best = None
+    for bm in (64, 128):
+        for bn_up, bn_dn in ((64, 64), (64, 128), (128, 128), (128, 64)):
+            for bk in (64, 128):
+                for warps in (4, 8):
+                    for stages in (3, 4):
+                        cu = TileConfig(bm, bn_up, bk, 8, warps, stages)
+                        cd = TileConfig(bm, bn_dn, bk, 8, warps, stages)
+                        me.pick_configs = lambda *a, cu=cu, cd=cd: (cu, cd)
+                        try:
+                            with torch.no_grad():
+                                t = bench(lambda: block(x), reps=10, warm=2)
+                        except Exception as ex:  # out of shared memory / registers for this tile
+                            print(f"  sweep {cu} {cd}: {type(ex).__name__}", flush=True)
+                            continue
+                        tag = f"sweep bm{bm} bn{bn_up}/{bn_dn} bk{bk} w{warps} s{stages}"
+                        rows.append({**base, "provider": tag, "metric": "time", "value": round(t * 1e6, 2),
+                                     "unit": "us"})
+                        if best is None or t < best[0]:
+                            best = (t, tag)
+    me.pick_configs = stock
+    if best:
+        print(f"  best: {best[1]} {best[0] * 1e6:.1f} us ({floor / best[0]:.1%} of floor)", flush=True)
+    return rows
+
+
+def _one_layer(cfg):
+    c = cfg.__class__.from_dict(cfg.to_dict())
+    c.num_hidden_layers = 1
+    c.vocab_size = 128
+    c._attn_implementation = "sdpa"
+    return c
+
+
+def _set_provider(model, prov: str) -> None:
+    if prov == "fused_triton":
+        enable_fused_moe(model)
+        return
+    for m in model.modules():  # restore stock routers
+        if getattr(m, "_fused_spec", None) is not None:
+            m.forward = m._stock_forward
+            m._fused_spec = None
+    model.set_experts_implementation(prov)
+
+
+def model_rows(shape: str, cfg, stamp: str, gpu: str, batch: int, seq: int) -> list[dict]:
+    """Whole-model forward tokens/s per provider, and a dense Llama twin with the same active FFN width."""
+    rows = []
+    base = dict(kernel="model_forward", shape=f"{shape} ({MODEL_NOTE[shape]})", tokens=batch * seq, gpu=gpu,
+                timestamp=stamp)
+    cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=gen)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=gen)
+    for prov in PROVIDERS:
+        _set_provider(model, prov)
+        with torch.no_grad():
+            t = bench(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), reps=5, warm=2)
+        rows.append({**base, "provider": prov, "metric": "throughput", "value": round(batch * seq / t),
+                     "unit": "tokens/s"})
+        print(f"{shape:14s} model {prov:13s} {batch * seq / t:10.0f} tokens/s", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    k = cfg.num_experts_per_tok
+    ffn = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    dense_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=k * ffn,
+                            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                            num_key_value_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None),
+                            max_position_embeddings=4096)
+    dense_cfg._attn_implementation = "sdpa"
+    dense = AutoModelForCausalLM.from_config(dense_cfg, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        for n, p in dense.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=gen)
+        t = bench(lambda: dense(input_ids=ids, use_cache=False, logits_to_keep=1), reps=5, warm=2)
+    rows.append({**base, "provider": "dense_twin", "metric": "throughput", "value": round(batch * seq / t),
+                 "unit": "tokens/s"})
+    print(f"{shape:14s} model {'dense_twin':13s} {batch * seq / t:10.0f} tokens/s", flush=True)
+    del dense
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results/moe_layer.csv")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
+    ap.add_argument("--no-model", action="store_true", help="skip whole-model forward")
+    ap.add_argument("--sweep", action="store_true", help="also time tile configs at T >= 256")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.moe_layer needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = torch.cuda.get_device_name()
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    peak_flops, peak_bw = ceilings()
+    print(f"{gpu}: bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s, copy {peak_bw / 1e12:.2f} TB/s", flush=True)
+    rows = [dict(kernel="ceiling", provider="torch", shape="matmul 8192^3 bf16", tokens=0, metric="rate",
+                 value=round(peak_flops / 1e12, 1), unit="TFLOP/s", gpu=gpu, timestamp=stamp),
+            dict(kernel="ceiling", provider="torch", shape="copy 2 GiB", tokens=0, metric="bandwidth",
+                 value=round(peak_bw / 1e12, 3), unit="TB/s", gpu=gpu, timestamp=stamp)]
+    for shape in args.shapes:
+        rows += layer_rows(shape, SHAPES[shape](), peak_flops, peak_bw, args.tokens, stamp, gpu, args.sweep)
+    if not args.no_model:
+        for shape in args.shapes:
+            rows += model_rows(shape, SHAPES[shape](), stamp, gpu, args.batch, args.seq)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["kernel", "provider", "shape", "tokens", "metric", "value", "unit", "gpu",
+                                          "timestamp"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

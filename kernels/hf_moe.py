@@ -1,0 +1,153 @@
+"""Our fused MoE kernels inside transformers: an experts backend registered as `fused_triton` in
+`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`, and fused routers installed per architecture.
+
+    from kernels.hf_moe import enable_fused_moe
+    summary = enable_fused_moe(model)   # one call on a loaded model
+
+Cases our kernels do not cover (expert biases, a custom gate function, expert parallelism, no GPU and no
+Triton interpreter, ...) run transformers' `grouped_mm` instead, and the reason is logged once per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+from transformers.integrations import moe as hf_moe
+
+from kernels.interpreter import INTERPRETED
+from kernels.moe_experts import ExpertWeights, fused_experts
+from kernels.moe_grouped_gemm import ACTIVATIONS
+from kernels.moe_router import RouterSpec, route
+
+log = logging.getLogger(__name__)
+NAME = "fused_triton"
+_warned: set[str] = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("fused_triton: %s; this experts module runs transformers' grouped_mm instead", reason)
+
+
+def _unsupported(experts: torch.nn.Module, hidden: torch.Tensor) -> str | None:
+    """Why our kernels cannot run this experts module on this input (None when they can)."""
+    if not (hidden.is_cuda or (INTERPRETED and hidden.device.type == "cpu")):
+        return f"input on {hidden.device.type} (Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU)"
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {hidden.dtype} is not supported"
+    if not getattr(experts, "has_gate", True):
+        return "experts without a gate projection are not supported"
+    if getattr(experts, "has_bias", False):
+        return "expert biases are not supported"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "a post-expert norm is not supported"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism is not supported"
+    apply_gate = getattr(type(experts), "_apply_gate", hf_moe._default_apply_gate)
+    if apply_gate is not hf_moe._default_apply_gate:
+        return f"{type(experts).__name__} has its own gate function"
+    act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    if act not in ACTIVATIONS:
+        return f"activation {act!r} is not supported"
+    return None
+
+
+def fused_triton_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers experts-backend signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+    reason = _unsupported(self, hidden_states)
+    if reason is not None:
+        _fallback(reason)
+        return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=bool(getattr(self, "is_transposed", False)),
+                            concatenated=bool(getattr(self, "is_concatenated", True)))
+    return fused_experts(hidden_states, weights, top_k_weights, top_k_index, activation=self.config.hidden_act)
+
+
+def register() -> None:
+    """Make `fused_triton` a valid `experts_implementation` (idempotent)."""
+    if NAME not in hf_moe.ALL_EXPERTS_FUNCTIONS:
+        hf_moe.ALL_EXPERTS_FUNCTIONS.register(NAME, fused_triton_experts_forward)
+
+
+# Router classes by name -> (scoring, renormalise attribute or constant, cast weights to the logits dtype).
+# Keyed by name so that no architecture module is imported just to be recognised.
+_SOFTMAX_ROUTERS: dict[str, tuple[str | bool, bool]] = {
+    "MixtralTopKRouter": (True, False),
+    "OlmoeTopKRouter": ("norm_topk_prob", True),
+    "Qwen2MoeTopKRouter": ("norm_topk_prob", True),
+    "Qwen3MoeTopKRouter": ("norm_topk_prob", True),
+}
+_SIGMOID_GROUP_ROUTERS = {"DeepseekV3TopkRouter"}
+
+
+def router_spec(module: torch.nn.Module) -> tuple[RouterSpec, bool] | None:
+    """(spec, cast weights to the logits dtype) for a router module we can fuse, else None."""
+    name = type(module).__name__
+    if name in _SOFTMAX_ROUTERS:
+        renorm, cast = _SOFTMAX_ROUTERS[name]
+        renorm = bool(getattr(module, renorm)) if isinstance(renorm, str) else renorm
+        return RouterSpec(top_k=module.top_k, scoring="softmax", renormalize=renorm), cast
+    if name in _SIGMOID_GROUP_ROUTERS:
+        spec = RouterSpec(top_k=module.top_k, scoring="sigmoid", renormalize=bool(module.norm_topk_prob),
+                          n_group=int(module.num_group), topk_group=int(module.topk_group),
+                          scaling=float(module.routed_scaling_factor), fp32_logits=True)
+        return spec, False
+    return None
+
+
+def _fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[Any, Any, Any]:
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    if not (x.is_cuda or (INTERPRETED and x.device.type == "cpu")):
+        _fallback(f"router input on {x.device.type}")
+        return self._stock_forward(hidden_states)
+    spec, cast = self._fused_spec
+    bias = getattr(self, "e_score_correction_bias", None)
+    logits, weights, idx = route(x, self.weight, spec, bias=bias if spec.scoring == "sigmoid" else None,
+                                 weights_dtype=x.dtype if cast else torch.float32)
+    return logits, weights, idx
+
+
+def install_fused_routers(model: torch.nn.Module) -> tuple[int, list[str]]:
+    """Swap every recognised router's forward for the one-kernel version. Returns (fused count, unrecognised
+    router class names)."""
+    fused, unknown = 0, set()
+    for module in model.modules():
+        name = type(module).__name__
+        if not name.lower().endswith("router") or not hasattr(module, "weight"):
+            continue
+        got = router_spec(module)
+        if got is None:
+            unknown.add(name)
+            continue
+        if getattr(module, "_fused_spec", None) is None:
+            module._stock_forward = module.forward
+        module._fused_spec = got
+        module.forward = types.MethodType(_fused_router_forward, module)
+        fused += 1
+    for name in sorted(unknown):
+        log.warning("fused_triton: router %s is not recognised; it keeps its stock forward", name)
+    return fused, sorted(unknown)
+
+
+def enable_fused_moe(model: torch.nn.Module, routers: bool = True) -> dict[str, Any]:
+    """Turn on our kernels for a loaded transformers MoE model: experts backend `fused_triton` plus fused routers.
+
+    Returns {"experts_implementation", "routers_fused", "routers_unrecognised"}. Raises ValueError for a model
+    whose experts cannot switch implementation (not a transformers MoE with `@use_experts_implementation`).
+    """
+    register()
+    if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
+        raise ValueError(f"{type(model).__name__} does not route through transformers' experts interface; "
+                         "fused_triton cannot be installed on it")
+    model.set_experts_implementation(NAME)
+    fused, unknown = install_fused_routers(model) if routers else (0, [])
+    return {"experts_implementation": NAME, "routers_fused": fused, "routers_unrecognised": unknown}
+
+
+register()

@@ -1,0 +1,150 @@
+"""The MoE experts forward on our Triton kernels: picks the decode (GEMV) or the grouped-GEMM path, the tile
+configuration for the shape, and launches with no host synchronisation (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kernels.interpreter import INTERPRETED
+from kernels.moe_align import align_slots
+from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
+from kernels.moe_grouped_gemm import ACTIVATIONS, down_kernel, gate_up_kernel
+
+# Up to this many tokens the experts run as matrix-vector products (see moe_gemv); above, as grouped GEMMs.
+GEMV_MAX_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Expert weights in transformers' layout, addressed by strides (no copies).
+
+    gate_up: [E, 2I, H] (or [E, H, 2I] when transposed); gate rows first (`concatenated`) or alternating
+    gate/up rows (interleaved). down: [E, H, I] (or [E, I, H] when transposed).
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    transposed: bool = False
+    concatenated: bool = True
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate_up.shape[1 if self.transposed else 2]
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate_up.shape[2 if self.transposed else 1] // 2
+
+    def gate_up_strides(self) -> tuple[int, int, int, int, int, int]:
+        """(stride_e, stride_n, stride_k, gate_off, up_off, row_mult) over output column n and input k."""
+        w = self.gate_up
+        se, sn, sk = (w.stride(0), w.stride(2), w.stride(1)) if self.transposed else (w.stride(0), w.stride(1),
+                                                                                      w.stride(2))
+        if self.concatenated:
+            return se, sn, sk, 0, self.intermediate, 1
+        return se, sn, sk, 0, 1, 2
+
+    def down_strides(self) -> tuple[int, int, int]:
+        """(stride_e, stride_n, stride_k) with n over H and k over I."""
+        w = self.down
+        return (w.stride(0), w.stride(2), w.stride(1)) if self.transposed else (w.stride(0), w.stride(1), w.stride(2))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
+    """Tile configs for (gate/up, down) from the mean rows per expert; measured on H100 by
+    bench/bench_moe_kernels.py --sweep (see kernels/NOTES.md)."""
+    rows_per_expert = tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        return TileConfig(16, 64, 128, 1, 4, 4), TileConfig(16, 64, 128, 1, 4, 4)
+    if rows_per_expert <= 48:
+        return TileConfig(32, 64, 128, 4, 4, 4), TileConfig(32, 64, 128, 4, 4, 4)
+    if rows_per_expert <= 256:
+        return TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4)
+    return TileConfig(128, 64, 64, 8, 8, 4), TileConfig(128, 128, 64, 8, 8, 4)
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    weights: ExpertWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    configs: tuple[TileConfig, TileConfig] | None = None,
+    force_path: str | None = None,
+) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * Down_e(act(Gate_e x_t) * Up_e x_t), e = topk_ids[t, j].
+
+    hidden: [T, H] bf16/fp16/fp32; topk_weights: [T, k] (any float dtype); topk_ids: [T, k] int.
+    Returns [T, H] in hidden's dtype. force_path: "gemv" or "grouped" (tests, benchmarks).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fused_experts: activation {activation!r} not supported; one of {sorted(ACTIVATIONS)}")
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E, I = weights.num_experts, weights.intermediate
+    if H != weights.hidden or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"fused_experts: hidden {tuple(hidden.shape)}, experts H={weights.hidden}, "
+                         f"topk {tuple(topk_weights.shape)}/{tuple(topk_ids.shape)} do not agree")
+    act = ACTIVATIONS[activation]
+    x = hidden.contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()
+    topw = topk_weights.contiguous()
+    out_dtype = hidden.dtype
+    if T == 0:
+        return torch.empty_like(x)
+    g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
+    d_se, d_sn, d_sk = weights.down_strides()
+    path = force_path or ("gemv" if T <= GEMV_MAX_TOKENS else "grouped")
+
+    if path == "gemv":
+        inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
+        bn, bk = 32, 128
+        gate_up_gemv_kernel[(T * k, triton.cdiv(I, bn))](
+            x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
+            gate_off, up_off, row_mult, TOP_K=k, ACT=act, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        out = torch.empty(T, H, device=x.device, dtype=out_dtype)
+        down_gemv_kernel[(T, triton.cdiv(H, bn))](
+            inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
+            TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        return out
+
+    cfg_up, cfg_down = configs or pick_configs(T, k, E)
+    # Both GEMMs walk the same alignment, so they share one BLOCK_M.
+    if cfg_up.block_m != cfg_down.block_m:
+        raise ValueError("fused_experts: gate/up and down tile configs must share block_m")
+    al = align_slots(ids, E, cfg_up.block_m)
+    P = al.sorted_slots.numel()
+    inter = torch.empty(P, I, device=x.device, dtype=out_dtype)
+    c = cfg_up
+    gate_up_kernel[(P // c.block_m * triton.cdiv(I, c.block_n),)](
+        x, weights.gate_up, inter, al.sorted_slots, al.block_expert, al.num_padded,
+        T * k, P, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0), gate_off, up_off, row_mult,
+        TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED, num_warps=c.num_warps, num_stages=c.num_stages)
+    c = cfg_down
+    # k == 1 stores each row once (no atomics), straight in the output dtype.
+    acc = torch.zeros(T, H, device=x.device, dtype=torch.float32) if k > 1 else torch.empty_like(x)
+    down_kernel[(P // c.block_m * triton.cdiv(H, c.block_n),)](
+        inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
+        T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
+        TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, num_warps=c.num_warps, num_stages=c.num_stages)
+    return acc.to(out_dtype) if k > 1 else acc

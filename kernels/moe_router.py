@@ -1,0 +1,182 @@
+"""The MoE router in one Triton kernel: router matmul, softmax or sigmoid scores, optional score bias and
+DeepSeek-style group-limited selection, top-k, renormalisation and scaling.
+
+Stock transformers runs this as 5-12 separate ops (linear, softmax, topk, sum, divide, and for DeepSeek a
+second topk over groups plus a scatter and a masked fill); each reads and writes a [T, E] tensor. Here one
+program owns BLOCK_T tokens and keeps their [BLOCK_T, E] scores in registers from the matmul to the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.interpreter import INTERPRETED
+
+SOFTMAX, SIGMOID = 0, 1
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How an architecture turns router logits into top-k weights.
+
+    scoring: "softmax" (Mixtral, OLMoE, Qwen-MoE) or "sigmoid" (DeepSeek-V3).
+    renormalize: divide the k kept weights by their sum.
+    n_group / topk_group: DeepSeek group-limited routing (experts split into n_group groups, a group scored by
+        the sum of its two best biased scores, only the topk_group best groups eligible); 1/1 disables it.
+    scaling: multiply the final weights (DeepSeek `routed_scaling_factor`).
+    fp32_logits: compute the router matmul in float32 (DeepSeek); otherwise in the input dtype with float32
+        accumulation, rounded to the input dtype like `F.linear` does.
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    scaling: float = 1.0
+    fp32_logits: bool = False
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr,
+    T, H, E, stride_xt, stride_we, scaling,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kk = tl.arange(0, BLOCK_H)
+    row_ok = rows < T
+    col_ok = cols < E
+
+    # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + kk
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + h[None, :], mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_we + h[:, None], mask=col_ok[None, :] & (h[:, None] < H), other=0.0)
+        if FP32_LOGITS:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        elif DOT_F32:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w)
+    if FP32_LOGITS:
+        logits = acc
+    else:
+        # F.linear hands back logits rounded to the input dtype; the scores are computed from those.
+        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits.to(logits_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+    neg_inf = float("-inf")
+    if SCORING == 0:
+        z = tl.where(col_ok[None, :], logits, neg_inf)
+        p = tl.exp(z - tl.max(z, axis=1)[:, None])
+        scores = p / tl.sum(p, axis=1)[:, None]
+    else:
+        scores = tl.sigmoid(logits)
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(col_ok[None, :], choice, neg_inf)
+
+    if N_GROUP > 1:
+        # A group's score is the sum of its two best biased scores; only the TOPK_GROUP best groups stay eligible.
+        group_size = E // N_GROUP
+        gid = cols // group_size
+        garange = tl.arange(0, BLOCK_G)
+        gscore = tl.full((BLOCK_T, BLOCK_G), neg_inf, tl.float32)
+        for g in tl.static_range(N_GROUP):
+            c = tl.where((gid == g)[None, :], choice, neg_inf)
+            best = tl.argmax(c, axis=1)
+            first = tl.max(c, axis=1)
+            second = tl.max(tl.where(cols[None, :] == best[:, None], neg_inf, c), axis=1)
+            gscore = tl.where((garange == g)[None, :], (first + second)[:, None], gscore)
+        keep = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            gbest = tl.argmax(gscore, axis=1)
+            keep = keep | (gid[None, :] == gbest[:, None])
+            gscore = tl.where(garange[None, :] == gbest[:, None], neg_inf, gscore)
+        choice = tl.where(keep, choice, neg_inf)
+
+    # Top-k by repeated argmax: k is small (<= 16) and the row already sits in registers.
+    karange = tl.arange(0, BLOCK_K)
+    topw = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    topi = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(choice, axis=1).to(tl.int32)
+        hit = cols[None, :] == best[:, None]
+        wj = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        choice = tl.where(hit, neg_inf, choice)
+        topw = tl.where((karange == j)[None, :], wj[:, None], topw)
+        topi = tl.where((karange == j)[None, :], best[:, None], topi)
+    if RENORM:
+        denom = tl.sum(topw, axis=1)
+        if SCORING == 1:
+            denom = denom + 1e-20
+        topw = topw / denom[:, None]
+    topw = topw * scaling
+    out_mask = row_ok[:, None] & (karange < TOP_K)[None, :]
+    offs = rows[:, None] * TOP_K + karange[None, :]
+    tl.store(topw_ptr + offs, topw.to(topw_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(topi_ptr + offs, topi, mask=out_mask)
+
+
+def route(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    spec: RouterSpec,
+    bias: torch.Tensor | None = None,
+    weights_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route tokens to experts in one kernel launch.
+
+    hidden: [T, H] (bf16/fp16/fp32); weight: [E, H] router matrix; bias: optional [E] score-correction bias
+    (added for the choice only, as DeepSeek-V3 does). Returns (logits [T, E] in the input dtype, or float32 when
+    spec.fp32_logits; top-k weights [T, k] in weights_dtype; top-k expert ids [T, k] int32, best first).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"route: hidden [T, H] and weight [E, H] expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    T, H = hidden.shape
+    E = weight.shape[0]
+    if not 1 <= spec.top_k <= min(E, 32):
+        raise ValueError(f"route: top_k={spec.top_k} must be in [1, min(E={E}, 32)]")
+    if spec.n_group > 1 and (E % spec.n_group or not 1 <= spec.topk_group <= spec.n_group):
+        raise ValueError(f"route: E={E} must split into n_group={spec.n_group} groups and "
+                         f"topk_group={spec.topk_group} must be in [1, n_group]")
+    if spec.n_group > 1 and E // spec.n_group < 2:
+        raise ValueError("route: group-limited routing scores a group by its two best experts; groups need >= 2")
+    hidden = hidden.contiguous()
+    weight = weight.contiguous().to(hidden.dtype) if not spec.fp32_logits else weight.contiguous()
+    logits = torch.empty(T, E, device=hidden.device, dtype=torch.float32 if spec.fp32_logits else hidden.dtype)
+    topw = torch.empty(T, spec.top_k, device=hidden.device, dtype=weights_dtype)
+    topi = torch.empty(T, spec.top_k, device=hidden.device, dtype=torch.int32)
+    if T == 0:
+        return logits, topw, topi
+    block_e = max(16, triton.next_power_of_2(E))
+    # Keep the [BLOCK_T, BLOCK_E] score tile in registers: fewer tokens per program for wide routers.
+    block_t = 16 if block_e >= 128 else 32
+    block_h = 64 if block_e >= 128 else 128
+    if bias is not None:
+        bias = bias.contiguous()
+    _router_kernel[(triton.cdiv(T, block_t),)](
+        hidden, weight, bias if bias is not None else topw, logits, topw, topi,
+        T, H, E, hidden.stride(0), weight.stride(0), float(spec.scaling),
+        SCORING=SOFTMAX if spec.scoring == "softmax" else SIGMOID, RENORM=spec.renormalize,
+        HAS_BIAS=bias is not None, FP32_LOGITS=spec.fp32_logits,
+        N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(spec.top_k),
+        BLOCK_G=max(2, triton.next_power_of_2(spec.n_group)), DOT_F32=INTERPRETED,
+        num_warps=4,
+    )
+    return logits, topw, topi
