@@ -135,12 +135,38 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
             rows += _perf_rows(base, prov, t, flops, floor, err)
             print(f"{shape:14s} T={T:6d} {prov:13s} {t * 1e6:10.1f} us  {flops / t / 1e12:7.1f} TFLOP/s  "
                   f"floor share {floor / t:6.1%}  rel.err vs eager {err:.1e}", flush=True)
+            if T <= 256 and prov != "eager":
+                # Few tokens: launches, not the GPU, set the pace. Replaying a CUDA graph shows the GPU-side time
+                # (what a decode loop with graphs gets); both paths are capturable (no host syncs).
+                tg = _graph_time(lambda: block(x))
+                if tg is not None:
+                    rows += _perf_rows(base, prov + "+cudagraph", tg, flops, floor, err)
+                    print(f"{'':14s} {'':8s} {prov + '+graph':13s} {tg * 1e6:10.1f} us  floor share {floor / tg:6.1%}",
+                          flush=True)
         if sweep and T >= 256:
-            rows += _sweep(model, block, x, base, flops, floor)
+            rows += _sweep(block, x, base, floor)
     del model
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def _graph_time(fn) -> float | None:
+    """Median time of a CUDA-graph replay of fn, or None when fn cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(g):
+            fn()
+        return bench(g.replay, reps=50, warm=5)
+    except Exception as err:
+        print(f"  graph capture failed: {type(err).__name__}: {str(err)[:100]}", flush=True)
+        return None
 
 
 def _perf_rows(base: dict, prov: str, t: float, flops: float, floor: float, err: float) -> list[dict]:
@@ -150,36 +176,52 @@ def _perf_rows(base: dict, prov: str, t: float, flops: float, floor: float, err:
             {**base, "provider": prov, "metric": "rel_err_vs_eager", "value": float(f"{err:.3e}"), "unit": "ratio"}]
 
 
-def _sweep(model, block, x, base, flops, floor) -> list[dict]:
-    """Time tile configs of the grouped path on this shape (feeds kernels.moe_experts.pick_configs)."""
-    import kernels.moe_experts as me
+def _sweep(block, x, base, floor) -> list[dict]:
+    """Time tile configs of the grouped experts path on this shape and routing (experts only, router excluded):
+    gate/up configs first with the down config fixed, then down configs with the best gate/up block_m."""
+    from kernels.moe_experts import ExpertWeights, fused_experts, pick_configs
 
-    _set_provider(model, "fused_triton")
-    rows = []
-    stock = me.pick_configs
-    best = None
-    for bm in (64, 128):
-        for bn_up, bn_dn in ((64, 64), (64, 128), (128, 128), (128, 64)):
-            for bk in (64, 128):
-                for warps in (4, 8):
-                    for stages in (3, 4):
-                        cu = TileConfig(bm, bn_up, bk, 8, warps, stages)
-                        cd = TileConfig(bm, bn_dn, bk, 8, warps, stages)
-                        me.pick_configs = lambda *a, cu=cu, cd=cd: (cu, cd)
-                        try:
-                            with torch.no_grad():
-                                t = bench(lambda: block(x), reps=10, warm=2)
-                        except Exception as ex:  # out of shared memory / registers for this tile
-                            print(f"  sweep {cu} {cd}: {type(ex).__name__}", flush=True)
-                            continue
-                        tag = f"sweep bm{bm} bn{bn_up}/{bn_dn} bk{bk} w{warps} s{stages}"
-                        rows.append({**base, "provider": tag, "metric": "time", "value": round(t * 1e6, 2),
-                                     "unit": "us"})
-                        if best is None or t < best[0]:
-                            best = (t, tag)
-    me.pick_configs = stock
-    if best:
-        print(f"  best: {best[1]} {best[0] * 1e6:.1f} us ({floor / best[0]:.1%} of floor)", flush=True)
+    with torch.no_grad():
+        _, topw, topi = block.gate(x.view(-1, x.shape[-1]))
+    ex = block.experts
+    w = ExpertWeights(ex.gate_up_proj, ex.down_proj)
+    h = x.view(-1, x.shape[-1])
+    T, k = topi.shape
+    rows, best = [], {}
+
+    def timed(tag: str, cu: TileConfig, cd: TileConfig) -> float | None:
+        try:
+            with torch.no_grad():
+                t = bench(lambda: fused_experts(h, w, topw, topi, configs=(cu, cd), force_path="grouped"),
+                          reps=10, warm=2)
+        except Exception as err:  # a tile that does not fit shared memory or registers
+            print(f"  {tag}: {type(err).__name__}", flush=True)
+            return None
+        rows.append({**base, "provider": f"sweep {tag}", "metric": "time", "value": round(t * 1e6, 2), "unit": "us"})
+        return t
+
+    cu0, cd0 = pick_configs(T, k, w.num_experts)
+    for bm in ((32, 64) if T <= 1024 else (64, 128)):
+        for bn in (64, 128):
+            for warps in (4, 8):
+                for stages in (3, 4):
+                    cu = TileConfig(bm, bn, 64, 8, warps, stages)
+                    cd = TileConfig(bm, cd0.block_n, cd0.block_k, 8, cd0.num_warps, cd0.num_stages)
+                    t = timed(f"up bm{bm} bn{bn} w{warps} s{stages}", cu, cd)
+                    if t is not None and ("up" not in best or t < best["up"][0]):
+                        best["up"] = (t, cu)
+    cu = best["up"][1]
+    for bn in (64, 128, 256):
+        for warps in (4, 8):
+            for stages in (3, 4):
+                for per_slot in (False, True):
+                    cd = TileConfig(cu.block_m, bn, 64, 8, warps, stages, per_slot)
+                    t = timed(f"down bm{cu.block_m} bn{bn} w{warps} s{stages} {'slot' if per_slot else 'atomic'}",
+                              cu, cd)
+                    if t is not None and ("down" not in best or t < best["down"][0]):
+                        best["down"] = (t, cd)
+    print(f"  best: up {best['up'][1]} down {best['down'][1]}: {best['down'][0] * 1e6:.1f} us experts only "
+          f"({floor / best['down'][0]:.1%} of the layer floor)", flush=True)
     return rows
 
 

@@ -66,6 +66,7 @@ class TileConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    per_slot: bool = False  # down GEMM only: per-slot stores + a sum over k instead of float32 atomics
 
 
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
@@ -116,7 +117,8 @@ def fused_experts(
 
     if path == "gemv":
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
-        bn, bk = 32, 128
+        # Narrow column tiles, long rows: enough programs to cover every SM, 16 KiB+ in flight per program.
+        bn, bk = 16, 512
         gate_up_gemv_kernel[(T * k, triton.cdiv(I, bn))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
             gate_off, up_off, row_mult, TOP_K=k, ACT=act, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
@@ -140,11 +142,18 @@ def fused_experts(
         TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED, num_warps=c.num_warps, num_stages=c.num_stages)
     c = cfg_down
-    # k == 1 stores each row once (no atomics), straight in the output dtype.
-    acc = torch.zeros(T, H, device=x.device, dtype=torch.float32) if k > 1 else torch.empty_like(x)
+    per_slot = c.per_slot and k > 1
+    if per_slot:
+        acc = torch.empty(T * k, H, device=x.device, dtype=out_dtype)
+    else:
+        # k == 1 stores each row once (no atomics), straight in the output dtype.
+        acc = torch.zeros(T, H, device=x.device, dtype=torch.float32) if k > 1 else torch.empty_like(x)
     down_kernel[(P // c.block_m * triton.cdiv(H, c.block_n),)](
         inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
         T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
         TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, num_warps=c.num_warps, num_stages=c.num_stages)
+        EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, PER_SLOT=per_slot,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    if per_slot:
+        return acc.view(T, k, H).sum(dim=1)  # float32 accumulation inside, one launch
     return acc.to(out_dtype) if k > 1 else acc

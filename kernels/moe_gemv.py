@@ -32,8 +32,8 @@ def gate_up_gemv_kernel(
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_base = w_ptr + e * stride_we
-    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_ok = k < K
@@ -43,9 +43,9 @@ def gate_up_gemv_kernel(
                      other=0.0)
         wu = tl.load(w_base + (offs_n * row_mult + up_off)[:, None] * stride_wn + k[None, :] * stride_wk, mask=m,
                      other=0.0)
-        acc_g += wg.to(tl.float32) * x[None, :]
-        acc_u += wu.to(tl.float32) * x[None, :]
-    h = _gated_act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), ACT)
+        acc_g += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+        acc_u += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    h = _gated_act(acc_g, acc_u, ACT)
     tl.store(out_ptr + slot * stride_ot + offs_n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -66,13 +66,13 @@ def down_gemv_kernel(
         slot = t * TOP_K + j
         e = tl.load(ids_ptr + slot).to(tl.int64)
         w_base = w_ptr + e * stride_we
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
             a = tl.load(a_ptr + slot * stride_at + k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_base + offs_n[:, None] * stride_wn + k[None, :] * stride_wk,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        total += tl.load(topw_ptr + slot).to(tl.float32) * tl.sum(acc, axis=1)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        total += tl.load(topw_ptr + slot).to(tl.float32) * acc
     tl.store(out_ptr + t * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -107,9 +107,12 @@ def down_kernel(
     stride_at, stride_we, stride_wn, stride_wk, stride_ot,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PER_SLOT: tl.constexpr,
 ):
-    """out[tok, n] += w_slot * (a[row] . Wd[e, n]) for each padded sorted row (K = I, N = H); out is float32."""
+    """out[tok, n] += w_slot * (a[row] . Wd[e, n]) for each padded sorted row (K = I, N = H); out is float32.
+
+    PER_SLOT: instead, store each weighted row at out[slot] ([T*k, H], the model's dtype) for a later sum over
+    k. Plain stores instead of T*k*H float32 atomics: cheaper where the atomics saturate L2 (large T*k)."""
     num_pid_m = P // BLOCK_M
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -139,9 +142,13 @@ def down_kernel(
         b_ptrs += BLOCK_K * stride_wk
     weight = tl.load(topw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
     acc = acc * weight[:, None]
+    mask = valid[:, None] & n_ok[None, :]
+    if PER_SLOT:
+        tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        return
     tok = (slots // TOP_K).to(tl.int64)
     o_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :]
-    mask = valid[:, None] & n_ok[None, :]
     if TOP_K == 1:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:

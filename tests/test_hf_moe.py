@@ -70,7 +70,8 @@ def test_unsupported_case_falls_back_and_says_why(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
         out = fused_triton_experts_forward(experts, x, idx, w)
     assert "post-expert norm" in caplog.text and "grouped_mm" in caplog.text
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    # fp32 inputs: our dots and cuBLAS's may both use tf32-class arithmetic on GPU
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-3
 
 
 def test_dense_model_is_refused() -> None:
