@@ -143,11 +143,39 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
                     rows += _perf_rows(base, prov + "+cudagraph", tg, flops, floor, err)
                     print(f"{'':14s} {'':8s} {prov + '+graph':13s} {tg * 1e6:10.1f} us  floor share {floor / tg:6.1%}",
                           flush=True)
+        if T <= 64:
+            rows += _breakdown(block, x, base, floor)
         if sweep and T >= 256:
             rows += _sweep(block, x, base, floor)
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    return rows
+
+
+def _breakdown(block, x, base, floor) -> list[dict]:
+    """Few tokens: our router alone and our experts alone on each path, plain launches and CUDA-graph replay."""
+    from kernels.hf_moe import router_spec
+    from kernels.moe_experts import ExpertWeights, fused_experts
+    from kernels.moe_router import route
+
+    h = x.view(-1, x.shape[-1])
+    spec, _ = router_spec(block.gate)
+    _, topw, topi = route(h, block.gate.weight, spec)
+    w = ExpertWeights(block.experts.gate_up_proj, block.experts.down_proj)
+    parts = {"router": lambda: route(h, block.gate.weight, spec),
+             "experts_gemv": lambda: fused_experts(h, w, topw, topi, force_path="gemv"),
+             "experts_grouped": lambda: fused_experts(h, w, topw, topi, force_path="grouped")}
+    rows = []
+    for name, fn in parts.items():
+        t = bench(fn, reps=30)
+        tg = _graph_time(fn)
+        rows.append({**base, "provider": f"fused_triton:{name}", "metric": "time", "value": round(t * 1e6, 2),
+                     "unit": "us"})
+        if tg is not None:
+            rows.append({**base, "provider": f"fused_triton:{name}+cudagraph", "metric": "time",
+                         "value": round(tg * 1e6, 2), "unit": "us"})
+        print(f"{'':14s} {'':8s} {name:16s} {t * 1e6:8.1f} us, graph {(tg or float('nan')) * 1e6:8.1f} us", flush=True)
     return rows
 
 
@@ -312,20 +340,27 @@ def main(argv: list[str] | None = None) -> int:
                  value=round(peak_flops / 1e12, 1), unit="TFLOP/s", gpu=gpu, timestamp=stamp),
             dict(kernel="ceiling", provider="torch", shape="copy 2 GiB", tokens=0, metric="bandwidth",
                  value=round(peak_bw / 1e12, 3), unit="TB/s", gpu=gpu, timestamp=stamp)]
+    out = Path(args.out)
     for shape in args.shapes:
         rows += layer_rows(shape, SHAPES[shape](), peak_flops, peak_bw, args.tokens, stamp, gpu, args.sweep)
+        _write(out, rows)  # after each shape: a run cut short keeps what it measured
     if not args.no_model:
         for shape in args.shapes:
             rows += model_rows(shape, SHAPES[shape](), stamp, gpu, args.batch, args.seq)
-    out = Path(args.out)
+            _write(out, rows)
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
+def _write(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["kernel", "provider", "shape", "tokens", "metric", "value", "unit", "gpu",
                                           "timestamp"])
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out}")
-    return 0
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -70,16 +70,21 @@ class TileConfig:
 
 
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
-    """Tile configs for (gate/up, down) from the mean rows per expert; measured on H100 by
-    bench/bench_moe_kernels.py --sweep (see kernels/NOTES.md)."""
+    """Tile configs for (gate/up, down) from the mean rows per expert.
+
+    From the H100 sweep in bench/results/moe_sweep_h100.csv (`python -m bench.moe_layer --sweep`): the best
+    config of each shape at T = 256, 4096 and 16384, by mean rows per expert (T*k/E). Per-slot stores beat
+    float32 atomics for the down GEMM once there are many rows per tile."""
     rows_per_expert = tokens * top_k / num_experts
-    if rows_per_expert <= 16:
+    if rows_per_expert <= 8:
         return TileConfig(16, 64, 128, 1, 4, 4), TileConfig(16, 64, 128, 1, 4, 4)
     if rows_per_expert <= 48:
-        return TileConfig(32, 64, 128, 4, 4, 4), TileConfig(32, 64, 128, 4, 4, 4)
-    if rows_per_expert <= 256:
-        return TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4)
-    return TileConfig(128, 64, 64, 8, 8, 4), TileConfig(128, 128, 64, 8, 8, 4)
+        return TileConfig(32, 64, 64, 8, 8, 4), TileConfig(32, 128, 64, 8, 4, 4, per_slot=True)
+    if rows_per_expert <= 128:
+        return TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 8, 3)
+    if rows_per_expert <= 384:
+        return TileConfig(64, 128, 64, 8, 8, 4), TileConfig(64, 128, 64, 8, 8, 3, per_slot=True)
+    return TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 256, 64, 8, 8, 3, per_slot=True)
 
 
 def fused_experts(

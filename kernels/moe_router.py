@@ -149,6 +149,8 @@ def route(
                          f"{tuple(weight.shape)}")
     T, H = hidden.shape
     E = weight.shape[0]
+    if spec.scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"route: scoring must be 'softmax' or 'sigmoid', got {spec.scoring!r}")
     if not 1 <= spec.top_k <= min(E, 32):
         raise ValueError(f"route: top_k={spec.top_k} must be in [1, min(E={E}, 32)]")
     if spec.n_group > 1 and (E % spec.n_group or not 1 <= spec.topk_group <= spec.n_group):
@@ -167,6 +169,12 @@ def route(
     # Keep the [BLOCK_T, BLOCK_E] score tile in registers: fewer tokens per program for wide routers.
     block_t = 16 if block_e >= 128 else 32
     block_h = 64 if block_e >= 128 else 128
+    warps = 4
+    if T <= 64:
+        # Decode: one or few programs stream the whole [E, H] router matrix; fewer, wider steps keep more bytes
+        # in flight (each step waits on its loads).
+        # A [BLOCK_H, BLOCK_E] weight tile of at most 16K elements (64 KiB at fp32) per step.
+        block_t, block_h, warps = 16, max(32, min(256, 16384 // block_e // (2 if spec.fp32_logits else 1))), 8
     if bias is not None:
         bias = bias.contiguous()
     _router_kernel[(triton.cdiv(T, block_t),)](
@@ -177,6 +185,6 @@ def route(
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(spec.top_k),
         BLOCK_G=max(2, triton.next_power_of_2(spec.n_group)), DOT_F32=INTERPRETED,
-        num_warps=4,
+        num_warps=warps,
     )
     return logits, topw, topi

@@ -55,7 +55,7 @@ ROUTER_CASES = [
 
 
 @pytest.mark.parametrize("name,E,k,spec", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
-@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("T", [1, 37, 100])
 def test_router_matches_reference(name: str, E: int, k: int, spec: RouterSpec, T: int) -> None:
     gen = torch.Generator().manual_seed(hash((name, T)) % 2**31)
     H = 72  # not a power of two, not a multiple of the K block
