@@ -18,11 +18,11 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill test ui compare clean
+.PHONY: help install distill test ui compare bench-kernels clean
 
 help: ## this list
 	@echo "Targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Variables (current value):"
 	@echo "  TEACHER=$(TEACHER)   smollm2-moe (built here), a local MoE folder, or a hub id"
 	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a local dense folder, or a hub id"
@@ -52,6 +52,9 @@ ui: $(VENV)/.installed ## MLflow UI on http://127.0.0.1 (PORT=5000)
 
 compare: $(VENV)/.installed ## Pareto plot of quality vs speedup over every distill run in MLflow
 	$(PY) -m eval.compare --out runs/compare
+
+bench-kernels: $(VENV)/.installed ## GPU: fused MoE kernels vs transformers eager/grouped_mm -> bench/results/
+	$(PY) -m bench.moe_layer --out bench/results/moe_layer_$$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'none')").csv
 
 clean: ## remove runs/ and the MLflow store (keeps .venv and the resource cache)
 	rm -rf runs mlflow.db mlartifacts

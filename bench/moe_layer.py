@@ -278,7 +278,8 @@ def model_rows(shape: str, cfg, stamp: str, gpu: str, batch: int, seq: int) -> l
     base = dict(kernel="model_forward", shape=f"{shape} ({MODEL_NOTE[shape]})", tokens=batch * seq, gpu=gpu,
                 timestamp=stamp)
     cfg._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):  # initialise on the GPU: a CPU init of 7B random weights takes minutes
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     gen = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -304,7 +305,8 @@ def model_rows(shape: str, cfg, stamp: str, gpu: str, batch: int, seq: int) -> l
                             num_key_value_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None),
                             max_position_embeddings=4096)
     dense_cfg._attn_implementation = "sdpa"
-    dense = AutoModelForCausalLM.from_config(dense_cfg, dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):
+        dense = AutoModelForCausalLM.from_config(dense_cfg, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         for n, p in dense.named_parameters():
             p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02, generator=gen)
