@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.moe_grouped_gemm import _gated_act
+from kernels.moe_grouped_gemm import gated_act
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def gate_up_gemv_kernel(
                      other=0.0)
         acc_g += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
         acc_u += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
-    h = _gated_act(acc_g, acc_u, ACT)
+    h = gated_act(acc_g, acc_u, ACT)
     tl.store(out_ptr + slot * stride_ot + offs_n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 

@@ -21,7 +21,7 @@ ACTIVATIONS = {"silu": ACT_SILU, "swish": ACT_SILU, "gelu_pytorch_tanh": ACT_GEL
 
 
 @triton.jit
-def _gated_act(g, u, ACT: tl.constexpr):
+def gated_act(g, u, ACT: tl.constexpr):
     if ACT == 0:
         a = g * tl.sigmoid(g)
     elif ACT == 1:
@@ -95,7 +95,7 @@ def gate_up_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
-    h = _gated_act(acc_g, acc_u, ACT)
+    h = gated_act(acc_g, acc_u, ACT)
     o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 

