@@ -50,6 +50,17 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # A tile's expert, its sorted rows and their slot ids (padding rows invalid), and its output columns.
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ptr + offs_m)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, offs_m, slots, slots < num_slots, offs_n, offs_n < N
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_slots, P, K, N,
@@ -64,13 +75,9 @@ def gate_up_kernel(
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + offs_m)
-    valid = slots < num_slots
+    e, offs_m, slots, valid, offs_n, n_ok = _tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N,
+                                                       BLOCK_M, BLOCK_N)
     tok = (slots // TOP_K).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
     w_base = w_ptr + e * stride_we + offs_k[:, None] * stride_wk
@@ -117,12 +124,8 @@ def down_kernel(
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + offs_m)
-    valid = slots < num_slots
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    e, offs_m, slots, valid, offs_n, n_ok = _tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N,
+                                                       BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_at + offs_k[None, :]
     b_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
