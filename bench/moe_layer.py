@@ -15,7 +15,6 @@ kernel, provider, shape, tokens, metric, value, unit, gpu, timestamp.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import gc
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
+from bench.common import bench, ceilings, write_rows
 from kernels.hf_moe import enable_fused_moe, register
 from kernels.moe_experts import TileConfig
 
@@ -45,35 +45,6 @@ MODEL_NOTE = {"olmoe-1b-7b": "16 of 16 layers", "qwen3-30b-a3b": "12 of 48 layer
 TOKENS = [1, 16, 256, 4096, 16384]
 PROVIDERS = ["eager", "grouped_mm", "fused_triton"]
 ZIPF = 1.0  # expert popularity ~ 1/rank^ZIPF
-
-
-def bench(fn, reps: int = 20, warm: int = 3) -> float:
-    """Median seconds of fn() by CUDA events, after warm-up."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def ceilings() -> tuple[float, float]:
-    """Measured bf16 matmul FLOP/s and device copy bytes/s (read + write) on this GPU."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * 8192**3 / bench(lambda: a @ b, reps=10)
-    x = torch.randn(1024**3, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    bw = 2 * x.numel() * 2 / bench(lambda: y.copy_(x), reps=10)
-    del a, b, x, y
-    return flops, bw
 
 
 def skew_router(block: torch.nn.Module, hidden: int, gen: torch.Generator) -> torch.Tensor:
@@ -345,24 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     for shape in args.shapes:
         rows += layer_rows(shape, SHAPES[shape](), peak_flops, peak_bw, args.tokens, stamp, gpu, args.sweep)
-        _write(out, rows)  # after each shape: a run cut short keeps what it measured
+        write_rows(out, rows)  # after each shape: a run cut short keeps what it measured
     if not args.no_model:
         for shape in args.shapes:
             rows += model_rows(shape, SHAPES[shape](), stamp, gpu, args.batch, args.seq)
-            _write(out, rows)
+            write_rows(out, rows)
     print(f"wrote {len(rows)} rows to {out}")
     return 0
-
-
-def _write(out: Path, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["kernel", "provider", "shape", "tokens", "metric", "value", "unit", "gpu",
-                                          "timestamp"])
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out)
 
 
 if __name__ == "__main__":

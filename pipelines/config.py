@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from distill.divergences import DIVERGENCES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -60,10 +62,20 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    loss: str = "forward_kl"
+    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv
     kd_weight: float = 1.0
     ce_weight: float = 0.5
-    temperature: float = 1.0
+    temperature: float = 1.0  # KD at this temperature, scaled by T^2; CE stays at T = 1
+    beta: float = 0.5  # jsd: teacher's weight in the mixture
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl: skew weight
+    teacher_mode: str = "cache"  # "cache": the logits stage's top-k cache; "online": teacher forward per batch
+    online_top_k: int = 64  # online: teacher ids kept per token (0: the whole vocabulary, unfused)
+    fused_loss: str = "auto"  # "auto" (fused when the output layer allows), "on", "off"
+    hidden_weight: float = 0.0  # online: weight of the MSE between (projected) student and teacher last hidden
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (merged into the weights at the end)
+    lora_alpha: float = 0.0  # 0: 2 x rank
+    gradient_checkpointing: bool = False
+    compile: str = "auto"  # torch.compile the student's decoder: "auto" (on GPU), "on", "off"
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5
@@ -230,7 +242,15 @@ def validate(cfg: PipelineConfig) -> None:
         (cfg.distill.checkpoint_every >= 1, "distill.checkpoint_every must be >= 1"),
         (cfg.eval.limit >= 0, "eval.limit must be >= 0 (0 means all examples)"),
         (cfg.device in ("auto", "cpu", "cuda"), "device must be one of auto, cpu, cuda"),
-        (cfg.distill.loss in ("forward_kl",), "distill.loss must be one of: forward_kl"),
+        (cfg.distill.loss in DIVERGENCES, f"distill.loss must be one of: {', '.join(DIVERGENCES)}"),
+        (0 < cfg.distill.beta < 1 and 0 < cfg.distill.alpha < 1, "distill.beta and distill.alpha must be in (0, 1)"),
+        (cfg.distill.teacher_mode in ("cache", "online"), "distill.teacher_mode must be one of: cache, online"),
+        (cfg.distill.fused_loss in ("auto", "on", "off"), "distill.fused_loss must be one of: auto, on, off"),
+        (cfg.distill.compile in ("auto", "on", "off"), "distill.compile must be one of: auto, on, off"),
+        (cfg.distill.online_top_k >= 0 and cfg.distill.lora_rank >= 0 and cfg.distill.hidden_weight >= 0,
+         "distill.online_top_k, lora_rank and hidden_weight must be >= 0"),
+        (cfg.distill.hidden_weight == 0 or cfg.distill.teacher_mode == "online",
+         "distill.hidden_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)"),
         (cfg.student_options.method in ("uniform",), "student_options.method must be one of: uniform"),
     ]
     for ok, msg in checks:

@@ -1,4 +1,9 @@
-"""Stage `distill`: train the student on the teacher's cached top-k distribution."""
+"""Stage `distill`: train the student on the teacher's cached top-k distribution, or on the teacher itself.
+
+distill.teacher_mode=online runs the teacher inside the training loop on the same sequences the cache was
+built from (no cached logits used; needed for hidden-state alignment). LoRA students (distill.lora_rank)
+leave this stage merged, as plain dense models.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +15,7 @@ from distill.trainer import train_student
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from pipelines.tracking import log_metrics
-from teachers.load import load_causal_lm, load_tokenizer
+from teachers.load import load_causal_lm, load_teacher, load_tokenizer
 from teachers.topk_logit_cache import LogitCache
 
 # What the logged MLflow model needs to be loaded again (without it MLflow probes for torchvision).
@@ -24,8 +29,14 @@ def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     student = load_causal_lm(ctx.output("student", "path"), "student", ctx.device, torch.float32, trust)
     tok = load_tokenizer(ctx.output("student", "path"), "student", trust)
     cache = LogitCache(Path(ctx.output("logits", "cache")))
+    teacher = None
+    if cfg.distill.teacher_mode == "online":
+        teacher, _ = load_teacher(ctx.output("teacher", "path"), ctx.device, ctx.dtype,
+                                  cfg.teacher_options.allow_dense, trust)
     result = train_student(student, cache, cfg.distill, out / "checkpoints", cache.meta.vocab_size, ctx.device,
-                           log_fn=lambda m, step: log_metrics({f"train/{k}": v for k, v in m.items()}, step))
+                           log_fn=lambda m, step: log_metrics({f"train/{k}": v for k, v in m.items()}, step),
+                           teacher=teacher)
+    del teacher
     (out / "model").mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")
@@ -36,4 +47,4 @@ def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                                          pip_requirements=MODEL_PIP_REQUIREMENTS)
     return {"outputs": {"path": str(out / "model"), "model_uri": info.model_uri, **result},
             "output_hash": hash_files(out / "model"),
-            "metrics": {f"train/final_{k}": v for k, v in result.items()}}
+            "metrics": {f"distill/{k}": v for k, v in result.items()}}

@@ -37,8 +37,13 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     from pipelines.config import load_config
     from pipelines.run import STAGES, run_pipeline
 
+    from kernels import kd_loss
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # The CPU pipeline runs the loss's row operations in PyTorch (as `make distill` on CPU does); their Triton
+    # versions are tested through the interpreter in test_fused_linear_kd.py, and are far too slow there.
+    monkeypatch.setattr(kd_loss, "TRITON_ON_CPU", False)
     cfg = load_config("ci", teacher=str(tiny_moe_dir), student="derived", run_name="e2e")
     runs = tmp_path / "runs"
     assert run_pipeline(cfg, runs) == 0
@@ -83,3 +88,20 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
                                    filter_string=f"tags.mlflow.parentRunId = '{report2['mlflow']['parent_run_id']}'")
     assert {c.data.tags["skipped"] for c in children2} == {"true"}
     assert report2["quality"] == report["quality"]
+
+    # LoRA adapters, an online teacher and hidden-state alignment: only the distill stage and what depends on
+    # it run again, and what leaves the stage is a plain dense model with the adapters merged in.
+    lora = load_config("ci", "distill.lora_rank=4 distill.teacher_mode=online distill.hidden_weight=0.1",
+                       teacher=str(tiny_moe_dir), student="derived", run_name="e2e")
+    assert run_pipeline(lora, runs) == 0
+    report3 = json.loads((run_dir / "report.json").read_text())
+    children3 = {c.data.tags["stage"]: c for c in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{report3['mlflow']['parent_run_id']}'")}
+    assert children3["distill"].data.tags["skipped"] == "false"
+    assert children3["logits"].data.tags["skipped"] == "true"
+    hidden = client.get_metric_history(children3["distill"].info.run_id, "train/hidden")
+    assert len(hidden) == report3["training"]["steps"] and all(math.isfinite(m.value) for m in hidden)
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "distill" / "model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
