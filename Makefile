@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill test ui compare bench-kernels clean
+.PHONY: help install distill test ui compare bench-kernels bench-distill clean
 
 help: ## this list
 	@echo "Targets:"
@@ -53,8 +53,15 @@ ui: $(VENV)/.installed ## MLflow UI on http://127.0.0.1 (PORT=5000)
 compare: $(VENV)/.installed ## Pareto plot of quality vs speedup over every distill run in MLflow
 	$(PY) -m eval.compare --out runs/compare
 
+# h100, h200, ... from the GPU's name, so results of different GPUs sit side by side.
+GPU_TAG = $$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'none')")
+
 bench-kernels: $(VENV)/.installed ## GPU: fused MoE kernels vs transformers eager/grouped_mm -> bench/results/
-	$(PY) -m bench.moe_layer --out bench/results/moe_layer_$$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'none')").csv
+	$(PY) -m bench.moe_layer --out bench/results/moe_layer_$(GPU_TAG).csv
+
+bench-distill: $(VENV)/.installed ## GPU: fused KD loss vs plain PyTorch/Liger, and student training MFU -> bench/results/
+	$(PY) -m bench.kd_loss --out bench/results/kd_loss_$(GPU_TAG).csv
+	$(PY) -m bench.train_throughput --unfused --out bench/results/train_throughput_$(GPU_TAG).csv
 
 clean: ## remove runs/ and the MLflow store (keeps .venv and the resource cache)
 	rm -rf runs mlflow.db mlartifacts

@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                  value=round(matmul / 1e12, 1), unit="TFLOP/s", gpu=gpu, timestamp=stamp)]
     out = Path(args.out)
     for name in args.students:
-        variants = [(f, c) for f in (["on", "off"] if args.unfused else ["on"])
-                    for c in {"off": [False], "on": [True], "both": [False, True]}[args.compile]]
+        compiles = {"off": [False], "on": [True], "both": [True, False]}[args.compile]
+        # Most telling first: a run cut short by a time limit keeps the fused-loss rows.
+        variants = [("on", c) for c in compiles] + ([("off", c) for c in reversed(compiles)] if args.unfused else [])
         for fused, compile_ in variants:
             prov = ("trainer_fused_loss" if fused == "on" else "trainer_plain_loss") + ("+compile" if compile_ else "")
             shape = f"{name} S={args.seq} micro={MICRO[name]} accum=2"

@@ -95,7 +95,14 @@ def batch_loss(parts: StudentParts, input_ids: torch.Tensor, targets: BatchTarge
     Hidden alignment adds hidden_weight * MSE(projection(student last hidden), teacher last hidden), both
     taken after the final norm; `projection` maps the student's width to the teacher's (identity if None).
     """
-    hs = parts.decoder(input_ids=input_ids).last_hidden_state[:, :-1]
+    emb = parts.decoder.get_input_embeddings()(input_ids)
+    dev = emb.device.type
+    if torch.is_autocast_enabled(dev):
+        # fp32 master weights give an fp32 embedding, and the residual stream would stay fp32 through every
+        # layer (autocast only touches matmuls): twice the bytes in every norm and add. Starting it in bf16 is
+        # what bf16 training does anyway; norms still compute in fp32 inside.
+        emb = emb.to(torch.get_autocast_dtype(dev))
+    hs = parts.decoder(inputs_embeds=emb).last_hidden_state[:, :-1]
     hs = hs.reshape(-1, hs.shape[-1])
     if targets.logits is None and parts.fusable:
         out = fused_linear_topk_kd(hs, parts.head.weight[:vocab_size], targets.labels, targets.topk_ids,
