@@ -6,6 +6,9 @@ shares of the floor are rows too, computed in the same run as the times they com
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,3 +55,31 @@ def write_rows(out: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(out)
+
+
+@dataclass
+class BenchRun:
+    """One benchmark invocation: the GPU, a timestamp, the ceilings measured at its start, and its rows."""
+    gpu: str
+    stamp: str
+    matmul: float  # bf16 FLOP/s
+    bandwidth: float  # bytes/s
+    rows: list[dict] = field(default_factory=list)
+
+    def row(self, **kw: object) -> dict:
+        return {"gpu": self.gpu, "timestamp": self.stamp, **kw}
+
+
+def start_run(name: str) -> BenchRun | None:
+    """Measure the ceilings and start the rows with them; None (and a message) when there is no GPU."""
+    if not torch.cuda.is_available():
+        print(f"bench.{name} needs a CUDA GPU", file=sys.stderr)
+        return None
+    run = BenchRun(torch.cuda.get_device_name(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   *ceilings())
+    print(f"{run.gpu}: bf16 matmul {run.matmul / 1e12:.0f} TFLOP/s, copy {run.bandwidth / 1e12:.2f} TB/s", flush=True)
+    run.rows += [run.row(kernel="ceiling", provider="torch", shape="matmul 8192^3 bf16", tokens=0, metric="rate",
+                         value=round(run.matmul / 1e12, 1), unit="TFLOP/s"),
+                 run.row(kernel="ceiling", provider="torch", shape="copy 2 GiB", tokens=0, metric="bandwidth",
+                         value=round(run.bandwidth / 1e12, 3), unit="TB/s")]
+    return run

@@ -17,15 +17,13 @@ max(6 N H V / measured bf16 matmul rate, bytes / measured copy bandwidth); at th
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from bench.common import bench, ceilings, write_rows
+from bench.common import bench, start_run, write_rows
 from distill.fused_linear_kd import fused_linear_topk_kd
 from distill.kd_losses import KDLossSpec, topk_kd_loss
 
@@ -158,17 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--vocabs", nargs="*", type=int, default=VOCABS)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.kd_loss needs a CUDA GPU", file=sys.stderr)
+    run = start_run("kd_loss")
+    if run is None:
         return 2
-    gpu = torch.cuda.get_device_name()
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    peak_flops, peak_bw = ceilings()
-    print(f"{gpu}: bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s, copy {peak_bw / 1e12:.2f} TB/s", flush=True)
-    rows = [dict(kernel="ceiling", provider="torch", shape="matmul 8192^3 bf16", tokens=0, metric="rate",
-                 value=round(peak_flops / 1e12, 1), unit="TFLOP/s", gpu=gpu, timestamp=stamp),
-            dict(kernel="ceiling", provider="torch", shape="copy 2 GiB", tokens=0, metric="bandwidth",
-                 value=round(peak_bw / 1e12, 3), unit="TB/s", gpu=gpu, timestamp=stamp)]
+    gpu, stamp, peak_flops, peak_bw, rows = run.gpu, run.stamp, run.matmul, run.bandwidth, run.rows
     out = Path(args.out)
     for v in args.vocabs:
         print(f"N={args.tokens} H={args.hidden} V={v}", flush=True)

@@ -15,16 +15,14 @@ kernel, provider, shape, tokens, metric, value, unit, gpu, timestamp.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import math
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
-from bench.common import bench, ceilings, write_rows
+from bench.common import bench, start_run, write_rows
 from kernels.hf_moe import enable_fused_moe, register
 from kernels.moe_experts import TileConfig
 
@@ -301,18 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.moe_layer needs a CUDA GPU", file=sys.stderr)
-        return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    gpu = torch.cuda.get_device_name()
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    peak_flops, peak_bw = ceilings()
-    print(f"{gpu}: bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s, copy {peak_bw / 1e12:.2f} TB/s", flush=True)
-    rows = [dict(kernel="ceiling", provider="torch", shape="matmul 8192^3 bf16", tokens=0, metric="rate",
-                 value=round(peak_flops / 1e12, 1), unit="TFLOP/s", gpu=gpu, timestamp=stamp),
-            dict(kernel="ceiling", provider="torch", shape="copy 2 GiB", tokens=0, metric="bandwidth",
-                 value=round(peak_bw / 1e12, 3), unit="TB/s", gpu=gpu, timestamp=stamp)]
+    run = start_run("moe_layer")
+    if run is None:
+        return 2
+    gpu, stamp, peak_flops, peak_bw, rows = run.gpu, run.stamp, run.matmul, run.bandwidth, run.rows
     out = Path(args.out)
     for shape in args.shapes:
         rows += layer_rows(shape, SHAPES[shape](), peak_flops, peak_bw, args.tokens, stamp, gpu, args.sweep)

@@ -13,16 +13,14 @@ timed. With --unfused the same students also train on the plain loss, for the ra
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.common import ceilings, write_rows
+from bench.common import start_run, write_rows
 from distill.throughput import flops_per_token, peak_flops
 from distill.trainer import train_student
 from pipelines.config import DistillConfig
@@ -89,17 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both",
                     help="torch.compile the student's decoder (distill.compile)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.train_throughput needs a CUDA GPU", file=sys.stderr)
+    run = start_run("train_throughput")
+    if run is None:
         return 2
-    gpu = torch.cuda.get_device_name()
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    matmul, _ = ceilings()
+    gpu, stamp, matmul, rows = run.gpu, run.stamp, run.matmul, run.rows
     peak = peak_flops(torch.device("cuda"))
-    print(f"{gpu}: measured bf16 matmul {matmul / 1e12:.0f} TFLOP/s, datasheet peak "
-          f"{(peak or float('nan')) / 1e12:.0f} TFLOP/s", flush=True)
-    rows = [dict(kernel="ceiling", provider="torch", shape="matmul 8192^3 bf16", tokens=0, metric="rate",
-                 value=round(matmul / 1e12, 1), unit="TFLOP/s", gpu=gpu, timestamp=stamp)]
+    print(f"datasheet bf16 peak {(peak or float('nan')) / 1e12:.0f} TFLOP/s (MFU is against it)", flush=True)
     out = Path(args.out)
     for name in args.students:
         compiles = {"off": [False], "on": [True], "both": [True, False]}[args.compile]

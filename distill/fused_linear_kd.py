@@ -119,9 +119,10 @@ def fused_linear_topk_kd(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden [N, H] (post final norm), weight [V, H] (output layer; rows past the teacher's vocabulary must be
     sliced off by the caller), labels [N] (IGNORE_INDEX to skip), topk_ids [N, k] int64, topk_logprobs [N, k],
     tail_logmass [N]. Gradients are computed during the forward, for the inputs that require grad; under
-    torch.no_grad() that work is skipped. compute_dtype: dtype of the GEMMs and of the logits chunk (default: the autocast dtype
-    when autocast is on for hidden's device, else hidden's dtype). Returns `loss` (differentiable for
-    reduction "mean"/"sum"), `kd`, `ce`; [N] each with reduction "none" (no gradient then).
+    torch.no_grad() that work is skipped. compute_dtype: dtype of the GEMMs and of the logits chunk
+    (default: the autocast dtype when autocast is on for hidden's device, else hidden's dtype).
+    Returns `loss` (differentiable for reduction "mean"/"sum"), `kd`, `ce`; [N] each with reduction "none"
+    (no gradient then).
     Same values as `kd_losses.topk_kd_loss(hidden @ weight.T, ...)`.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -117,7 +117,8 @@ def test_lora_student_is_merged_back_into_a_dense_model(tmp_path: Path) -> None:
     assert not [n for n, _ in student.named_modules() if "lora" in n]
     after = student.state_dict()
     assert set(after) == set(before)
-    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after[q], before[q])
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # not adapted
     assert result["steps"] == 4 and logs[-1]["loss"] < logs[0]["loss"]
 
