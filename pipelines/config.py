@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from distill.divergences import DIVERGENCES
+from students.expert_merge import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -55,9 +56,10 @@ class LogitsConfig:
 
 @dataclass
 class StudentConfig:
-    method: str = "uniform"  # how a derived student's FFN is built from the experts
+    method: str = "uniform"  # how a derived student's FFN is built from the experts: uniform, frequency, select
     keep_layers: str = "every_2"  # "all", "every_<n>", or comma-separated layer indices
-    ffn_width: int = 0  # 0: the experts' own width
+    ffn_width: int = 0  # 0: the experts' own width (method=select may set any width)
+    calib_sequences: int = 8  # frequency/select: training sequences the teacher's routing is measured on
 
 
 @dataclass
@@ -251,7 +253,9 @@ def validate(cfg: PipelineConfig) -> None:
          "distill.online_top_k, lora_rank and hidden_weight must be >= 0"),
         (cfg.distill.hidden_weight == 0 or cfg.distill.teacher_mode == "online",
          "distill.hidden_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)"),
-        (cfg.student_options.method in ("uniform",), "student_options.method must be one of: uniform"),
+        (cfg.student_options.method in METHODS, f"student_options.method must be one of: {', '.join(METHODS)}"),
+        (cfg.student_options.ffn_width >= 0 and cfg.student_options.calib_sequences >= 1,
+         "student_options.ffn_width must be >= 0 and student_options.calib_sequences >= 1"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -48,7 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("logits", "pipelines.stages_data:logits_stage", ("logits",),
           ("teachers", "pipelines/stages_data.py"), ("teacher", "data"), uses_device=True),
     Stage("student", "pipelines.stages_models:student_stage", ("student", "student_options"),
-          ("students", "teachers/load.py", "pipelines/stages_models.py"), ("teacher",)),
+          ("students", "teachers/load.py", "pipelines/stages_models.py"), ("teacher", "data")),
     Stage("distill", "pipelines.stages_train:distill_stage", ("distill",),
           ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
           ("student", "logits"), uses_device=True),

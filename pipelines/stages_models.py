@@ -5,9 +5,12 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from students.derive import derive_dense_student
+from students.routing_stats import routing_mass
 from students.vocab import shared_vocab_size
 from teachers.load import (ModelLoadError, count_parameters, is_moe, load_config, load_teacher, load_tokenizer,
                            resolve_model_path)
@@ -80,14 +83,20 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     if cfg.student == "derived":
         teacher, tok = load_teacher(teacher_path, device="cpu", dtype=ctx.dtype,
                                     allow_dense=cfg.teacher_options.allow_dense, trust_remote_code=trust)
-        student = derive_dense_student(teacher, keep_layers=cfg.student_options.keep_layers,
-                                       method=cfg.student_options.method)
+        so = cfg.student_options
+        mass = None
+        if so.method != "uniform":  # routing mass on the first training sequences, a few at a time
+            seqs = load_file(ctx.output("data", "sequences"))["input_ids"][:so.calib_sequences].long()
+            mass = routing_mass(teacher, seqs.split(4))
+        student = derive_dense_student(teacher, keep_layers=so.keep_layers, method=so.method,
+                                       ffn_width=so.ffn_width, mass=mass)
         del teacher
         (out / "model").mkdir(parents=True, exist_ok=True)
         student.save_pretrained(out / "model", safe_serialization=True)
         tok.save_pretrained(out / "model")
         path, identity = str(out / "model"), hash_files(out / "model")
-        name = f"derived({cfg.student_options.method}, layers={cfg.student_options.keep_layers})"
+        width = f", ffn_width={so.ffn_width}" if so.ffn_width else ""
+        name = f"derived({so.method}, layers={so.keep_layers}{width})"
     else:
         path = check_student_source(cfg.student, teacher_path, trust)
         identity = external_identity(path)

@@ -1,6 +1,8 @@
 """Derive a dense student from a Mixtral-class MoE teacher.
 
-Embeddings, attention and norms are copied; each kept layer's dense FFN is built from that layer's experts.
+Embeddings, attention and norms are copied; each kept layer's dense FFN is built from that layer's experts
+by one of the methods of students/expert_merge.py, weighted by routing mass measured on calibration text
+(students/routing_stats.py) when given.
 Dropping layers is what makes the student measurably faster than the teacher (merging experts alone keeps
 the active compute of one expert instead of k).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from students.expert_merge import METHODS, merge_experts
 from teachers.upcycle import copy_rope_settings
 
 _SHARED_FIELDS = (
@@ -45,27 +48,27 @@ def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
     return keep
 
 
-def _merge_uniform(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Average the experts. gate_up [E, 2I, H], down [E, H, I] -> gate [I, H], up [I, H], down [H, I]."""
-    gu = gate_up.float().mean(0)
-    inter = gu.shape[0] // 2
-    return gu[:inter], gu[inter:], down.float().mean(0)
-
-
 @torch.no_grad()
-def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
-                         method: str = "uniform") -> LlamaForCausalLM:
-    """A dense Llama with the teacher's attention and merged experts on the kept layers."""
+def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2", method: str = "uniform",
+                         ffn_width: int = 0, mass: torch.Tensor | None = None) -> LlamaForCausalLM:
+    """A dense Llama with the teacher's attention and merged experts on the kept layers.
+
+    method: one of students.expert_merge.METHODS; ffn_width: the dense FFN width (0: one expert's);
+    mass [L, E]: routing mass per teacher layer and expert (routing_stats.routing_mass), None for uniform.
+    """
     model_type = teacher.config.model_type
     if model_type not in SUPPORTED_TEACHERS:
         raise NotImplementedError(f"deriving a student from a '{model_type}' teacher is not supported yet "
                                   f"(supported: {', '.join(SUPPORTED_TEACHERS)}); pass STUDENT=<dense model>")
-    if method != "uniform":
-        raise ValueError(f"unknown derivation method '{method}' (available: uniform)")
+    if method not in METHODS:
+        raise ValueError(f"unknown derivation method '{method}' (available: {', '.join(METHODS)})")
     tc = teacher.config
     keep = parse_keep_layers(keep_layers, tc.num_hidden_layers)
+    if mass is not None and mass.shape != (tc.num_hidden_layers, tc.num_local_experts):
+        raise ValueError(f"routing mass must be [layers={tc.num_hidden_layers}, experts={tc.num_local_experts}], "
+                         f"got {tuple(mass.shape)}")
     kwargs = {f: getattr(tc, f) for f in _SHARED_FIELDS if getattr(tc, f, None) is not None}
-    cfg = LlamaConfig(intermediate_size=tc.intermediate_size, num_hidden_layers=len(keep), **kwargs)
+    cfg = LlamaConfig(intermediate_size=ffn_width or tc.intermediate_size, num_hidden_layers=len(keep), **kwargs)
     copy_rope_settings(tc, cfg)
     dtype = next(teacher.parameters()).dtype
     student = LlamaForCausalLM(cfg).to(dtype)
@@ -84,7 +87,8 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
         out[name] = src[f"{old}.{rest}"]
     for new_i, old_i in enumerate(keep):
         p = f"model.layers.{old_i}.mlp.experts"
-        gate, up, down = _merge_uniform(src[f"{p}.gate_up_proj"], src[f"{p}.down_proj"])
+        gate, up, down = merge_experts(src[f"{p}.gate_up_proj"], src[f"{p}.down_proj"], method,
+                                       None if mass is None else mass[old_i], ffn_width)
         out[f"model.layers.{new_i}.mlp.gate_proj.weight"] = gate.to(dtype)
         out[f"model.layers.{new_i}.mlp.up_proj.weight"] = up.to(dtype)
         out[f"model.layers.{new_i}.mlp.down_proj.weight"] = down.to(dtype)

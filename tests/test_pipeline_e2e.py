@@ -91,14 +91,18 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
 
     # LoRA adapters, an online teacher and hidden-state alignment: only the distill stage and what depends on
     # it run again, and what leaves the stage is a plain dense model with the adapters merged in.
-    lora = load_config("ci", "distill.lora_rank=4 distill.teacher_mode=online distill.hidden_weight=0.1",
-                       teacher=str(tiny_moe_dir), student="derived", run_name="e2e")
+    # The student is also derived differently (experts weighted by measured routing mass), so it reruns too.
+    lora = load_config("ci", "distill.lora_rank=4 distill.teacher_mode=online distill.hidden_weight=0.1 "
+                       "student_options.method=frequency", teacher=str(tiny_moe_dir), student="derived",
+                       run_name="e2e")
     assert run_pipeline(lora, runs) == 0
     report3 = json.loads((run_dir / "report.json").read_text())
     children3 = {c.data.tags["stage"]: c for c in client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{report3['mlflow']['parent_run_id']}'")}
     assert children3["distill"].data.tags["skipped"] == "false"
     assert children3["logits"].data.tags["skipped"] == "true"
+    assert children3["student"].data.tags["skipped"] == "false"
+    assert report3["student"]["name"].startswith("derived(frequency")
     hidden = client.get_metric_history(children3["distill"].info.run_id, "train/hidden")
     assert len(hidden) == report3["training"]["steps"] and all(math.isfinite(m.value) for m in hidden)
     from safetensors import safe_open
