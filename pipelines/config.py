@@ -57,7 +57,7 @@ class LogitsConfig:
 @dataclass
 class StudentConfig:
     method: str = "uniform"  # how a derived student's FFN is built from the experts: uniform, frequency, select
-    keep_layers: str = "every_2"  # "all", "every_<n>", or comma-separated layer indices
+    keep_layers: str = "every_2"  # "all", "every_<n>", "top_<n>" (most influential), or comma-separated indices
     ffn_width: int = 0  # 0: the experts' own width (method=select may set any width)
     calib_sequences: int = 8  # frequency/select: training sequences the teacher's routing is measured on
 

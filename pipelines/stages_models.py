@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from students.derive import derive_dense_student
+from students.layer_importance import block_influence
 from students.routing_stats import routing_mass
 from students.vocab import shared_vocab_size
 from teachers.load import (ModelLoadError, count_parameters, is_moe, load_config, load_teacher, load_tokenizer,
@@ -84,12 +85,14 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         teacher, tok = load_teacher(teacher_path, device="cpu", dtype=ctx.dtype,
                                     allow_dense=cfg.teacher_options.allow_dense, trust_remote_code=trust)
         so = cfg.student_options
-        mass = None
-        if so.method != "uniform":  # routing mass on the first training sequences, a few at a time
+        mass = influence = None
+        if so.method != "uniform" or so.keep_layers.startswith("top_"):
+            # Calibration: the first training sequences, a few at a time.
             seqs = load_file(ctx.output("data", "sequences"))["input_ids"][:so.calib_sequences].long()
-            mass = routing_mass(teacher, seqs.split(4))
+            mass = routing_mass(teacher, seqs.split(4)) if so.method != "uniform" else None
+            influence = block_influence(teacher, seqs.split(4)) if so.keep_layers.startswith("top_") else None
         student = derive_dense_student(teacher, keep_layers=so.keep_layers, method=so.method,
-                                       ffn_width=so.ffn_width, mass=mass)
+                                       ffn_width=so.ffn_width, mass=mass, influence=influence)
         del teacher
         (out / "model").mkdir(parents=True, exist_ok=True)
         student.save_pretrained(out / "model", safe_serialization=True)

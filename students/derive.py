@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from students.expert_merge import METHODS, merge_experts
+from students.layer_importance import most_influential
 from teachers.upcycle import copy_rope_settings
 
 _SHARED_FIELDS = (
@@ -22,11 +23,20 @@ _SHARED_FIELDS = (
 SUPPORTED_TEACHERS = ("mixtral",)
 
 
-def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
-    """`"all"`, `"every_<n>"` (layers 0, n, 2n, ... and always the last), or `"0,3,7"` -> sorted indices."""
+def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None = None) -> list[int]:
+    """`"all"`, `"every_<n>"` (layers 0, n, 2n, ... and always the last), `"top_<n>"` (the n most influential
+    by measured block influence [L], see layer_importance.py), or `"0,3,7"` -> sorted indices."""
     spec = spec.strip()
     if spec == "all":
         return list(range(num_layers))
+    if spec.startswith("top_"):
+        if influence is None:
+            raise ValueError(f"keep_layers '{spec}' needs layer influence measured on calibration text")
+        try:
+            n = int(spec[len("top_"):])
+        except ValueError:
+            raise ValueError(f"keep_layers '{spec}': expected top_<n>") from None
+        return most_influential(influence, n)
     if spec.startswith("every_"):
         try:
             n = int(spec[len("every_"):])
@@ -50,11 +60,13 @@ def parse_keep_layers(spec: str, num_layers: int) -> list[int]:
 
 @torch.no_grad()
 def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2", method: str = "uniform",
-                         ffn_width: int = 0, mass: torch.Tensor | None = None) -> LlamaForCausalLM:
+                         ffn_width: int = 0, mass: torch.Tensor | None = None,
+                         influence: torch.Tensor | None = None) -> LlamaForCausalLM:
     """A dense Llama with the teacher's attention and merged experts on the kept layers.
 
     method: one of students.expert_merge.METHODS; ffn_width: the dense FFN width (0: one expert's);
-    mass [L, E]: routing mass per teacher layer and expert (routing_stats.routing_mass), None for uniform.
+    mass [L, E]: routing mass per teacher layer and expert (routing_stats.routing_mass), None for uniform;
+    influence [L]: block influence per teacher layer, for keep_layers="top_<n>".
     """
     model_type = teacher.config.model_type
     if model_type not in SUPPORTED_TEACHERS:
@@ -63,7 +75,7 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
     if method not in METHODS:
         raise ValueError(f"unknown derivation method '{method}' (available: {', '.join(METHODS)})")
     tc = teacher.config
-    keep = parse_keep_layers(keep_layers, tc.num_hidden_layers)
+    keep = parse_keep_layers(keep_layers, tc.num_hidden_layers, influence)
     if mass is not None and mass.shape != (tc.num_hidden_layers, tc.num_local_experts):
         raise ValueError(f"routing mass must be [layers={tc.num_hidden_layers}, experts={tc.num_local_experts}], "
                          f"got {tuple(mass.shape)}")

@@ -1,5 +1,5 @@
 """Derivation methods: each reproduces the dense FFN of an upcycled teacher (identical experts) at full
-width, weights experts by measured routing mass, and selects to a chosen width."""
+width, weights experts by measured routing mass, and selects to a chosen width; layers kept by influence."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 from students.derive import derive_dense_student
 from students.expert_merge import METHODS, merge_experts
+from students.layer_importance import block_influence, most_influential
 from students.routing_stats import routing_mass
 from teachers.upcycle import upcycle_llama
 from tests.test_models import tiny_llama
@@ -77,3 +78,19 @@ def test_bad_derivation_arguments_say_what_is_valid() -> None:
         merge_experts(gu, dn, "select", width=9)
     with pytest.raises(ValueError, match="non-negative"):
         merge_experts(gu, dn, "frequency", torch.tensor([-1.0, 2.0]))
+
+
+def test_block_influence_finds_the_layer_that_does_nothing() -> None:
+    dense = tiny_llama(layers=4)
+    with torch.no_grad():  # layer 1 adds zero to the residual stream: it is the identity
+        dense.model.layers[1].self_attn.o_proj.weight.zero_()
+        dense.model.layers[1].mlp.down_proj.weight.zero_()
+    moe = upcycle_llama(dense, num_experts=4, top_k=2)
+    ids = torch.randint(0, 300, (2, 13))
+    influence = block_influence(moe, ids.split(1))
+    assert influence.shape == (4,) and influence[1].abs() < 1e-6 and (influence[[0, 2]] > 1e-3).all()
+    student = derive_dense_student(moe, keep_layers="top_3", influence=influence)
+    assert torch.equal(student.model.layers[1].self_attn.q_proj.weight, moe.model.layers[2].self_attn.q_proj.weight)
+    assert most_influential(torch.tensor([0.5, 0.1, 0.3, 0.0]), 2) == [0, 3]  # the last layer always stays
+    with pytest.raises(ValueError, match="needs layer influence"):
+        derive_dense_student(moe, keep_layers="top_2")

@@ -1,0 +1,54 @@
+"""Which layers matter: block influence measured on calibration text (ShortGPT, Men et al. 2024).
+
+The influence of a decoder layer is mean over tokens of 1 - cos(h_in, h_out): a layer whose output points
+where its input did changes little and is the first to drop. `keep_layers="top_<n>"` keeps the n most
+influential layers (always including the last), in their original order.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+
+def _hidden(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def block_influence(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Influence per decoder layer over every token of `batches` (each input_ids [B, S]) -> [L] float32."""
+    layers = model.get_decoder().layers
+    sums = torch.zeros(len(layers))
+    tokens = 0
+    hooks = []
+
+    def hook(i: int):
+        def fn(_mod: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos = torch.nn.functional.cosine_similarity(x_in.float(), _hidden(out).float(), dim=-1)
+            sums[i] += (1 - cos).sum().cpu()
+        return fn
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+            tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not tokens:
+        raise ValueError("block_influence needs at least one batch of calibration tokens")
+    return sums / tokens
+
+
+def most_influential(influence: torch.Tensor, n: int) -> list[int]:
+    """The n layers of highest influence, always including the last, sorted. influence [L]."""
+    num = influence.numel()
+    if not 1 <= n <= num:
+        raise ValueError(f"keep_layers top_{n}: n must be between 1 and the teacher's {num} layers")
+    rest = influence[:-1].argsort(descending=True)[:n - 1].tolist()
+    return sorted(rest + [num - 1])
