@@ -39,6 +39,15 @@ def retained_value(teacher: float, student: float, higher_is_better: bool) -> fl
     return float(num) / float(den)
 
 
+def retained_gain(teacher: float, student: float, baseline: float) -> float:
+    """How much of the teacher's advantage over the baseline (the same student trained without the teacher)
+    the distilled student recovers: (student - baseline) / (teacher - baseline). 1.0 = all of it, 0 = none,
+    < 0 = distillation hurt. The same formula holds for lower-is-better metrics. NaN if undefined."""
+    if teacher is None or student is None or baseline is None or teacher == baseline:
+        return float("nan")
+    return (float(student) - float(baseline)) / (float(teacher) - float(baseline))
+
+
 # ---------------------------------------------------------------- formatting
 
 
@@ -181,6 +190,9 @@ def _summary_paragraph(report: dict) -> str:
         text += f" and is **{summ['speedup']:.2f}×** the teacher's speed at `{summ.get('speedup_setting', '?')}`."
     else:
         text += "; no speedup was recorded."
+    if isinstance(summ.get("retained_gain_mean"), (int, float)):
+        text += (f" Against a baseline (the same student trained on cross-entropy alone, same tokens and steps) it"
+                 f" recovers **{_pct(summ['retained_gain_mean'])}** of the teacher's advantage on average.")
     if run:
         text += (f" Run `{run.get('name', '?')}`, preset `{run.get('preset', '?')}`, created {run.get('created', '?')}"
                  f" on {run.get('device', '?')}, commit `{run.get('git_commit', '?')}`.")
@@ -188,19 +200,28 @@ def _summary_paragraph(report: dict) -> str:
 
 
 def _quality_table(quality: dict) -> Block:
+    with_baseline = any("baseline" in q for q in quality.values())
     rows = []
     for name in sorted(quality):
         q = quality[name]
         err = q.get("stderr") or {}
-        rows.append([
+        row = [
             name,
             "↑" if q.get("higher_is_better", True) else "↓",
             _with_err(q.get("teacher"), err.get("teacher")),
             _with_err(q.get("student_init"), err.get("student_init")),
             _with_err(q.get("student"), err.get("student")),
             _pct(q.get("retained")),
-        ])
-    return ("table", ["task/metric", "better", "teacher", "student before", "student after", "retained"], rows)
+        ]
+        if with_baseline:
+            row[5:5] = [_with_err(q.get("baseline"), err.get("baseline"))]
+            row.append(_pct(q.get("retained_gain")))
+        rows.append(row)
+    head = ["task/metric", "better", "teacher", "student before", "student after", "retained"]
+    if with_baseline:
+        head[5:5] = ["baseline (CE only)"]
+        head.append("retained gain")
+    return ("table", head, rows)
 
 
 def _latency_table(latency: dict) -> Block:

@@ -91,6 +91,13 @@ class DistillConfig:
 
 
 @dataclass
+class BaselineConfig:
+    # Also train the same student from the same initialisation on plain cross-entropy, same tokens and
+    # steps: the report then shows `baseline` and `retained_gain` = (student - baseline) / (teacher - baseline).
+    enabled: bool = False
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: [
         "local_hellaswag", "local_arc_easy", "local_piqa", "local_winogrande", "local_lambada_openai"])
@@ -118,6 +125,7 @@ class PipelineConfig:
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     student_options: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 

@@ -52,18 +52,23 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", "pipelines.stages_train:distill_stage", ("distill",),
           ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
           ("student", "logits"), uses_device=True),
+    Stage("baseline", "pipelines.stages_train:baseline_stage", ("distill", "baseline"),
+          ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
+          ("student", "logits"), uses_device=True),
     Stage("eval_teacher", "pipelines.stages_eval:make_eval_stage(teacher)", ("eval",), _EVAL_CODE,
           ("teacher", "data"), uses_device=True),
     Stage("eval_student_init", "pipelines.stages_eval:make_eval_stage(student)", ("eval",), _EVAL_CODE,
           ("student", "data"), uses_device=True),
     Stage("eval_student", "pipelines.stages_eval:make_eval_stage(distill)", ("eval",), _EVAL_CODE,
           ("distill", "data"), uses_device=True),
+    Stage("eval_baseline", "pipelines.stages_eval:make_eval_stage(baseline)", ("eval",), _EVAL_CODE,
+          ("baseline", "data"), uses_device=True),
     Stage("latency", "pipelines.stages_eval:latency_stage", ("latency",),
           ("eval/latency.py", "pipelines/stages_eval.py"), ("teacher", "distill"), uses_device=True),
     Stage("report", "pipelines.stages_eval:report_stage", (),
           ("eval/report.py", "pipelines/stages_eval.py"),
           ("teacher", "logits", "student", "distill", "eval_teacher", "eval_student_init", "eval_student",
-           "latency")),
+           "latency", "eval_baseline")),
 )
 
 
@@ -197,10 +202,14 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
         info = {"experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
         ctx.records["_mlflow"] = info
         for stage in STAGES:
-            if stage.name == "latency" and not cfg.latency.enabled:
+            if (stage.name == "latency" and not cfg.latency.enabled) or (
+                    stage.name in ("baseline", "eval_baseline") and not cfg.baseline.enabled):
                 continue
-            if stage.name == "report" and not cfg.latency.enabled:
-                ctx.records["latency"] = {"outputs": {"compare": {}}, "output_hash": "disabled"}
+            if stage.name == "report":
+                if not cfg.latency.enabled:
+                    ctx.records["latency"] = {"outputs": {"compare": {}}, "output_hash": "disabled"}
+                if not cfg.baseline.enabled:
+                    ctx.records["eval_baseline"] = {"outputs": {"metrics": None}, "output_hash": "disabled"}
             ctx.records[stage.name] = run_stage(stage, ctx, {**tags, "parent": parent.info.run_id})
         report = publish_report(ctx, info)
         summary = ctx.output("report", "summary")

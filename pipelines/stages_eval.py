@@ -15,14 +15,15 @@ import torch
 
 from eval.latency import LatencySettings, compare_latency, measure_latency
 from eval.lm_eval_runner import flatten_metrics, run_lm_eval
-from eval.report import retained_value, write_report
+from eval.report import retained_gain, retained_value, write_report
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from pipelines.tracking import git_commit
 from teachers.load import load_causal_lm, load_tokenizer
 
 # Which stage's model each eval stage scores.
-EVAL_TARGETS = {"eval_teacher": "teacher", "eval_student_init": "student", "eval_student": "distill"}
+EVAL_TARGETS = {"eval_teacher": "teacher", "eval_student_init": "student", "eval_student": "distill",
+                "eval_baseline": "baseline"}
 
 
 def make_eval_stage(target: str) -> Callable[[RunContext, Path], dict[str, Any]]:
@@ -90,7 +91,10 @@ def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 def _quality(ctx: RunContext) -> dict[str, Any]:
     per = {role: ctx.output(stage, "metrics") for stage, role in
-           (("eval_teacher", "teacher"), ("eval_student_init", "student_init"), ("eval_student", "student"))}
+           (("eval_teacher", "teacher"), ("eval_student_init", "student_init"), ("eval_student", "student"),
+            ("eval_baseline", "baseline"))}
+    if per["baseline"] is None:  # baseline.enabled is off
+        del per["baseline"]
     quality = {}
     for key, t in per["teacher"].items():
         if key not in per["student"] or t.get("value") is None:
@@ -99,9 +103,20 @@ def _quality(ctx: RunContext) -> dict[str, Any]:
         row = {role: per[role].get(key, {}).get("value") for role in per}
         row["higher_is_better"] = hib
         row["retained"] = retained_value(row["teacher"], row["student"], hib)
+        if "baseline" in per:
+            row["retained_gain"] = retained_gain(row["teacher"], row["student"], row["baseline"])
         row["stderr"] = {role: per[role].get(key, {}).get("stderr") for role in per}
         quality[key] = row
     return quality
+
+
+def _gain_summary(quality: dict[str, Any]) -> dict[str, float]:
+    """Mean retained gain over the metrics where it is defined (only with a baseline)."""
+    gains = [r["retained_gain"] for r in quality.values() if isinstance(r.get("retained_gain"), float)
+             and math.isfinite(r["retained_gain"])]
+    if not any("retained_gain" in r for r in quality.values()):
+        return {}
+    return {"retained_gain_mean": sum(gains) / len(gains) if gains else float("nan")}
 
 
 def headline_speedup(latency: dict[str, Any]) -> tuple[float, str]:
@@ -140,7 +155,7 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         "quality": quality,
         "latency": latency,
         "summary": {"retained_mean": sum(finite) / len(finite) if finite else float("nan"),
-                    "speedup": speedup, "speedup_setting": setting},
+                    "speedup": speedup, "speedup_setting": setting, **_gain_summary(quality)},
         "cache": {"path": logits["cache"], "tokens": logits["tokens"], "k": logits["k"], "bytes": logits["bytes"],
                   "bytes_per_token": logits["bytes_per_token"], "fidelity_kl": logits["fidelity_kl"]},
         "training": {k: ctx.output("distill", k) for k in

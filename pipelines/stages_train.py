@@ -1,4 +1,5 @@
-"""Stage `distill`: train the student on the teacher's cached top-k distribution, or on the teacher itself.
+"""Stage `distill`: train the student on the teacher's cached top-k distribution, or on the teacher itself;
+stage `baseline`: the same student, data and steps on plain cross-entropy (baseline.enabled).
 
 distill.teacher_mode=online runs the teacher inside the training loop on the same sequences the cache was
 built from (no cached logits used; needed for hidden-state alignment). LoRA students (distill.lora_rank)
@@ -6,12 +7,14 @@ leave this stage merged, as plain dense models.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distill.trainer import train_student
+from pipelines.config import DistillConfig
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from pipelines.tracking import log_metrics
@@ -22,7 +25,10 @@ from teachers.topk_logit_cache import LogitCache
 MODEL_PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 
 
-def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+def _train(ctx: RunContext, out: Path, dcfg: DistillConfig, step_prefix: str, summary_prefix: str,
+           log_model: bool) -> dict[str, Any]:
+    """Train the student stage's model with `dcfg`, save it under out/model; metrics per step as
+    `<step_prefix>/<name>`, the summary as `<summary_prefix>/<name>`."""
     cfg = ctx.cfg
     trust = cfg.teacher_options.trust_remote_code
     # fp32 master weights everywhere; on GPU the trainer runs the forward under bf16 autocast.
@@ -30,21 +36,34 @@ def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     tok = load_tokenizer(ctx.output("student", "path"), "student", trust)
     cache = LogitCache(Path(ctx.output("logits", "cache")))
     teacher = None
-    if cfg.distill.teacher_mode == "online":
+    if dcfg.teacher_mode == "online":
         teacher, _ = load_teacher(ctx.output("teacher", "path"), ctx.device, ctx.dtype,
                                   cfg.teacher_options.allow_dense, trust)
-    result = train_student(student, cache, cfg.distill, out / "checkpoints", cache.meta.vocab_size, ctx.device,
-                           log_fn=lambda m, step: log_metrics({f"train/{k}": v for k, v in m.items()}, step),
+    result = train_student(student, cache, dcfg, out / "checkpoints", cache.meta.vocab_size, ctx.device,
+                           log_fn=lambda m, step: log_metrics({f"{step_prefix}/{k}": v for k, v in m.items()}, step),
                            teacher=teacher)
     del teacher
     (out / "model").mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")
-    import mlflow
+    outputs = {"path": str(out / "model"), **result}
+    if log_model:
+        import mlflow
 
-    info = mlflow.transformers.log_model(transformers_model={"model": student.cpu(), "tokenizer": tok},
-                                         name="student", task="text-generation",
-                                         pip_requirements=MODEL_PIP_REQUIREMENTS)
-    return {"outputs": {"path": str(out / "model"), "model_uri": info.model_uri, **result},
-            "output_hash": hash_files(out / "model"),
-            "metrics": {f"distill/{k}": v for k, v in result.items()}}
+        info = mlflow.transformers.log_model(transformers_model={"model": student.cpu(), "tokenizer": tok},
+                                             name="student", task="text-generation",
+                                             pip_requirements=MODEL_PIP_REQUIREMENTS)
+        outputs["model_uri"] = info.model_uri
+    return {"outputs": outputs, "output_hash": hash_files(out / "model"),
+            "metrics": {f"{summary_prefix}/{k}": v for k, v in result.items()}}
+
+
+def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    return _train(ctx, out, ctx.cfg.distill, "train", "distill", log_model=True)
+
+
+def baseline_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """The distill stage's run with the teacher taken out: cross-entropy only, cached data order and budget."""
+    dcfg = dataclasses.replace(ctx.cfg.distill, kd_weight=0.0, ce_weight=1.0, teacher_mode="cache",
+                               hidden_weight=0.0)
+    return _train(ctx, out, dcfg, "baseline_train", "baseline", log_model=False)

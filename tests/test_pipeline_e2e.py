@@ -66,6 +66,10 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     for key, row in report["latency"].items():
         assert math.isfinite(row["speedup"]) and row["speedup"] > 0, (key, row)
     assert math.isfinite(report["training"]["final_loss"])
+    # The ci preset also trains the CE-only baseline: every quality row carries it and the retained gain.
+    for key, row in report["quality"].items():
+        assert math.isfinite(row["baseline"]) and "retained_gain" in row, (key, row)
+    assert "retained_gain_mean" in report["summary"]
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("distill")

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from eval.report import retained_value, write_report  # noqa: E402
+from eval.report import retained_gain, retained_value, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -93,3 +93,21 @@ def test_retained_value() -> None:
     assert retained_value(10.0, 8.0, False) == pytest.approx(1.25)  # student better than teacher
     assert math.isnan(retained_value(0.0, 0.3, True))
     assert math.isnan(retained_value(10.0, 0.0, False))
+
+
+def test_retained_gain() -> None:
+    assert retained_gain(0.6, 0.5, 0.4) == pytest.approx(0.5)  # half the teacher's edge over the baseline
+    assert retained_gain(20.0, 25.0, 30.0) == pytest.approx(0.5)  # lower is better: same formula
+    assert retained_gain(0.6, 0.3, 0.4) == pytest.approx(-0.5)  # distillation hurt
+    assert math.isnan(retained_gain(0.4, 0.5, 0.4))
+
+
+def test_report_with_a_baseline_shows_it_and_the_gain(tmp_path: Path) -> None:
+    report = _report()
+    for row, base in zip(report["quality"].values(), (0.42, 40.0)):
+        row["baseline"] = base
+        row["retained_gain"] = retained_gain(row["teacher"], row["student"], base)
+    report["summary"]["retained_gain_mean"] = 0.7
+    md = write_report(report, tmp_path)["md"].read_text()
+    assert "baseline (CE only)" in md and "retained gain" in md and "**70.0%** of the teacher's advantage" in md
+    assert "0.42" in md  # the baseline's score
