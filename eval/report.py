@@ -39,11 +39,15 @@ def retained_value(teacher: float, student: float, higher_is_better: bool) -> fl
     return float(num) / float(den)
 
 
-def retained_gain(teacher: float, student: float, baseline: float) -> float:
+def retained_gain(teacher: float, student: float, baseline: float, higher_is_better: bool = True) -> float:
     """How much of the teacher's advantage over the baseline (the same student trained without the teacher)
     the distilled student recovers: (student - baseline) / (teacher - baseline). 1.0 = all of it, 0 = none,
-    < 0 = distillation hurt. The same formula holds for lower-is-better metrics. NaN if undefined."""
-    if teacher is None or student is None or baseline is None or teacher == baseline:
+    < 0 = distillation hurt; the same formula holds for lower-is-better metrics. NaN when the teacher has
+    no advantage to recover (it is not better than the baseline), where the ratio would mislead."""
+    if teacher is None or student is None or baseline is None:
+        return float("nan")
+    edge = (float(teacher) - float(baseline)) * (1 if higher_is_better else -1)
+    if edge <= 0:
         return float("nan")
     return (float(student) - float(baseline)) / (float(teacher) - float(baseline))
 

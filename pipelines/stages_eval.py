@@ -104,7 +104,7 @@ def _quality(ctx: RunContext) -> dict[str, Any]:
         row["higher_is_better"] = hib
         row["retained"] = retained_value(row["teacher"], row["student"], hib)
         if "baseline" in per:
-            row["retained_gain"] = retained_gain(row["teacher"], row["student"], row["baseline"])
+            row["retained_gain"] = retained_gain(row["teacher"], row["student"], row["baseline"], hib)
         row["stderr"] = {role: per[role].get(key, {}).get("stderr") for role in per}
         quality[key] = row
     return quality

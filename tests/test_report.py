@@ -97,16 +97,18 @@ def test_retained_value() -> None:
 
 def test_retained_gain() -> None:
     assert retained_gain(0.6, 0.5, 0.4) == pytest.approx(0.5)  # half the teacher's edge over the baseline
-    assert retained_gain(20.0, 25.0, 30.0) == pytest.approx(0.5)  # lower is better: same formula
+    assert retained_gain(20.0, 25.0, 30.0, higher_is_better=False) == pytest.approx(0.5)  # same formula
     assert retained_gain(0.6, 0.3, 0.4) == pytest.approx(-0.5)  # distillation hurt
-    assert math.isnan(retained_gain(0.4, 0.5, 0.4))
+    assert math.isnan(retained_gain(0.4, 0.5, 0.4))  # no edge to recover
+    assert math.isnan(retained_gain(0.625, 0.375, 0.75))  # the baseline beats the teacher: not 300%
+    assert math.isnan(retained_gain(20.0, 25.0, 30.0))  # lower-is-better read as higher: no edge
 
 
 def test_report_with_a_baseline_shows_it_and_the_gain(tmp_path: Path) -> None:
     report = _report()
     for row, base in zip(report["quality"].values(), (0.42, 40.0)):
         row["baseline"] = base
-        row["retained_gain"] = retained_gain(row["teacher"], row["student"], base)
+        row["retained_gain"] = retained_gain(row["teacher"], row["student"], base, row["higher_is_better"])
     report["summary"]["retained_gain_mean"] = 0.7
     md = write_report(report, tmp_path)["md"].read_text()
     assert "baseline (CE only)" in md and "retained gain" in md and "**70.0%** of the teacher's advantage" in md
