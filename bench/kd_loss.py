@@ -11,7 +11,9 @@ at N = 16,384 tokens, H = 2048, V in {151,936, 50,304}. Providers:
 - liger_fused_linear_jsd: Liger's fused linear JSD (beta 0.5), which takes the teacher's hidden states and
   weight and so also computes the teacher's logits; it is there as a reference point, not the same loss.
 Rows: time (us), TFLOP/s (6 N H V per fwd+bwd, the three GEMMs), share of the floor, extra peak memory
-beyond the inputs (GiB), and our speed and memory ratios against each other provider. The floor is
+beyond the inputs (GiB), and our speed and memory ratios against each other provider; for the first
+vocabulary also our CUDA kernel time by kind (GEMMs, the two row kernels, the rest; torch profiler) and
+our time at several chunk sizes. The floor is
 max(6 N H V / measured bf16 matmul rate, bytes / measured copy bandwidth); at these shapes the GEMMs set it.
 """
 from __future__ import annotations
@@ -149,12 +151,55 @@ def shape_rows(n: int, hidden: int, v: int, peak_flops: float, peak_bw: float, g
     return rows
 
 
+def breakdown_rows(n: int, hidden: int, v: int, chunk_mib: list[int], gpu: str, stamp: str) -> list[dict]:
+    """Where the fused loss's time goes (CUDA kernel time by kind, torch profiler) and how it depends on the
+    chunk size (DEFAULT_CHUNK_BYTES)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from distill import fused_linear_kd
+
+    x = _inputs(n, hidden, v, False)
+
+    def step() -> None:
+        out = fused_linear_topk_kd(x["hidden"], x["weight"], x["labels"], x["topk_ids"], x["topk_logprobs"],
+                                   x["tail_logmass"], SPEC)
+        out["loss"].backward()
+    base = dict(kernel="kd_loss", provider="fused_triton", shape=f"N={n} H={hidden} V={v} bf16 k={TOP_K}",
+                tokens=n, gpu=gpu, timestamp=stamp)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kinds = {"gemm": 0.0, "row_lse": 0.0, "rest_grad": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        name = ev.key.lower()
+        kind = ("row_lse" if "_row_lse_kernel" in name else "rest_grad" if "_rest_grad_kernel" in name
+                else "gemm" if any(t in name for t in ("gemm", "nvjet", "cutlass", "sm90_xmma")) else "other")
+        kinds[kind] += us
+    rows = [{**base, "metric": f"kernel_time_{k}", "value": round(us, 1), "unit": "us"} for k, us in kinds.items()]
+    print("  kernel time: " + ", ".join(f"{k} {us / 1e3:.1f} ms" for k, us in kinds.items()), flush=True)
+    default = fused_linear_kd.DEFAULT_CHUNK_BYTES
+    try:
+        for mib in chunk_mib:
+            fused_linear_kd.DEFAULT_CHUNK_BYTES = mib * 1024**2
+            t = bench(step, reps=5, warm=1)
+            print(f"  chunk {mib:5d} MiB: {t * 1e3:.2f} ms", flush=True)
+            rows.append({**base, "metric": f"time_chunk_{mib}MiB", "value": round(t * 1e6, 1), "unit": "us"})
+    finally:
+        fused_linear_kd.DEFAULT_CHUNK_BYTES = default
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/kd_loss.csv")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--vocabs", nargs="*", type=int, default=VOCABS)
+    ap.add_argument("--chunk-mib", nargs="*", type=int, default=[256, 1024, 2048],
+                    help="chunk sizes timed in the breakdown of the first vocabulary (none: skip the breakdown)")
     args = ap.parse_args(argv)
     run = start_run("kd_loss")
     if run is None:
@@ -164,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.vocabs:
         print(f"N={args.tokens} H={args.hidden} V={v}", flush=True)
         rows += shape_rows(args.tokens, args.hidden, v, peak_flops, peak_bw, gpu, stamp)
+        if v == args.vocabs[0] and args.chunk_mib:
+            rows += breakdown_rows(args.tokens, args.hidden, v, args.chunk_mib, gpu, stamp)
         write_rows(out, rows)
     print(f"wrote {len(rows)} rows to {out}")
     return 0

@@ -25,7 +25,7 @@ from kernels.kd_loss import rest_grad_, row_lse
 
 # Bytes of logits per chunk: 16k tokens x 152k vocab in bf16 is 5 GB. With 1 GiB chunks the extra memory
 # stays under 10% of the unfused loss's while the per-chunk dL/dW accumulation (a read and write of [V, H]
-# float32) stays small next to the GEMMs; 256 MiB chunks were 1.6x slower on an H100 (bench/results/).
+# float32) stays small next to the GEMMs; 256 MiB chunks are 1.8x slower on an H100 (bench/results/).
 DEFAULT_CHUNK_BYTES = 1024**3
 
 
