@@ -56,10 +56,11 @@ class LogitsConfig:
 
 @dataclass
 class StudentConfig:
-    method: str = "uniform"  # how a derived student's FFN is built from the experts: uniform, frequency, select
+    method: str = "uniform"  # how a derived student's FFN is built from the experts: uniform, frequency, select, svd
     keep_layers: str = "every_2"  # "all", "every_<n>", "top_<n>" (most influential), or comma-separated indices
-    ffn_width: int = 0  # 0: the experts' own width (method=select may set any width)
-    calib_sequences: int = 8  # frequency/select: training sequences the teacher's routing is measured on
+    ffn_width: int = 0  # width of the merged routed experts, 0: one expert's (method=select may set any width)
+    svd_rank: int = 0  # method=svd: hidden-space rank kept, 0: full (= frequency)
+    calib_sequences: int = 8  # training sequences the teacher's routing and layer influence are measured on
 
 
 @dataclass
@@ -264,6 +265,9 @@ def validate(cfg: PipelineConfig) -> None:
         (cfg.student_options.method in METHODS, f"student_options.method must be one of: {', '.join(METHODS)}"),
         (cfg.student_options.ffn_width >= 0 and cfg.student_options.calib_sequences >= 1,
          "student_options.ffn_width must be >= 0 and student_options.calib_sequences >= 1"),
+        (cfg.student_options.svd_rank >= 0 and (cfg.student_options.svd_rank == 0
+                                                or cfg.student_options.method == "svd"),
+         "student_options.svd_rank must be >= 0 and applies to student_options.method=svd only"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -11,7 +11,7 @@ from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from students.derive import derive_dense_student
 from students.layer_importance import block_influence
-from students.routing_stats import routing_mass
+from students.routing_stats import routing_stats
 from students.vocab import shared_vocab_size
 from teachers.load import (ModelLoadError, count_parameters, is_moe, load_config, load_teacher, load_tokenizer,
                            resolve_model_path)
@@ -85,20 +85,21 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         teacher, tok = load_teacher(teacher_path, device="cpu", dtype=ctx.dtype,
                                     allow_dense=cfg.teacher_options.allow_dense, trust_remote_code=trust)
         so = cfg.student_options
-        mass = influence = None
-        if so.method != "uniform" or so.keep_layers.startswith("top_"):
-            # Calibration: the first training sequences, a few at a time.
-            seqs = load_file(ctx.output("data", "sequences"))["input_ids"][:so.calib_sequences].long()
-            mass = routing_mass(teacher, seqs.split(4)) if so.method != "uniform" else None
-            influence = block_influence(teacher, seqs.split(4)) if so.keep_layers.startswith("top_") else None
+        # Calibration on the first training sequences, a few at a time: even the uniform average needs the
+        # total routed weight and the shared-expert gate (they scale the merged FFN), and it takes seconds.
+        seqs = load_file(ctx.output("data", "sequences"))["input_ids"][:so.calib_sequences].long()
+        stats = routing_stats(teacher, seqs.split(4)) if is_moe(teacher.config) else None
+        influence = block_influence(teacher, seqs.split(4)) if so.keep_layers.startswith("top_") else None
         student = derive_dense_student(teacher, keep_layers=so.keep_layers, method=so.method,
-                                       ffn_width=so.ffn_width, mass=mass, influence=influence)
+                                       ffn_width=so.ffn_width, stats=stats, influence=influence,
+                                       svd_rank=so.svd_rank)
         del teacher
         (out / "model").mkdir(parents=True, exist_ok=True)
         student.save_pretrained(out / "model", safe_serialization=True)
         tok.save_pretrained(out / "model")
         path, identity = str(out / "model"), hash_files(out / "model")
         width = f", ffn_width={so.ffn_width}" if so.ffn_width else ""
+        width += f", svd_rank={so.svd_rank}" if so.svd_rank else ""
         name = f"derived({so.method}, layers={so.keep_layers}{width})"
     else:
         path = check_student_source(cfg.student, teacher_path, trust)

@@ -1,26 +1,28 @@
-"""Derive a dense student from a Mixtral-class MoE teacher.
+"""Derive a dense student from an MoE teacher (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 families).
 
-Embeddings, attention and norms are copied; each kept layer's dense FFN is built from that layer's experts
-by one of the methods of students/expert_merge.py, weighted by routing mass measured on calibration text
-(students/routing_stats.py) when given.
+Embeddings, attention and norms are copied into the teacher's dense twin architecture (dense_twin.py); each
+kept layer's dense FFN is
+- the layer's routed experts merged by one of the methods of expert_merge.py, weighted by the routing mass
+  measured on calibration text (routing_stats.py) and scaled by the mean total routed weight,
+- with the shared experts, if any, folded in side by side (scaled by their gate's mean value),
+- or, for a layer the teacher already runs dense (DeepSeek's first layers), that layer's FFN.
+Every layer of the student has one width: a dense layer whose width differs is zero-padded (exact) or cut
+to its most important neurons.
 Dropping layers is what makes the student measurably faster than the teacher (merging experts alone keeps
 the active compute of one expert instead of k).
 """
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from students.expert_merge import METHODS, merge_experts
+from students.dense_twin import twin_config, twin_model_type
+from students.expert_merge import METHODS, merge_experts, top_neurons
 from students.layer_importance import most_influential
-from teachers.upcycle import copy_rope_settings
+from students.routing_stats import RoutingStats
 
-_SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-    "pad_token_id", "attention_dropout",
-)
-SUPPORTED_TEACHERS = ("mixtral",)
+Ffn = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [W, H], up [W, H], down [H, W]
+_SHARED_PREFIXES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSeek
 
 
 def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None = None) -> list[int]:
@@ -60,53 +62,108 @@ def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None
 
 @torch.no_grad()
 def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2", method: str = "uniform",
-                         ffn_width: int = 0, mass: torch.Tensor | None = None,
-                         influence: torch.Tensor | None = None) -> LlamaForCausalLM:
-    """A dense Llama with the teacher's attention and merged experts on the kept layers.
+                         ffn_width: int = 0, stats: RoutingStats | None = None,
+                         influence: torch.Tensor | None = None, svd_rank: int = 0) -> PreTrainedModel:
+    """A dense model of the teacher's twin architecture with its attention and merged experts on the kept layers.
 
-    method: one of students.expert_merge.METHODS; ffn_width: the dense FFN width (0: one expert's);
-    mass [L, E]: routing mass per teacher layer and expert (routing_stats.routing_mass), None for uniform;
-    influence [L]: block influence per teacher layer, for keep_layers="top_<n>".
+    method: one of students.expert_merge.METHODS; ffn_width: width of the merged routed experts (0: one
+    expert's; method=select may set any), to which shared experts add their own width;
+    stats: routing mass [L, E] and shared-expert gate [L] measured on calibration text (routing_stats);
+    None assumes routing weights that sum to 1 (Mixtral) and is refused for a gated shared expert;
+    influence [L]: block influence per teacher layer, for keep_layers="top_<n>"; svd_rank: for method=svd.
     """
-    model_type = teacher.config.model_type
-    if model_type not in SUPPORTED_TEACHERS:
-        raise NotImplementedError(f"deriving a student from a '{model_type}' teacher is not supported yet "
-                                  f"(supported: {', '.join(SUPPORTED_TEACHERS)}); pass STUDENT=<dense model>")
+    twin_model_type(teacher.config)  # unsupported family: say so before any work
     if method not in METHODS:
         raise ValueError(f"unknown derivation method '{method}' (available: {', '.join(METHODS)})")
     tc = teacher.config
-    keep = parse_keep_layers(keep_layers, tc.num_hidden_layers, influence)
-    if mass is not None and mass.shape != (tc.num_hidden_layers, tc.num_local_experts):
-        raise ValueError(f"routing mass must be [layers={tc.num_hidden_layers}, experts={tc.num_local_experts}], "
-                         f"got {tuple(mass.shape)}")
-    kwargs = {f: getattr(tc, f) for f in _SHARED_FIELDS if getattr(tc, f, None) is not None}
-    cfg = LlamaConfig(intermediate_size=ffn_width or tc.intermediate_size, num_hidden_layers=len(keep), **kwargs)
-    copy_rope_settings(tc, cfg)
-    dtype = next(teacher.parameters()).dtype
-    student = LlamaForCausalLM(cfg).to(dtype)
+    num_layers = tc.num_hidden_layers
+    keep = parse_keep_layers(keep_layers, num_layers, influence)
+    if stats is not None and stats.mass.shape[0] != num_layers:
+        raise ValueError(f"routing stats cover {stats.mass.shape[0]} layers, the teacher has {num_layers}")
     src = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    ffns = [_layer_ffn(src, f"model.layers.{i}.mlp", i, method, ffn_width, stats, svd_rank) for i in keep]
+    # One width for all layers: that of the derived MoE layers (kept dense layers are fitted to it).
+    width = max(_routed_width(src, f"model.layers.{i}.mlp", ffn_width) for i in keep)
+    width = width or max(f[0].shape[0] for f in ffns)  # only dense layers kept: the widest of them
+    ffns = [fit_width(f, width) for f in ffns]
+    cfg = twin_config(tc, keep, width)
+    dtype = next(teacher.parameters()).dtype
+    student = AutoModelForCausalLM.from_config(cfg).to(dtype)
     out: dict[str, torch.Tensor] = {}
-    for name in student.state_dict():
-        if not name.startswith("model.layers."):
-            out[name] = src[name]
-            continue
-        parts = name.split(".")
-        new_i = int(parts[2])
-        old = f"model.layers.{keep[new_i]}"
-        rest = ".".join(parts[3:])
-        if rest.startswith("mlp."):
-            continue
-        out[name] = src[f"{old}.{rest}"]
-    for new_i, old_i in enumerate(keep):
-        p = f"model.layers.{old_i}.mlp.experts"
-        gate, up, down = merge_experts(src[f"{p}.gate_up_proj"], src[f"{p}.down_proj"], method,
-                                       None if mass is None else mass[old_i], ffn_width)
-        out[f"model.layers.{new_i}.mlp.gate_proj.weight"] = gate.to(dtype)
-        out[f"model.layers.{new_i}.mlp.up_proj.weight"] = up.to(dtype)
-        out[f"model.layers.{new_i}.mlp.down_proj.weight"] = down.to(dtype)
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+    for name, param in student.state_dict().items():
+        if name.startswith("model.layers."):
+            parts = name.split(".")
+            if parts[3] == "mlp":
+                continue
+            name_t = f"model.layers.{keep[int(parts[2])]}.{'.'.join(parts[3:])}"
+        else:
+            name_t = name
+        if name_t not in src or src[name_t].shape != param.shape:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            got = tuple(src[name_t].shape) if name_t in src else "missing"
+            raise ValueError(f"the {cfg.model_type} twin of the {tc.model_type} teacher needs {name_t} of shape "
+                             f"{tuple(param.shape)}, the teacher has {got}")
+        out[name] = src[name_t]
+    for j, (gate, up, down) in enumerate(ffns):
+        out[f"model.layers.{j}.mlp.gate_proj.weight"] = gate.to(dtype)
+        out[f"model.layers.{j}.mlp.up_proj.weight"] = up.to(dtype)
+        out[f"model.layers.{j}.mlp.down_proj.weight"] = down.to(dtype)
     student.load_state_dict(out, strict=not cfg.tie_word_embeddings)
     if cfg.tie_word_embeddings:
         student.tie_weights()
     return student.eval()
+
+
+def _routed_width(src: dict[str, torch.Tensor], mlp: str, ffn_width: int) -> int:
+    """Width of a layer's derived FFN before fitting: merged routed experts plus shared experts (0: dense layer)."""
+    if f"{mlp}.experts.gate_up_proj" not in src:
+        return 0
+    width = ffn_width or src[f"{mlp}.experts.down_proj"].shape[-1]
+    for p in _SHARED_PREFIXES:
+        if f"{mlp}.{p}.down_proj.weight" in src:
+            width += src[f"{mlp}.{p}.down_proj.weight"].shape[-1]
+    return width
+
+
+def _layer_ffn(src: dict[str, torch.Tensor], mlp: str, layer: int, method: str, ffn_width: int,
+               stats: RoutingStats | None, svd_rank: int) -> Ffn:
+    """The dense FFN of one teacher layer (float32), before fitting to the student's width."""
+    if f"{mlp}.experts.gate_up_proj" not in src:
+        if f"{mlp}.gate_proj.weight" not in src:
+            raise ValueError(f"{mlp}: neither fused experts (experts.gate_up_proj, transformers 5 layout) nor a "
+                             "gated dense FFN (gate_proj/up_proj/down_proj) found")
+        return tuple(src[f"{mlp}.{n}_proj.weight"].float() for n in ("gate", "up", "down"))  # type: ignore[return-value]
+    mass = None if stats is None else stats.mass[layer]
+    gate, up, down = merge_experts(src[f"{mlp}.experts.gate_up_proj"], src[f"{mlp}.experts.down_proj"], method,
+                                   mass, ffn_width, svd_rank)
+    # merge_experts averages (weights summing to 1); the MoE block adds its experts with weights summing to
+    # the mean total routed weight (1 when renormalised, routed_scaling_factor for DeepSeek, < 1 otherwise).
+    total = 1.0 if mass is None else float(mass.sum())
+    parts = [(gate, up, down * total)]
+    for p in _SHARED_PREFIXES:
+        if f"{mlp}.{p}.down_proj.weight" not in src:
+            continue
+        gated = f"{mlp}.shared_expert_gate.weight" in src
+        if gated and stats is None:
+            raise ValueError(f"{mlp} has a gated shared expert: deriving needs its gate's mean value measured "
+                             "on calibration text (pass stats=routing_stats(teacher, batches))")
+        g = float(stats.shared_gate[layer]) if stats is not None else 1.0
+        parts.append((src[f"{mlp}.{p}.gate_proj.weight"].float(), src[f"{mlp}.{p}.up_proj.weight"].float(),
+                      src[f"{mlp}.{p}.down_proj.weight"].float() * g))
+    return torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), torch.cat([q[2] for q in parts], 1)
+
+
+def fit_width(ffn: Ffn, width: int) -> Ffn:
+    """Bring a gated FFN to `width` neurons: zero neurons added (the function is unchanged), or the most
+    important kept (||gate row|| * ||up row|| * ||down column||), when it is wider. gate/up [W0, H], down [H, W0]."""
+    gate, up, down = ffn
+    n = gate.shape[0]
+    if n == width:
+        return ffn
+    if n < width:
+        pad = width - n
+        return (torch.cat([gate, gate.new_zeros(pad, gate.shape[1])]), torch.cat([up, up.new_zeros(pad, up.shape[1])]),
+                torch.cat([down, down.new_zeros(down.shape[0], pad)], 1))
+    keep = top_neurons(gate, up, down, width)
+    return gate[keep], up[keep], down[:, keep]

@@ -1,43 +1,87 @@
 """What the teacher's routers do on calibration text: each expert's routing mass per layer.
 
 The routing mass of expert e in a layer is mean over tokens of the weight the router gives e (0 when e is
-not among the token's top-k). With renormalised top-k weights (Mixtral) the masses of a layer sum to 1:
-they say how much of the layer's output each expert makes, which is what merging methods weight by.
+not among the token's top-k), exactly as the MoE block multiplies the expert's output: after the
+architecture's own renormalisation and scaling. So a layer's masses sum to the mean total routed weight:
+1 for Mixtral (renormalised top-k), less for Qwen2-MoE without renormalisation, `routed_scaling_factor`
+for DeepSeek-V3. Merging methods weight experts by the masses and scale the merged FFN by their sum.
+
+The numbers are read from the routers themselves: transformers 5 routers (modules whose class name ends in
+"Router", e.g. MixtralTopKRouter, DeepseekV3TopkRouter) all return (logits, top-k weights, top-k indices).
+That is one mechanism for every architecture that follows the interface, not a list of special cases.
+A Qwen2-MoE-style sigmoid gate on the shared expert is measured the same way (its mean value per layer).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 
 
-@torch.no_grad()
-def routing_mass(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Mean routing weight per (layer, expert) over every token of `batches` (each input_ids [B, S]).
+@dataclass(frozen=True)
+class RoutingStats:
+    """mass [L, E]: mean routing weight per decoder layer and expert (a zero row for a dense layer);
+    shared_gate [L]: mean value of the shared expert's gate (1.0 where the shared expert is ungated or absent)."""
 
-    Returns [L, E] float32. Needs a teacher whose forward returns `router_logits` (Mixtral-class).
-    """
-    cfg = teacher.config
-    k = cfg.num_experts_per_tok
-    renorm = getattr(cfg, "norm_topk_prob", True)
-    device = next(teacher.parameters()).device
-    total: torch.Tensor | None = None
+    mass: torch.Tensor
+    shared_gate: torch.Tensor
+
+
+def _routers(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in layer.modules() if type(m).__name__.lower().endswith("router")]
+
+
+@torch.no_grad()
+def routing_stats(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> RoutingStats:
+    """Routing mass and shared-expert gate per layer over every token of `batches` (each input_ids [B, S])."""
+    layers = teacher.get_decoder().layers
+    num_experts = 0
+    for layer in layers:
+        for r in _routers(layer):
+            num_experts = max(num_experts, int(r.weight.shape[0]))
+    if not num_experts:
+        raise ValueError(f"no router modules found in the {teacher.config.model_type} teacher: routing-weighted "
+                         "derivation needs a transformers 5 MoE whose routers return (logits, weights, indices)")
+    mass = torch.zeros(len(layers), num_experts, dtype=torch.float64)
+    gate = torch.zeros(len(layers), dtype=torch.float64)
+    gated = torch.zeros(len(layers), dtype=torch.bool)
+    hooks = []
+
+    def on_router(i: int):
+        def fn(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise ValueError(f"router of layer {i} returns {type(out).__name__}, not (logits, weights, indices)")
+            _, w, idx = out
+            mass[i].index_add_(0, idx.reshape(-1).cpu(), w.reshape(-1).double().cpu())
+        return fn
+
+    def on_gate(i: int):
+        def fn(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            gate[i] += torch.sigmoid(out.double()).sum().cpu()
+            gated[i] = True
+        return fn
+
+    for i, layer in enumerate(layers):
+        hooks += [r.register_forward_hook(on_router(i)) for r in _routers(layer)]
+        shared_gate = getattr(getattr(layer, "mlp", None), "shared_expert_gate", None)
+        if shared_gate is not None:
+            hooks.append(shared_gate.register_forward_hook(on_gate(i)))
     tokens = 0
-    for ids in batches:
-        out = teacher(input_ids=ids.to(device), output_router_logits=True, use_cache=False)
-        if not getattr(out, "router_logits", None):
-            raise ValueError(f"the {cfg.model_type} teacher returns no router logits; routing-weighted "
-                             "derivation needs a Mixtral-class teacher")
-        layers = []
-        for logits in out.router_logits:  # [B*S, E] per layer
-            probs = torch.softmax(logits.float(), -1)
-            w, idx = probs.topk(k, -1)
-            if renorm:
-                w = w / w.sum(-1, keepdim=True)
-            layers.append(torch.zeros_like(probs).scatter_(-1, idx, w).sum(0))
-        batch = torch.stack(layers).cpu()
-        total = batch if total is None else total + batch
-        tokens += ids.numel()
-    if total is None:
-        raise ValueError("routing_mass needs at least one batch of calibration tokens")
-    return total / tokens
+    try:
+        device = next(teacher.parameters()).device
+        for ids in batches:
+            teacher(input_ids=ids.to(device), use_cache=False)
+            tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not tokens:
+        raise ValueError("routing_stats needs at least one batch of calibration tokens")
+    shared = torch.where(gated, gate / tokens, torch.ones_like(gate))
+    return RoutingStats(mass=(mass / tokens).float(), shared_gate=shared.float())
+
+
+def routing_mass(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Mean routing weight per (layer, expert) -> [L, E] float32 (see routing_stats)."""
+    return routing_stats(teacher, batches).mass
