@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill test ui compare bench-kernels bench-distill clean
+.PHONY: help install distill test ui compare compare-derivations bench-kernels bench-distill clean
 
 help: ## this list
 	@echo "Targets:"
@@ -52,6 +52,9 @@ ui: $(VENV)/.installed ## MLflow UI on http://127.0.0.1 (PORT=5000)
 
 compare: $(VENV)/.installed ## Pareto plot of quality vs speedup over every distill run in MLflow
 	$(PY) -m eval.compare --out runs/compare
+
+compare-derivations: $(VENV)/.installed ## derivation methods, same KD budget each -> docs/results/derivation_methods.md
+	$(PY) -m pipelines.derivation_study --preset "$(PRESET)" --set "$(SET)"
 
 # h100, h200, ... from the GPU's name, so results of different GPUs sit side by side.
 GPU_TAG = $$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'none')")

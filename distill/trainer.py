@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +32,41 @@ LogFn = Callable[[dict[str, float], int], None]
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class BatchTooLargeError(MemoryError):
+    """A micro-batch does not fit in the device's memory; the message names the setting to change."""
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator raises a plain RuntimeError (or MemoryError).
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
+@contextmanager
+def _memory_guard(cfg: DistillConfig, seq_len: int, device: torch.device, ckpt_dir: Path) -> Iterator[None]:
+    """Turn an out-of-memory error of one micro-batch into a BatchTooLargeError naming the setting to change."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if _is_out_of_memory(e):
+            raise _too_large(e, cfg, seq_len, device, ckpt_dir) from e
+        raise
+
+
+def _too_large(e: BaseException, cfg: DistillConfig, seq_len: int, device: torch.device,
+               ckpt_dir: Path) -> BatchTooLargeError:
+    good = list_checkpoints(ckpt_dir)
+    smaller = max(1, cfg.micro_batch_size // 2)
+    fix = (f'SET="distill.micro_batch_size={smaller}" (gradient accumulation keeps distill.batch_size='
+           f'{cfg.batch_size})' if cfg.micro_batch_size > 1 else 'a shorter data.seq_len')
+    if not cfg.gradient_checkpointing:
+        fix += ' or SET="distill.gradient_checkpointing=true"'
+    return BatchTooLargeError(
+        f"out of memory on {device.type} with distill.micro_batch_size={cfg.micro_batch_size} x {seq_len + 1} "
+        f"tokens: use {fix}. Last good checkpoint: {good[-1] if good else 'none'}; rerun resumes from it. "
+        f"({type(e).__name__}: {str(e)[:200]})")
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -146,18 +182,19 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
             mb = _collate([dataset[i] for i in batch_ids[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]],
                           acc.device)
             ids = mb["input_ids"]
-            with acc.autocast():
-                targets = (online_targets(teacher, ids, vocab_size, cfg.online_top_k, cfg.hidden_weight > 0)
-                           if online else cached_targets(mb))
-                out = batch_loss(parts, ids, targets, spec, vocab_size, projection, cfg.hidden_weight)
-            # One host sync for all the logged values of this micro-batch, not one per value.
-            vals = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
-            if not math.isfinite(vals["loss"]):
-                good = list_checkpoints(ckpt_dir)
-                raise NonFiniteLossError(
-                    f"loss is {vals['loss']} at step {step} (kd {vals['kd']}, ce {vals['ce']}); "
-                    f"last good checkpoint: {good[-1] if good else 'none'}. Lower distill.lr or check the cache.")
-            acc.backward(out["loss"] / accum)
+            with _memory_guard(cfg, seq_len, acc.device, ckpt_dir):
+                with acc.autocast():
+                    targets = (online_targets(teacher, ids, vocab_size, cfg.online_top_k, cfg.hidden_weight > 0)
+                               if online else cached_targets(mb))
+                    out = batch_loss(parts, ids, targets, spec, vocab_size, projection, cfg.hidden_weight)
+                # One host sync for all the logged values of this micro-batch, not one per value.
+                vals = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
+                if not math.isfinite(vals["loss"]):
+                    good = list_checkpoints(ckpt_dir)
+                    raise NonFiniteLossError(
+                        f"loss is {vals['loss']} at step {step} (kd {vals['kd']}, ce {vals['ce']}); last good "
+                        f"checkpoint: {good[-1] if good else 'none'}. Lower distill.lr or check the cache.")
+                acc.backward(out["loss"] / accum)
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
             step_tokens += targets.labels.numel()

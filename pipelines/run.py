@@ -172,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
-    import mlflow
-
     from pipelines.context import RunContext, pick_device
-    from pipelines.tracking import TrackingError, flat_params, git_commit, setup_tracking
+    from pipelines.tracking import TrackingError, git_commit, setup_tracking
 
     try:
         exp_id = setup_tracking()
@@ -196,7 +194,41 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
     tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit()}
     t0 = time.perf_counter()
-    with mlflow.start_run(run_name=run_dir.name, tags={**tags, "stage": "pipeline"}) as parent:
+    try:
+        report, summary, info = _run_stages(cfg, ctx, tags, exp_id, t0)
+    except user_errors() as e:
+        # Input or resource problems the user fixes: the message says how; the traceback would bury it.
+        # Finished stages and partial work (shards, checkpoints) stay; the same command resumes.
+        print(f"\nerror ({type(e).__name__}): {e}", file=sys.stderr)
+        return 3
+    print(f"\nreport: {report.with_suffix('.md')}\n"
+          f"retained quality (mean over tasks): {summary['retained_mean']:.3f}; "
+          f"speedup ({summary['speedup_setting']}): {summary['speedup']:.2f}x\n"
+          f"MLflow: experiment {exp_id}, run {info['parent_run_id']} ({info['tracking_uri']}); `make ui` to browse\n"
+          f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a full disk / too small a device, each raised with the fix in its message."""
+    from distill.trainer import BatchTooLargeError, NonFiniteLossError
+    from resources.disk import DiskFullError
+    from students.vocab import VocabMismatchError
+    from teachers.load import ModelLoadError
+    from teachers.topk_logit_cache import CacheCorruptError, CacheMismatchError
+
+    return (ModelLoadError, VocabMismatchError, DiskFullError, BatchTooLargeError, NonFiniteLossError,
+            CacheMismatchError, CacheCorruptError, NotImplementedError)
+
+
+def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str,
+                t0: float) -> tuple[Path, dict[str, Any], dict[str, str]]:
+    """Every stage in order under one parent MLflow run (marked FAILED if a stage raises)."""
+    import mlflow
+
+    from pipelines.tracking import flat_params
+
+    with mlflow.start_run(run_name=ctx.run_dir.name, tags={**tags, "stage": "pipeline"}) as parent:
         mlflow.log_params(flat_params(cfg.to_dict()))
         mlflow.log_dict(cfg.to_dict(), "config.json")
         info = {"experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
@@ -217,12 +249,7 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
                                               "summary/speedup": summary["speedup"],
                                               "pipeline/seconds": time.perf_counter() - t0}.items()
                             if v == v})
-    print(f"\nreport: {report.with_suffix('.md')}\n"
-          f"retained quality (mean over tasks): {summary['retained_mean']:.3f}; "
-          f"speedup ({summary['speedup_setting']}): {summary['speedup']:.2f}x\n"
-          f"MLflow: experiment {exp_id}, run {info['parent_run_id']} ({info['tracking_uri']}); `make ui` to browse\n"
-          f"total {time.perf_counter() - t0:.0f} s")
-    return 0
+    return report, summary, info
 
 
 if __name__ == "__main__":

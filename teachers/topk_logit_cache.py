@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from resources.disk import disk_full_guard
+
 FORMAT_NAME = "topk-logit-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -239,10 +241,11 @@ def _sha256_file(path: Path) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Readers see either the old file or the complete new one, never a prefix."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with disk_full_guard(path, "the logit cache", cleanup=tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
