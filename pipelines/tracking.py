@@ -46,18 +46,45 @@ def setup_tracking() -> str:
 
     mlflow.set_tracking_uri(uri)
     try:
-        exp = mlflow.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            artifacts = None
-            if uri.startswith("sqlite:///"):
-                artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-            exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-        else:
-            exp_id = exp.experiment_id
-        mlflow.set_experiment(experiment_id=exp_id)
+        with _store_init_lock(uri):
+            exp_id = _experiment_id(uri)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
         raise TrackingError(f"cannot use the MLflow tracking store at {uri}: {type(e).__name__}: {str(e)[:300]}. "
                             "Start the server or unset MLFLOW_TRACKING_URI to use the local SQLite store.") from e
+    return exp_id
+
+
+@contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Two `make distill` started at once on a new SQLite store would both create its tables (and the
+    experiment), and the second fails; one creates them while the other waits on a lock file beside the db."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _experiment_id(uri: str) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)  # creates the store's tables on first use
+    if exp is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
 

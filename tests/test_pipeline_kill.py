@@ -1,0 +1,85 @@
+"""`make distill` as users run it, in separate processes: SIGKILLed at random points of the logits and distill
+stages and rerun, it ends with the same cache checksums and final loss as an uninterrupted run; and two runs
+at once (different students, one MLflow store, one resource cache) do not disturb each other."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import REPO_ROOT
+from tests.test_pipeline_e2e import tiny_moe_dir
+
+__all__ = ["tiny_moe_dir"]
+pytestmark = pytest.mark.slow
+
+
+def _start(teacher: Path, runs: Path, name: str, env: dict[str, str], extra: str = "") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipelines.run", "--teacher", str(teacher), "--student", "derived",
+           "--preset", "ci", "--run-name", name, "--runs-dir", str(runs), "--set", extra]
+    return subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _finish(proc: subprocess.Popen, what: str) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{what} failed:\n{err.decode()[-3000:]}"
+
+
+def _running(stage_dir: Path) -> bool:
+    """The stage has started (its record exists) and not finished."""
+    try:
+        return json.loads((stage_dir / "stage.json").read_text()).get("complete") is False
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _kill_during(proc: subprocess.Popen, stage_dir: Path, delay: float) -> None:
+    deadline = time.monotonic() + 300
+    while not _running(stage_dir):
+        assert proc.poll() is None, f"run ended before {stage_dir.name}: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, f"{stage_dir.name} never started"
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _digests(cache: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(cache.iterdir()) if p.is_file()}
+
+
+def test_killed_runs_resume_to_the_same_result_and_concurrent_runs_coexist(tiny_moe_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # row ops in PyTorch, as on CPU
+    env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = tmp_path / "runs"
+    # Two runs at once on one MLflow store and resource cache, with different students.
+    a = _start(tiny_moe_dir, runs, "plain", env)
+    b = _start(tiny_moe_dir, runs, "other-student", env, "student_options.method=frequency")
+    _finish(a, "run A")
+    _finish(b, "run B (concurrent, other student)")
+    ref = json.loads((runs / "plain" / "report.json").read_text())
+    assert json.loads((runs / "other-student" / "report.json").read_text())["student"]["name"].startswith(
+        "derived(frequency")
+    # The same configuration as A, killed at random moments of the logits and the distill stage.
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    killed = runs / "killed"
+    for stage in ("logits", "distill"):
+        delay = rng.uniform(0.0, 3.0)
+        print(f"kill seed {seed}: SIGKILL {delay:.2f} s into {stage}")
+        _kill_during(_start(tiny_moe_dir, runs, "killed", env), killed / stage, delay)
+    _finish(_start(tiny_moe_dir, runs, "killed", env), "the resumed run")
+    assert _digests(killed / "logits" / "cache") == _digests(runs / "plain" / "logits" / "cache")
+    got = json.loads((killed / "report.json").read_text())
+    assert got["training"]["steps"] == ref["training"]["steps"]
+    assert got["training"]["final_loss"] == pytest.approx(ref["training"]["final_loss"], rel=1e-5, abs=1e-6)
