@@ -113,3 +113,14 @@ def test_vocab_check_names_the_first_differing_tokens(tok_dir: Path) -> None:
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=None)))
     with pytest.raises(VocabMismatchError, match=f"id 100: teacher '{a}'"):
         shared_vocab_size(teacher, other, 49152, 49152)
+
+
+def test_an_moe_given_as_student_is_refused(tmp_path: Path, tok_dir: Path) -> None:
+    from pipelines.stages_models import check_student_source
+
+    teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
+    moe_student = _save(upcycle_llama(tiny_llama(vocab=49152, seed=1), 4, 2), tok_dir, tmp_path / "student")
+    with pytest.raises(ModelLoadError, match="is a Mixture-of-Experts model.*STUDENT=derived"):
+        check_student_source(str(moe_student), str(teacher), trust_remote_code=False)
+    dense = _save(tiny_llama(vocab=49152, seed=2), tok_dir, tmp_path / "dense")
+    assert check_student_source(str(dense), str(teacher), trust_remote_code=False) == str(dense.resolve())

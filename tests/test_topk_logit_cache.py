@@ -278,3 +278,14 @@ def test_reader_pickles_without_copying_shards(reference_cache: Path) -> None:
     assert len(blob) < 20_000
     clone = pickle.loads(blob)
     assert all(torch.equal(clone[3][key], value) for key, value in item.items())
+
+
+def test_truncated_shard_is_refused_then_regenerated(tmp_path: Path, reference_cache: Path) -> None:
+    root = tmp_path / "cache"
+    shutil.copytree(reference_cache, root)
+    shard = root / "shard_000002.tkl"
+    shard.write_bytes(shard.read_bytes()[:-7])  # e.g. a copy cut short
+    with pytest.raises(CacheCorruptError, match="shard_000002"):
+        LogitCache(root, verify=False)  # the size alone tells, without hashing
+    write_sequences(root, make_meta(**RESUME_GEOMETRY), RESUME_TOTAL, RESUME_SPS, batch=3)
+    assert_matches_reference(root, reference_cache)
