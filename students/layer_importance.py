@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 import torch
 
+from students.calibration import run_with_hooks
+
 
 def _hidden(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
@@ -20,7 +22,6 @@ def block_influence(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
     """Influence per decoder layer over every token of `batches` (each input_ids [B, S]) -> [L] float32."""
     layers = model.get_decoder().layers
     sums = torch.zeros(len(layers))
-    tokens = 0
     hooks = []
 
     def hook(i: int):
@@ -32,17 +33,7 @@ def block_influence(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
 
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
-    try:
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-            tokens += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    if not tokens:
-        raise ValueError("block_influence needs at least one batch of calibration tokens")
-    return sums / tokens
+    return sums / run_with_hooks(model, batches, hooks, "block_influence")
 
 
 def most_influential(influence: torch.Tensor, n: int) -> list[int]:

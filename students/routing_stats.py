@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 import torch
 
+from students.calibration import run_with_hooks
+
 
 @dataclass(frozen=True)
 class RoutingStats:
@@ -67,17 +69,7 @@ def routing_stats(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
         shared_gate = getattr(getattr(layer, "mlp", None), "shared_expert_gate", None)
         if shared_gate is not None:
             hooks.append(shared_gate.register_forward_hook(on_gate(i)))
-    tokens = 0
-    try:
-        device = next(teacher.parameters()).device
-        for ids in batches:
-            teacher(input_ids=ids.to(device), use_cache=False)
-            tokens += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    if not tokens:
-        raise ValueError("routing_stats needs at least one batch of calibration tokens")
+    tokens = run_with_hooks(teacher, batches, hooks, "routing_stats")
     shared = torch.where(gated, gate / tokens, torch.ones_like(gate))
     return RoutingStats(mass=(mass / tokens).float(), shared_gate=shared.float())
 
