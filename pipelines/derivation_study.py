@@ -15,7 +15,6 @@ import csv
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,17 @@ from pipelines.run import run_name, run_pipeline
 # name -> student_options overrides. select at full width and svd at full rank equal frequency (tested in
 # tests/test_expert_merge.py), and on a teacher whose experts are equal frequency equals uniform; the default
 # list holds the choices that give different students there. `--variants frequency,...` adds others.
-VARIANTS: dict[str, str] = {
-    "uniform": "student_options.method=uniform",
-    "svd-r288": "student_options.method=svd student_options.svd_rank=288",
-    "select-w768": "student_options.method=select student_options.ffn_width=768",
+VARIANTS: dict[str, str] = {  # keep_layers explicit in each, so a change of the preset's default changes none
+    "uniform": "student_options.method=uniform student_options.keep_layers=every_2",
+    "svd-r288": "student_options.method=svd student_options.svd_rank=288 student_options.keep_layers=every_2",
+    "select-w768": "student_options.method=select student_options.ffn_width=768 student_options.keep_layers=every_2",
     "uniform-top16": "student_options.method=uniform student_options.keep_layers=top_16",
-    "frequency": "student_options.method=frequency",
-    "select": "student_options.method=select",
+    "frequency": "student_options.method=frequency student_options.keep_layers=every_2",
+    "select": "student_options.method=select student_options.keep_layers=every_2",
 }
 DEFAULT_VARIANTS = ("uniform", "svd-r288", "select-w768", "uniform-top16")
 SHARED_STAGES = ("teacher", "data", "logits", "eval_teacher")
+VARIANT_STAGES = ("student", "distill", "eval_student_init", "eval_student")  # the work each variant does
 RANK_METRIC = "heldout_text/bits_per_byte"
 
 
@@ -48,8 +48,8 @@ def seed_shared_stages(src: Path, dst: Path) -> None:
             shutil.copy2(rec, dst / stage / "stage.json")
 
 
-def summarise(name: str, overrides: str, report: dict[str, Any]) -> dict[str, Any]:
-    """One row of the comparison from a run's report.json."""
+def summarise(name: str, overrides: str, report: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One row of the comparison from a run's report.json and stage records."""
     q = report["quality"]
     accs = [k for k, v in q.items() if k.endswith("/acc") and v.get("student") is not None]
 
@@ -66,10 +66,12 @@ def summarise(name: str, overrides: str, report: dict[str, Any]) -> dict[str, An
             "lambada_ppl": get("lambada_openai/perplexity", "student"),
             "acc_mean_init": mean("student_init"), "acc_mean": mean("student"), "acc_mean_teacher": mean("teacher"),
             "retained_mean": report["summary"]["retained_mean"],
-            "final_kd": report["training"].get("final_kd"), "run": report["run"]["name"]}
+            "final_kd": report["training"].get("final_kd"), "run": report["run"]["name"],
+            "minutes": sum(json.loads((run_dir / st / "stage.json").read_text()).get("seconds", 0.0)
+                           for st in VARIANT_STAGES) / 60}
 
 
-def write_study(rows: list[dict[str, Any]], out: Path, command: str, preset: str, seconds: float) -> None:
+def write_study(rows: list[dict[str, Any]], out: Path, command: str, preset: str, notes: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -79,21 +81,30 @@ def write_study(rows: list[dict[str, Any]], out: Path, command: str, preset: str
     best = ranked[0]
     lines = [
         "# Student derivation methods on the default teacher", "",
-        f"Made by `{command}` (preset `{preset}`, {seconds / 60:.0f} min on this machine); raw numbers in "
-        f"`{out.with_suffix('.csv').name}`. Each variant is a full pipeline run with the same data, teacher "
-        "cache and KD budget; only `student_options` differ. Ranked by held-out bits per byte after "
-        "distillation (lower is better); `init` is the derived student before any training.", "",
+        f"Made by `{command}` (preset `{preset}`); raw numbers in `{out.with_suffix('.csv').name}`. Each "
+        "variant is a full pipeline run with the same data, teacher cache and KD budget; only `student_options` "
+        "differ. Ranked by held-out bits per byte after distillation (lower is better); `init` is the derived "
+        "student before any training; `min` is the compute the variant's own stages took (derive, distill, two "
+        "evals) on this machine.", "",
         "| rank | variant | student | params | bpb init | bpb after KD | lambada ppl | mean acc init | "
-        "mean acc after KD | retained |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "mean acc after KD | retained | min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(ranked, 1):
         lines.append(f"| {i} | `{r['variant']}` | {r['student']} | {r['params'] / 1e6:.1f}M | {r['bpb_init']:.3f} | "
                      f"{r['bpb']:.3f} | {r['lambada_ppl']:.3g} | {r['acc_mean_init']:.3f} | {r['acc_mean']:.3f} | "
-                     f"{r['retained_mean']:.3f} |")
+                     f"{r['retained_mean']:.3f} | {r['minutes']:.1f} |")
     lines += ["", f"Teacher: held-out {best['bpb_teacher']:.3f} bits per byte, mean accuracy "
               f"{best['acc_mean_teacher']:.3f}.", "",
               f"Winner by held-out bits per byte after KD: `{best['variant']}` ({best['overrides']}).", ""]
+    if any("NOT trained" in n for n in notes):
+        lines += ["On this teacher every layer's experts are identical copies of one dense MLP, so `uniform`, "
+                  "`frequency`, `select` at full width and `svd` at full rank all build this same student "
+                  "(tests/test_expert_merge.py checks each reproduces the dense model exactly); what differs "
+                  "here are the lossy options (a narrower FFN, a lower rank) and the choice of layers. A teacher "
+                  "whose experts have specialised (PRESET=h100, issue 9) is where the merging methods part ways.",
+                  ""]
+    lines += ["Notes from the runs:", ""] + [f"- {n}" for n in notes] + [""]
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     # Any earlier run of the same preset (`make distill`) can lend its student-independent stages.
     seeds = [runs / run_name(load_config(args.preset, args.set, teacher=args.teacher, student="derived"))]
     rows = []
-    t0 = time.perf_counter()
+    notes: list[str] = []
     for name in names:
         # Latency depends on the architecture only, not on how its weights were derived: the params column
         # says which variants differ in size; `make distill` with the winner measures its speed.
@@ -130,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             return rc
         seeds.append(dst)
-        rows.append(summarise(name, VARIANTS[name], json.loads((dst / "report.json").read_text())))
+        report = json.loads((dst / "report.json").read_text())
+        rows.append(summarise(name, VARIANTS[name], report, dst))
+        notes = notes or [n for n in report.get("notes", []) if "latency" not in n.lower()]
     cmd = "make compare-derivations" + (f" PRESET={args.preset}" if args.preset != "default" else "")
-    write_study(rows, Path(args.out), cmd, args.preset, time.perf_counter() - t0)
+    write_study(rows, Path(args.out), cmd, args.preset, notes)
     print(f"\ncomparison: {Path(args.out).with_suffix('.md')}")
     return 0
 
