@@ -268,9 +268,20 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
                                                   "tokens/s"],
                    [[_num(tr.get("steps")), _num(toks), _num(tr.get("final_loss")), _num(tr.get("final_kd")),
                      _num(tr.get("final_ce")), _num(secs), _num(rate)]])]
-    heatmaps = (report.get("router") or {}).get("heatmaps") or []
+    router = report.get("router") or {}
+    heatmaps = router.get("heatmaps") or []
     if heatmaps:
         blocks.append(("h2", "Router usage (teacher)"))
+        mean = router.get("mean") or {}
+        blocks.append(("table", ["MoE layers", "experts", "sequences", "load max/mean", "load CV",
+                                 "routing entropy (1 = even)"],
+                       [[_num(len(router.get("layers") or [])), _num(router.get("experts")),
+                         _num(router.get("sequences")), _num(mean.get("load_max_over_mean")),
+                         _num(mean.get("load_cv")), _num(mean.get("routing_entropy"))]]))
+        spec = router.get("specialisation_js_bits") or {}
+        if spec:
+            blocks.append(("table", ["source", "specialisation (JS divergence from all text, bits)"],
+                           [[s, _num(v)] for s, v in sorted(spec.items(), key=lambda kv: -kv[1])]))
         blocks += [("img", str(h), Path(h).stem) for h in heatmaps]
     ml = report.get("mlflow")
     if ml:

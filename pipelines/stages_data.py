@@ -1,9 +1,9 @@
 """Stages `data` (tokenised training sequences + held-out text) and `logits` (the teacher's top-k cache)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ from tqdm import tqdm
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from resources.corpus import iter_documents
-from teachers.load import load_teacher, load_tokenizer
-from teachers.topk_logit_cache import (CacheMeta, LogitCache, LogitCacheWriter, cache_fidelity_kl,
-                                       topk_from_logits)
+from teachers.load import is_moe, load_teacher, load_tokenizer
+from teachers.logit_generation import generate_logit_cache
+from teachers.router_analytics import RouterRecorder, summarise, write_heatmaps
+from teachers.topk_logit_cache import CacheMeta, LogitCache, LogitCacheWriter, cache_fidelity_kl
 
 SEQUENCES_FILE = "sequences.safetensors"
 
@@ -83,33 +84,39 @@ def data_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 @torch.inference_mode()
 def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
-    """Run the teacher over the sequences and write its top-k distribution to a sharded cache.
+    """Run the teacher over the sequences and write its top-k distribution to a sharded cache, counting what
+    its routers do per text source on the way (heatmaps in `router/`, logged to MLflow).
 
-    Resumes from the last complete shard if a previous run was killed.
+    On GPU the teacher runs our fused MoE kernels (`kernels.hf_moe`), falling back per layer to transformers'
+    own path where they do not apply. Resumes from the last complete shard if a previous run was killed.
     """
+    import mlflow
+
     cfg = ctx.cfg
     seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
     teacher, tok = load_teacher(ctx.output("teacher", "path"), ctx.device, ctx.dtype,
                                 cfg.teacher_options.allow_dense, cfg.teacher_options.trust_remote_code)
+    fused: dict[str, Any] = {"experts_implementation": "stock"}
+    if ctx.device.type == "cuda" and is_moe(teacher.config):
+        from kernels.hf_moe import enable_fused_moe
+
+        try:
+            fused = enable_fused_moe(teacher)
+        except ValueError as e:  # an unsupported model keeps transformers' own path; say why
+            fused = {"experts_implementation": "stock", "reason": str(e)}
     vocab = len(tok)  # padding rows past the tokenizer are never a target
     meta = CacheMeta(k=cfg.logits.top_k, vocab_size=vocab, seq_len=seqs.shape[1],
                      teacher_hash=ctx.records["teacher"]["output_hash"],
                      tokenizer_hash=ctx.output("data", "tokenizer_hash"),
                      data_hash=ctx.records["data"]["output_hash"])
     writer = LogitCacheWriter(out / "cache", meta, sequences_per_shard=cfg.logits.sequences_per_shard)
-    start = writer.num_completed_sequences
-    n, bs = len(seqs), cfg.logits.batch_size
-    t0, done_tokens = time.perf_counter(), 0
-    with tqdm(total=n, initial=start, desc="teacher logits", unit="seq") as bar:
-        for i in range(start, n, bs):
-            ids = seqs[i:i + bs].long()
-            logits = teacher(input_ids=ids.to(ctx.device), use_cache=False).logits[..., :vocab]
-            top_ids, top_lp, tail = topk_from_logits(logits, cfg.logits.top_k)
-            writer.add(ids, top_ids.cpu(), top_lp.cpu(), tail.cpu())
-            done_tokens += ids.numel()
-            bar.update(len(ids))
-    seconds = time.perf_counter() - t0
-    manifest = writer.finalize(n)
+    sources = list(cfg.data.sources)
+    seq_sources = json.loads((Path(ctx.output("data", "sequences")).parent / "sequence_sources.json").read_text())
+    source_ids = torch.tensor([sources.index(s) for s in seq_sources])
+    recorder = RouterRecorder(teacher, sources) if is_moe(teacher.config) else None
+    with recorder if recorder is not None else contextlib.nullcontext():
+        gen = generate_logit_cache(teacher, seqs, writer, cfg.logits.top_k, vocab, cfg.logits.batch_size,
+                                   recorder, source_ids)
     cache = LogitCache(out / "cache")
     # Fidelity: how far the distribution the cache reconstructs is from the teacher's full one.
     sample = cache[0]
@@ -117,10 +124,21 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     kl = cache_fidelity_kl(full.float().cpu(), sample["topk_ids"], sample["topk_logprobs"], sample["tail_logmass"])
     nbytes, ntok = cache.nbytes(), cache.num_tokens()
     mass = sample["topk_logprobs"].exp().sum(-1).mean().item()
+    router: dict[str, Any] = {}
+    metrics = {"logits/tokens_per_s": gen["tokens_per_s"], "logits/bytes_per_token": nbytes / ntok,
+               "logits/fidelity_kl": kl, "logits/topk_mass": mass, "logits/tokens": ntok}
+    if recorder is not None:
+        router = summarise(recorder.counts, recorder.layers, sources)
+        router["sequences"] = gen["analytics_sequences"]
+        router["heatmaps"] = [str(p) for p in write_heatmaps(router, out / "router")]
+        (out / "router" / "router_stats.json").write_text(json.dumps(router, indent=1))
+        for p in [*router["heatmaps"], out / "router" / "router_stats.json"]:
+            mlflow.log_artifact(str(p), artifact_path="router")
+        metrics.update({f"router/{k}": v for k, v in router["mean"].items()})
+    manifest = gen["manifest"]
     return {"outputs": {"cache": str(out / "cache"), "tokens": ntok, "k": cfg.logits.top_k, "bytes": nbytes,
                         "bytes_per_token": nbytes / ntok, "fidelity_kl": kl, "topk_mass": mass,
-                        "shards": len(manifest["shards"])},
+                        "shards": len(manifest["shards"]), "tokens_per_s": gen["tokens_per_s"],
+                        "fused": fused, "router": router},
             "output_hash": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16],
-            "metrics": {"logits/tokens_per_s": done_tokens / seconds if done_tokens else 0.0,
-                        "logits/bytes_per_token": nbytes / ntok, "logits/fidelity_kl": kl,
-                        "logits/topk_mass": mass, "logits/tokens": ntok}}
+            "metrics": metrics}

@@ -139,11 +139,18 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     notes = list(ctx.output("teacher", "notes"))
     notes.append(f"lm-eval scored {cfg.eval.limit or 'all'} examples per task (preset '{cfg.preset}'); "
                  "standard errors are shown where lm-eval reports them.")
-    if ctx.device.type == "cpu" and "latency" in ctx.records:
+    if not cfg.latency.enabled:
+        notes.append("Latency was not measured (latency.enabled=false): no speedup figures.")
+    elif ctx.device.type == "cpu":
         notes.append(f"Latency was measured on CPU with {ctx.output('latency', 'threads')} thread(s), fp32, "
                      "plain `generate` path.")
     notes.append(f"Teacher top-{logits['k']} cache: {logits['bytes_per_token']:.0f} bytes/token; mean "
                  f"KL(teacher || cache reconstruction) = {logits['fidelity_kl']:.4f} nats on a sample sequence.")
+    fused = logits.get("fused") or {}
+    if ctx.device.type == "cuda":
+        notes.append(f"Teacher logits generated at {logits.get('tokens_per_s', 0):.0f} tokens/s with experts "
+                     f"implementation `{fused.get('experts_implementation', 'stock')}`"
+                     + (f" ({fused['reason']})" if fused.get("reason") else "") + ".")
     report = {
         "run": {"name": ctx.run_dir.name, "preset": cfg.preset, "git_commit": git_commit(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -157,7 +164,9 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         "summary": {"retained_mean": sum(finite) / len(finite) if finite else float("nan"),
                     "speedup": speedup, "speedup_setting": setting, **_gain_summary(quality)},
         "cache": {"path": logits["cache"], "tokens": logits["tokens"], "k": logits["k"], "bytes": logits["bytes"],
-                  "bytes_per_token": logits["bytes_per_token"], "fidelity_kl": logits["fidelity_kl"]},
+                  "bytes_per_token": logits["bytes_per_token"], "fidelity_kl": logits["fidelity_kl"],
+                  "tokens_per_s": logits.get("tokens_per_s")},
+        "router": logits.get("router") or {},
         "training": {k: ctx.output("distill", k) for k in
                      ("steps", "tokens", "final_loss", "final_kd", "final_ce", "seconds")},
         "mlflow": ctx.records.get("_mlflow", {}),

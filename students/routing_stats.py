@@ -6,9 +6,8 @@ architecture's own renormalisation and scaling. So a layer's masses sum to the m
 1 for Mixtral (renormalised top-k), less for Qwen2-MoE without renormalisation, `routed_scaling_factor`
 for DeepSeek-V3. Merging methods weight experts by the masses and scale the merged FFN by their sum.
 
-The numbers are read from the routers themselves: transformers 5 routers (modules whose class name ends in
-"Router", e.g. MixtralTopKRouter, DeepseekV3TopkRouter) all return (logits, top-k weights, top-k indices).
-That is one mechanism for every architecture that follows the interface, not a list of special cases.
+The numbers are read from the routers themselves (teachers/routers.py: every transformers 5 router returns
+(logits, top-k weights, top-k indices)), one mechanism for every architecture that follows the interface.
 A Qwen2-MoE-style sigmoid gate on the shared expert is measured the same way (its mean value per layer).
 """
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from students.calibration import run_with_hooks
+from teachers.routers import find_routers, router_experts
 
 
 @dataclass(frozen=True)
@@ -30,25 +30,18 @@ class RoutingStats:
     shared_gate: torch.Tensor
 
 
-def _routers(layer: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in layer.modules() if type(m).__name__.lower().endswith("router")]
-
-
 @torch.no_grad()
 def routing_stats(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> RoutingStats:
     """Routing mass and shared-expert gate per layer over every token of `batches` (each input_ids [B, S])."""
     layers = teacher.get_decoder().layers
-    num_experts = 0
-    for layer in layers:
-        for r in _routers(layer):
-            num_experts = max(num_experts, int(r.weight.shape[0]))
+    routers = find_routers(teacher)
+    num_experts = max((router_experts(r) for _, r in routers), default=0)
     if not num_experts:
         raise ValueError(f"no router modules found in the {teacher.config.model_type} teacher: routing-weighted "
                          "derivation needs a transformers 5 MoE whose routers return (logits, weights, indices)")
     mass = torch.zeros(len(layers), num_experts, dtype=torch.float64)
     gate = torch.zeros(len(layers), dtype=torch.float64)
     gated = torch.zeros(len(layers), dtype=torch.bool)
-    hooks = []
 
     def on_router(i: int):
         def fn(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
@@ -64,8 +57,8 @@ def routing_stats(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
             gated[i] = True
         return fn
 
+    hooks = [r.register_forward_hook(on_router(i)) for i, r in routers]
     for i, layer in enumerate(layers):
-        hooks += [r.register_forward_hook(on_router(i)) for r in _routers(layer)]
         shared_gate = getattr(getattr(layer, "mlp", None), "shared_expert_gate", None)
         if shared_gate is not None:
             hooks.append(shared_gate.register_forward_hook(on_gate(i)))

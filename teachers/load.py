@@ -81,17 +81,47 @@ def load_config(name_or_path: str, role: str, trust_remote_code: bool = False) -
         raise ModelLoadError(f"cannot read the config of {role} '{name_or_path}': {e}") from e
 
 
+def checkpoint_parameters(path: Path) -> int:
+    """Parameters stored in a folder's safetensors files, read from their headers only (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def spread_over_gpus(weight_bytes: int, free_bytes: int, gpus: int, headroom: float = 0.85) -> bool:
+    """Whether weights of `weight_bytes` need several GPUs: they do not fit in `headroom` of one GPU's free
+    memory (the rest is for activations and the KV cache) and there is more than one GPU."""
+    return gpus > 1 and weight_bytes > headroom * free_bytes
+
+
 def load_causal_lm(name_or_path: str, role: str, device: torch.device, dtype: torch.dtype,
                    trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load weights (safetensors only) onto `device` in `dtype`, in eval mode."""
+    """Load weights (safetensors only) onto `device` in `dtype`, in eval mode.
+
+    A local model too large for one GPU is spread over all visible GPUs by accelerate's big-model loading
+    (`device_map="auto"`: whole layers per GPU, filled in order), instead of failing out of memory.
+    """
     path = resolve_model_path(name_or_path, role)
     load_config(path, role, trust_remote_code)  # remote-code check first
+    device_map = None
+    if device.type == "cuda" and Path(path).is_dir():
+        need = checkpoint_parameters(Path(path)) * torch.empty((), dtype=dtype).element_size()
+        if spread_over_gpus(need, torch.cuda.mem_get_info(device)[0], torch.cuda.device_count()):
+            device_map = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, device_map=device_map)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {role} '{name_or_path}': {e}") from e
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 def load_tokenizer(name_or_path: str, role: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

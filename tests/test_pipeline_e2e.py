@@ -70,6 +70,12 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     for key, row in report["quality"].items():
         assert math.isfinite(row["baseline"]) and "retained_gain" in row, (key, row)
     assert "retained_gain_mean" in report["summary"]
+    # Router analytics from the logits stage: every token counted once per chosen expert, heatmaps drawn.
+    router = report["router"]
+    assert router["layers"] == [0, 1, 2, 3] and router["sequences"] == 16
+    assert all(sum(row) == 1024 * 2 for row in router["tokens_per_expert"])
+    assert [Path(h).name for h in router["heatmaps"]] == ["router_load.png", "router_sources.png"]
+    assert "Router usage (teacher)" in (run_dir / "report.md").read_text()
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("distill")
@@ -78,6 +84,10 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == {s.name for s in STAGES}
+    logits_run = next(c for c in children if c.data.tags["stage"] == "logits")
+    assert {f.path for f in client.list_artifacts(logits_run.info.run_id, "router")} >= {
+        "router/router_load.png", "router/router_sources.png", "router/router_stats.json"}
+    assert "router/load_cv" in logits_run.data.metrics
     distill = next(c for c in children if c.data.tags["stage"] == "distill")
     history = client.get_metric_history(distill.info.run_id, "train/loss")
     assert len(history) == report["training"]["steps"] and all(math.isfinite(m.value) for m in history)

@@ -1,0 +1,123 @@
+"""Run the teacher over the training sequences and write its top-k logit cache, the GPU never waiting on disk.
+
+The teacher computes batch i+1 while a writer thread packs and writes batch i: top-k results are copied to
+pinned host memory without blocking, and the thread waits on that copy's CUDA event, not on the GPU. The
+queue is short (two batches), so a slow disk slows the teacher down instead of filling host memory. On CPU
+the same thread overlaps packing and writing with the next forward.
+
+Router analytics (router_analytics.py) ride along: their counts are saved beside the cache whenever every
+sequence counted so far sits in complete shards, so a resumed run continues them exactly.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from teachers.router_analytics import RouterRecorder
+from teachers.topk_logit_cache import LogitCacheWriter, topk_from_logits
+
+COUNTS_FILE = "router_counts.safetensors"
+
+
+def _save_counts(path: Path, counts: torch.Tensor, covered: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"counts": counts.cpu(), "covered": torch.tensor([covered])}, str(tmp))
+    tmp.replace(path)
+
+
+def _resume_counts(path: Path, recorder: RouterRecorder, start: int) -> int:
+    """Load saved counts that cover exactly the `start` sequences already in the cache; return how many
+    sequences the counts cover (0 when none fit: analytics then cover only what this run computes)."""
+    if start == 0 or not path.is_file():
+        return 0
+    saved = load_file(str(path))
+    if int(saved["covered"][0]) != start or saved["counts"].shape != recorder.counts.shape:
+        return 0
+    recorder.load_counts(saved["counts"])
+    return start
+
+
+@torch.inference_mode()
+def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writer: LogitCacheWriter, k: int,
+                         vocab: int, batch_size: int, recorder: RouterRecorder | None = None,
+                         source_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """Add the teacher's top-k distribution of every sequence not yet in `writer`'s cache, then finalize it.
+
+    sequences [N, S] token ids; vocab: columns that are real tokens (padding rows past it never count);
+    recorder/source_ids [N]: router analytics with each sequence's source index.
+    Returns {"seconds", "tokens" (computed in this call), "tokens_per_s", "analytics_sequences"}.
+    """
+    device = next(teacher.parameters()).device
+    n, seq_len = sequences.shape
+    start = writer.num_completed_sequences
+    counts_path = writer.root / COUNTS_FILE
+    resumed = _resume_counts(counts_path, recorder, start) if recorder is not None else 0
+    # Counts are saved only while they cover every sequence from the first one (not after a resume whose
+    # earlier counts were lost), so saved counts always mean "sequences 0 .. covered-1".
+    exact = recorder is not None and resumed == start
+    pending: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def write_loop() -> None:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            if failure:
+                continue  # drain after an error so the producer never blocks
+            try:
+                event, ids, top_ids, top_lp, tail, snapshot = item
+                if event is not None:
+                    event.synchronize()  # waits for this batch's copy only, not for later GPU work
+                writer.add(ids, top_ids, top_lp, tail)
+                if snapshot is not None and writer.num_completed_sequences == snapshot[1]:
+                    _save_counts(counts_path, *snapshot)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer
+                failure.append(e)
+
+    thread = threading.Thread(target=write_loop, name="logit-cache-writer", daemon=True)
+    thread.start()
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(total=n, initial=start, desc="teacher logits", unit="seq")
+    try:
+        for i in range(start, n, batch_size):
+            if failure:
+                break
+            ids = sequences[i:i + batch_size].long()
+            if recorder is not None:
+                recorder.set_batch(source_ids[i:i + len(ids)], seq_len)
+            logits = teacher(input_ids=ids.to(device), use_cache=False).logits[..., :vocab]
+            top_ids, top_lp, tail = topk_from_logits(logits, k)
+            event = None
+            if device.type == "cuda":
+                host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (top_ids, top_lp, tail)]
+                for h, t in zip(host, (top_ids, top_lp, tail)):
+                    h.copy_(t, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                top_ids, top_lp, tail = host
+            # Saved by the writer once these sequences sit in complete shards.
+            snapshot = (recorder.counts.clone(), i + len(ids)) if exact else None
+            pending.put((event, ids, top_ids, top_lp, tail, snapshot))
+            tokens += ids.numel()
+            bar.update(len(ids))
+    finally:
+        pending.put(None)
+        thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+    manifest = writer.finalize(n)
+    if exact:
+        _save_counts(counts_path, recorder.counts, n)
+    seconds = time.perf_counter() - t0
+    analysed = 0 if recorder is None else (n if exact else n - start)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if tokens else 0.0,
+            "analytics_sequences": analysed, "manifest": manifest}

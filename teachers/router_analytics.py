@@ -1,0 +1,159 @@
+"""What the teacher's routers do: tokens per expert per layer, load balance, and specialisation by text source.
+
+`RouterRecorder` hooks every router (teachers/routers.py) while the teacher generates its logit cache and
+counts, per MoE layer, text source and expert, the tokens routed there (each token counts once for each of
+its top-k experts). Counting happens on the model's device, so it costs no host synchronisation per batch.
+
+From the counts (`summarise`):
+- load balance per layer: max/mean of the experts' token shares (1 = perfectly even), their coefficient of
+  variation, and the routing entropy normalised by log E (1 = even);
+- specialisation per source: the Jensen-Shannon divergence (bits) between the expert shares of that source's
+  tokens and those of all tokens, averaged over layers (0 = the source is routed like everything else).
+`write_heatmaps` draws the layer x expert load and, for every source, the lift (share / overall share, log2)
+at each layer and expert.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from teachers.routers import find_routers, router_experts
+
+
+class RouterRecorder:
+    """Context manager counting routed tokens per (MoE layer, source, expert) -> `counts` [L, S, E] int64."""
+
+    def __init__(self, model: torch.nn.Module, sources: list[str]) -> None:
+        self.routers = find_routers(model)
+        if not self.routers:
+            raise ValueError(f"no routers found in the {model.config.model_type} model (modules named *Router "
+                             "returning (logits, weights, indices)); router analytics needs an MoE")
+        self.layers = [i for i, _ in self.routers]
+        self.sources = list(sources)
+        self.num_experts = max(router_experts(r) for _, r in self.routers)
+        device = next(model.parameters()).device
+        self.counts = torch.zeros(len(self.routers), len(self.sources), self.num_experts, dtype=torch.int64,
+                                  device=device)
+        self._token_source: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+
+    def set_batch(self, source_ids: torch.Tensor, seq_len: int) -> None:
+        """The source index [B] of each sequence of the next forward, whose sequences have `seq_len` tokens."""
+        self._token_source = source_ids.to(self.counts.device).repeat_interleave(seq_len)
+
+    def load_counts(self, counts: torch.Tensor) -> None:
+        """Continue from counts saved by an earlier, interrupted run."""
+        if counts.shape != self.counts.shape:
+            raise ValueError(f"saved router counts {tuple(counts.shape)} do not fit {tuple(self.counts.shape)}")
+        self.counts.copy_(counts)
+
+    def _hook(self, j: int):
+        def fn(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
+            idx = out[2].reshape(-1, out[2].shape[-1])  # [T, k]
+            src = self._token_source
+            if src is None or src.numel() != idx.shape[0]:
+                raise RuntimeError(f"router of layer {self.layers[j]} saw {idx.shape[0]} tokens; set_batch() "
+                                   f"announced {0 if src is None else src.numel()}")
+            rows = src[:, None].expand_as(idx).reshape(-1)
+            self.counts[j].index_put_((rows, idx.reshape(-1)), torch.ones_like(rows), accumulate=True)
+        return fn
+
+    def __enter__(self) -> "RouterRecorder":
+        self._hooks = [r.register_forward_hook(self._hook(j)) for j, (_, r) in enumerate(self.routers)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def _js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in bits between distributions along the last dim."""
+    m = (p + q) / 2
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (a.clamp_min(1e-300) / m.clamp_min(1e-300)).log2(), 0.0).sum(-1)
+
+    return (kl(p) + kl(q)) / 2
+
+
+def summarise(counts: torch.Tensor, layers: list[int], sources: list[str]) -> dict[str, Any]:
+    """Load balance and specialisation from counts [L, S, E] (see the module docstring)."""
+    c = counts.double().cpu()
+    num_experts = c.shape[-1]
+    load = c.sum(1)  # [L, E]
+    share = load / load.sum(-1, keepdim=True).clamp_min(1)
+    mean = share.mean(-1)
+    entropy = -torch.where(share > 0, share * share.clamp_min(1e-300).log(), 0.0).sum(-1) / math.log(num_experts)
+    per_source_tokens = c.sum((0, 2)) / max(1, c.shape[0])
+    spec: dict[str, float] = {}
+    for s, name in enumerate(sources):
+        if per_source_tokens[s] == 0:
+            continue
+        dist = c[:, s] / c[:, s].sum(-1, keepdim=True).clamp_min(1)
+        spec[name] = float(_js_bits(dist, share).mean())
+    return {
+        "layers": layers, "experts": num_experts, "sources": sources,
+        "tokens_per_expert": load.long().tolist(),
+        "tokens_per_source_expert": {name: c[:, s].long().tolist() for s, name in enumerate(sources)},
+        "load_max_over_mean": (share.max(-1).values / mean).tolist(),
+        "load_cv": (share.std(-1, unbiased=False) / mean).tolist(),
+        "routing_entropy": entropy.tolist(),
+        "specialisation_js_bits": spec,
+        "mean": {"load_max_over_mean": float((share.max(-1).values / mean).mean()),
+                 "load_cv": float((share.std(-1, unbiased=False) / mean).mean()),
+                 "routing_entropy": float(entropy.mean()),
+                 "specialisation_js_bits": float(sum(spec.values()) / len(spec)) if spec else float("nan")},
+    }
+
+
+def write_heatmaps(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """router_load.png (layer x expert token share) and router_sources.png (per source: lift over the overall
+    share at each layer and expert, log2). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load = torch.tensor(summary["tokens_per_expert"], dtype=torch.float64)
+    share = load / load.sum(-1, keepdim=True).clamp_min(1)
+    layers, experts = summary["layers"], summary["experts"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * experts + 2), max(3.0, 0.22 * len(layers) + 1.5)))
+    im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=6)
+    m = summary["mean"]
+    ax.set_title(f"share of routed tokens (even = {1 / experts:.3f})\nmean max/mean {m['load_max_over_mean']:.2f}, "
+                 f"CV {m['load_cv']:.2f}, entropy {m['routing_entropy']:.3f}", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    paths = [out_dir / "router_load.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    names = [s for s in summary["sources"] if s in summary["specialisation_js_bits"]]
+    if names:
+        lifts = []
+        for s in names:
+            c = torch.tensor(summary["tokens_per_source_expert"][s], dtype=torch.float64)
+            dist = c / c.sum(-1, keepdim=True).clamp_min(1)
+            lifts.append(torch.log2((dist + 1e-9) / (share + 1e-9)).flatten())
+        lift = torch.stack(lifts).clamp(-3, 3)
+        fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.06 * lift.shape[1] + 3)), 0.45 * len(names) + 1.8))
+        im = ax.imshow(lift.numpy(), aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
+        ax.set_yticks(range(len(names)), [f"{s} ({summary['specialisation_js_bits'][s]:.3f} bits)" for s in names],
+                      fontsize=7)
+        ax.set_xlabel(f"layer x expert ({len(layers)} layers x {experts} experts, layer-major)")
+        ax.set_title("do experts specialise by source? log2(source share / overall share); JS divergence per source",
+                     fontsize=8)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths.append(out_dir / "router_sources.png")
+        fig.savefig(paths[1], dpi=120)
+        plt.close(fig)
+    return paths
