@@ -102,7 +102,7 @@ def spread_over_gpus(weight_bytes: int, free_bytes: int, gpus: int, headroom: fl
     return gpus > 1 and weight_bytes > headroom * free_bytes
 
 
-def load_causal_lm(name_or_path: str, role: str, device: torch.device, dtype: torch.dtype,
+def load_causal_lm(name_or_path: str, role: str, device: torch.device | str, dtype: torch.dtype,
                    trust_remote_code: bool = False) -> PreTrainedModel:
     """Load weights (safetensors only) onto `device` in `dtype`, in eval mode.
 
@@ -111,6 +111,7 @@ def load_causal_lm(name_or_path: str, role: str, device: torch.device, dtype: to
     """
     path = resolve_model_path(name_or_path, role)
     load_config(path, role, trust_remote_code)  # remote-code check first
+    device = torch.device(device)
     device_map = None
     if device.type == "cuda" and Path(path).is_dir():
         need = checkpoint_parameters(Path(path)) * torch.empty((), dtype=dtype).element_size()
