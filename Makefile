@@ -25,7 +25,7 @@ help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Variables (current value):"
 	@echo "  TEACHER=$(TEACHER)   smollm2-moe (built here), a local MoE folder, or a hub id"
-	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a local dense folder, or a hub id"
+	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a config.json (random init), a local dense folder, or a hub id"
 	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
 	@echo "  RUN=<name>           run folder name under runs/ (default: teacher--student--preset)"

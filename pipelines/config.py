@@ -61,6 +61,7 @@ class StudentConfig:
     ffn_width: int = 0  # width of the merged routed experts, 0: one expert's (method=select may set any width)
     svd_rank: int = 0  # method=svd: hidden-space rank kept, 0: full (= frequency)
     calib_sequences: int = 8  # training sequences the teacher's routing and layer influence are measured on
+    seed: int = 0  # initialisation of a student built from a config.json (STUDENT=path/to/config.json)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from students.derive import derive_dense_student
+from students.from_config import random_student
 from students.layer_importance import block_influence
 from students.routing_stats import routing_stats
 from students.vocab import shared_vocab_size
@@ -77,7 +78,8 @@ def check_student_source(name_or_path: str, teacher_path: str, trust_remote_code
 
 
 def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
-    """Derive the dense student from the teacher, or check and reference the user's dense model."""
+    """Derive the dense student from the teacher, initialise one from a config.json, or check and reference the
+    user's dense model."""
     cfg = ctx.cfg
     teacher_path = ctx.output("teacher", "path")
     trust = cfg.teacher_options.trust_remote_code
@@ -101,6 +103,14 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         width = f", ffn_width={so.ffn_width}" if so.ffn_width else ""
         width += f", svd_rank={so.svd_rank}" if so.svd_rank else ""
         name = f"derived({so.method}, layers={so.keep_layers}{width})"
+    elif cfg.student.endswith(".json"):
+        tok = load_tokenizer(teacher_path, "teacher", trust)
+        student = random_student(Path(cfg.student), len(tok), cfg.student_options.seed)
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        student.save_pretrained(out / "model", safe_serialization=True)
+        tok.save_pretrained(out / "model")  # the teacher's vocabulary, by construction
+        path, identity = str(out / "model"), hash_files(out / "model")
+        name = f"random({Path(cfg.student).name}, seed={cfg.student_options.seed})"
     else:
         path = check_student_source(cfg.student, teacher_path, trust)
         identity = external_identity(path)
@@ -108,6 +118,7 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         student = load_causal_lm(path, "student", "cpu", ctx.dtype, trust)
         name = cfg.student
     summary = _model_summary(student, name, path)
-    summary["init"] = "derived" if cfg.student == "derived" else "pretrained"
+    summary["init"] = ("derived" if cfg.student == "derived" else "random" if cfg.student.endswith(".json")
+                       else "pretrained")
     return {"outputs": {"path": path, "summary": summary}, "output_hash": identity,
             "metrics": {"student/params_total": summary["params_total"]}}

@@ -124,3 +124,37 @@ def test_an_moe_given_as_student_is_refused(tmp_path: Path, tok_dir: Path) -> No
         check_student_source(str(moe_student), str(teacher), trust_remote_code=False)
     dense = _save(tiny_llama(vocab=49152, seed=2), tok_dir, tmp_path / "dense")
     assert check_student_source(str(dense), str(teacher), trust_remote_code=False) == str(dense.resolve())
+
+
+def test_a_student_from_a_config_json_is_randomly_initialised_and_checked(tmp_path: Path, tok_dir: Path) -> None:
+    import json
+
+    from pipelines.config import load_config as load_pipeline_config
+    from pipelines.context import RunContext
+    from pipelines.stages_models import student_stage
+    from students.from_config import random_student
+
+    cfg = tiny_llama(vocab=49152).config.to_dict()
+    (tmp_path / "student.json").write_text(json.dumps(cfg))
+    a, b = random_student(tmp_path / "student.json", 49152, seed=3), random_student(tmp_path / "student.json", 49152, 3)
+    assert type(a).__name__ == "LlamaForCausalLM" and a.config.num_hidden_layers == 4
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # the seed decides
+    with pytest.raises(VocabMismatchError, match="set vocab_size >= 49153"):
+        random_student(tmp_path / "student.json", 49153)
+    (tmp_path / "moe.json").write_text(json.dumps(upcycle_llama(tiny_llama(vocab=49152), 4, 2).config.to_dict()))
+    with pytest.raises(ModelLoadError, match="must be dense"):
+        random_student(tmp_path / "moe.json", 49152)
+    (tmp_path / "custom.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    with pytest.raises(ModelLoadError, match="custom code"):
+        random_student(tmp_path / "custom.json", 49152)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        random_student(tmp_path / "nope.json", 49152)
+    # Through the pipeline's student stage: saved with the teacher's tokenizer, marked as a random start.
+    teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
+    pcfg = load_pipeline_config("ci", teacher=str(teacher), student=str(tmp_path / "student.json"))
+    ctx = RunContext(cfg=pcfg, run_dir=tmp_path / "run", device=torch.device("cpu"),
+                     records={"teacher": {"outputs": {"path": str(teacher)}}})
+    rec = student_stage(ctx, tmp_path / "run" / "student")
+    assert rec["outputs"]["summary"]["init"] == "random"
+    assert AutoTokenizer.from_pretrained(rec["outputs"]["path"]).get_vocab() == \
+        AutoTokenizer.from_pretrained(tok_dir).get_vocab()
