@@ -217,7 +217,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from teachers.load import ModelLoadError
     from teachers.topk_logit_cache import CacheCorruptError, CacheMismatchError
 
-    return (ModelLoadError, VocabMismatchError, DiskFullError, BatchTooLargeError, NonFiniteLossError,
+    return (ConfigError, ModelLoadError, VocabMismatchError, DiskFullError, BatchTooLargeError, NonFiniteLossError,
             CacheMismatchError, CacheCorruptError, NotImplementedError)
 
 

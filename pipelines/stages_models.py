@@ -5,11 +5,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
+from pipelines.config import ConfigError
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
-from students.derive import derive_dense_student
+from students.derive import derive_dense_student, parse_keep_layers
 from students.from_config import random_student
 from students.layer_importance import block_influence
 from students.routing_stats import routing_stats
@@ -87,14 +89,22 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         teacher, tok = load_teacher(teacher_path, device="cpu", dtype=ctx.dtype,
                                     allow_dense=cfg.teacher_options.allow_dense, trust_remote_code=trust)
         so = cfg.student_options
+        n_layers = teacher.config.num_hidden_layers
+        try:  # the layer spec against this teacher, before calibration spends any time
+            parse_keep_layers(so.keep_layers, n_layers, torch.zeros(n_layers))
+        except ValueError as e:
+            raise ConfigError(f"student_options.keep_layers does not fit this {n_layers}-layer teacher: {e}") from e
         # Calibration on the first training sequences, a few at a time: even the uniform average needs the
         # total routed weight and the shared-expert gate (they scale the merged FFN), and it takes seconds.
         seqs = load_file(ctx.output("data", "sequences"))["input_ids"][:so.calib_sequences].long()
         stats = routing_stats(teacher, seqs.split(4)) if is_moe(teacher.config) else None
         influence = block_influence(teacher, seqs.split(4)) if so.keep_layers.startswith("top_") else None
-        student = derive_dense_student(teacher, keep_layers=so.keep_layers, method=so.method,
-                                       ffn_width=so.ffn_width, stats=stats, influence=influence,
-                                       svd_rank=so.svd_rank)
+        try:
+            student = derive_dense_student(teacher, keep_layers=so.keep_layers, method=so.method,
+                                           ffn_width=so.ffn_width, stats=stats, influence=influence,
+                                           svd_rank=so.svd_rank)
+        except ValueError as e:  # an option this teacher cannot take (width, rank): the message names it
+            raise ConfigError(f"student_options: {e}") from e
         del teacher
         (out / "model").mkdir(parents=True, exist_ok=True)
         student.save_pretrained(out / "model", safe_serialization=True)

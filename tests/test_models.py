@@ -158,3 +158,26 @@ def test_a_student_from_a_config_json_is_randomly_initialised_and_checked(tmp_pa
     assert rec["outputs"]["summary"]["init"] == "random"
     assert AutoTokenizer.from_pretrained(rec["outputs"]["path"]).get_vocab() == \
         AutoTokenizer.from_pretrained(tok_dir).get_vocab()
+
+
+def test_a_layer_spec_the_teacher_cannot_take_is_a_config_error_before_calibration(tmp_path: Path,
+                                                                                  tok_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    from pipelines.config import ConfigError
+    from pipelines.config import load_config as load_pipeline_config
+    from pipelines.context import RunContext
+    from pipelines.run import user_errors
+    from pipelines.stages_models import student_stage
+
+    teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
+    save_file({"input_ids": torch.randint(0, 300, (4, 16), dtype=torch.int32)}, str(tmp_path / "seqs.safetensors"))
+    records = {"teacher": {"outputs": {"path": str(teacher)}},
+               "data": {"outputs": {"sequences": str(tmp_path / "seqs.safetensors")}}}
+    for spec, message in (("student_options.keep_layers=top_16", "does not fit this 4-layer teacher"),
+                          ("student_options.method=select student_options.ffn_width=999", "ffn_width=999")):
+        cfg = load_pipeline_config("ci", spec, teacher=str(teacher), student="derived")
+        ctx = RunContext(cfg=cfg, run_dir=tmp_path / "run", device=torch.device("cpu"), records=records)
+        with pytest.raises(ConfigError, match=message) as info:
+            student_stage(ctx, tmp_path / "run" / "student")
+        assert isinstance(info.value, user_errors())  # printed as a one-line error, not a traceback
