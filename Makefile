@@ -11,6 +11,7 @@ SET ?=
 RUN ?=
 PYTEST_ARGS ?=
 PORT ?= 5000
+GPUS ?= 1
 
 # The hub is off unless a user with hub access says otherwise (HF_HUB_OFFLINE=0 make distill ...).
 export HF_HUB_OFFLINE ?= 1
@@ -29,6 +30,7 @@ help: ## this list
 	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
 	@echo "  RUN=<name>           run folder name under runs/ (default: teacher--student--preset)"
+	@echo "  GPUS=$(GPUS)               processes (accelerate launch): logits and distill data-parallel, the rest on rank 0"
 	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
 	@echo "  HF_HUB_OFFLINE=$(HF_HUB_OFFLINE)  set 0 to allow hub ids"
 
@@ -40,8 +42,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the pinned dependencies
 
-distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, RUN)
-	$(PY) -m pipelines.run --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
+# GPUS=<n> > 1: accelerate launch, one process per GPU (on a machine without GPUs: n CPU processes on gloo).
+ifeq ($(GPUS),1)
+LAUNCH = $(PY) -m pipelines.run
+else
+LAUNCH = $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(GPUS) --num_machines 1 \
+	--mixed_precision no --dynamo_backend no -m pipelines.run
+endif
+
+distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, RUN, GPUS)
+	$(LAUNCH) --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
 		--set "$(SET)" --run-name "$(RUN)"
 
 test: $(VENV)/.installed ## unit tests + end-to-end test on tiny models

@@ -8,9 +8,15 @@ any moment and started again reaches the same losses as one that never stopped.
 accelerate supplies the device, bf16 autocast on GPU and the backward; the loss is fused with the output
 layer (distill/batch_loss.py). LoRA students train adapters through peft and are merged at the end, so
 what leaves the trainer is always a plain dense model.
+
+Launched on several processes (`accelerate launch`, GPUS=<n>), each process takes an equal slice of every
+step's sequences and accelerate wraps the loss module in DDP or FSDP2 (distill.parallel); the logged losses
+are averaged over the processes, so a step's numbers are those of one process given the whole step.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
 from contextlib import contextmanager
@@ -21,11 +27,11 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from distill.batch_loss import batch_loss, cached_targets, online_targets, student_parts
+from distill.batch_loss import BatchTargets, StudentParts, batch_loss, cached_targets, online_targets, student_parts
 from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from distill.kd_losses import KDLossSpec
 from distill.throughput import flops_per_token, peak_flops, peak_memory_gib
-from pipelines.config import DistillConfig
+from pipelines.config import ConfigError, DistillConfig
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -119,6 +125,38 @@ class _Trained(torch.nn.Module):
         self.projection = projection
 
 
+class _LossModule(torch.nn.Module):
+    """The micro-batch loss as one module, so that DDP and FSDP2 see a forward that uses every parameter."""
+
+    def __init__(self, trained: _Trained, parts: StudentParts, spec: KDLossSpec, vocab_size: int,
+                 hidden_weight: float):
+        super().__init__()
+        self.trained = trained
+        self.parts, self.spec, self.vocab_size, self.hidden_weight = parts, spec, vocab_size, hidden_weight
+
+    def forward(self, input_ids: torch.Tensor, targets: BatchTargets) -> dict[str, torch.Tensor]:
+        return batch_loss(self.parts, input_ids, targets, self.spec, self.vocab_size, self.trained.projection,
+                          self.hidden_weight)
+
+
+def _shard(module: _LossModule, student: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 in place: each decoder layer (the classes the model names as not to be split) is its own unit,
+    gathered just for its forward and backward; embeddings, final norm and head sit in the root unit.
+
+    torch's `fully_shard` directly, not accelerate's FSDP plugin: the plugin is GPU-only, and this way the
+    path that runs on GPUs is the one the 2-process CPU test checks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # On GPU the gathered weights are bf16 (what autocast would cast them to anyway); gradients reduce in fp32.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+          else MixedPrecisionPolicy())
+    layers = set(getattr(student, "_no_split_modules", None) or [])
+    for m in list(student.modules()):
+        if type(m).__name__ in layers:
+            fully_shard(m, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+
+
 def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, cfg: DistillConfig,
                   ckpt_dir: Path, vocab_size: int, device: torch.device, log_fn: LogFn | None = None,
                   teacher: torch.nn.Module | None = None) -> dict[str, float]:
@@ -126,13 +164,27 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
 
     dataset items: input_ids [S] and, with cfg.teacher_mode == "cache", topk_ids [S, k], topk_logprobs [S, k],
     tail_logmass [S]. Online mode needs `teacher` (same tokenizer), which is run under no_grad per batch.
-    Returns a summary (steps, tokens, final loss/kd/ce, seconds, mean tokens/s and MFU).
+    Returns a summary (steps, tokens, final loss/kd/ce, seconds, mean tokens/s and MFU). With several
+    processes every rank trains; with FSDP2 only rank 0's `student` holds the trained weights at the end.
     """
     online = cfg.teacher_mode == "online"
     if online and teacher is None:
         raise ValueError("distill.teacher_mode=online needs the teacher model")
     torch.manual_seed(cfg.seed)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    world = acc.num_processes
+    fsdp = cfg.parallel == "fsdp" and world > 1
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise ConfigError(f"distill.batch_size={cfg.batch_size} must be a multiple of {world} processes x "
+                          f"distill.micro_batch_size={cfg.micro_batch_size}")
+    if fsdp and cfg.lora_rank:
+        raise ConfigError("distill.parallel=fsdp does not take LoRA students: use distill.parallel=ddp")
+    plain = student
+    if fsdp:
+        # FSDP2 turns the modules it shards into other classes in place; the caller's student stays a plain
+        # model (parked on the CPU) and receives the trained weights at the end.
+        student = copy.deepcopy(student)
+        plain.to("cpu")
     student.to(acc.device).train()
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and keeps RNG handling exact.
@@ -151,24 +203,32 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
         # Only the decoder: the fused loss syncs once per call (the token count), which would break a graph.
         # It fuses norms, RoPE and activations: 1.16x tokens/s on a 1B student on an H100 (bench/results/).
         parts.decoder = torch.compile(parts.decoder)
-    spec = loss_spec(cfg)
+    module = _LossModule(trained, parts, loss_spec(cfg), vocab_size, cfg.hidden_weight)
     n = len(dataset)
     steps = total_steps(n, cfg)
     per_epoch = n // cfg.batch_size
-    accum = cfg.batch_size // cfg.micro_batch_size
-    params = [p for p in trained.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank = cfg.batch_size // world
+    accum = per_rank // cfg.micro_batch_size
+    if fsdp:
+        _shard(module, student, acc.device)  # before the optimizer: sharding replaces the parameters
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, steps))
+    if world > 1 and not fsdp:
+        module, opt = acc.prepare(module, opt)  # DDP
+    else:
+        opt = acc.prepare(opt)
+    params = [p for p in trained.parameters() if p.requires_grad]
     start, tokens, seconds, last = 0, 0, 0.0, {}
     ckpts = list_checkpoints(ckpt_dir)
     if ckpts:
-        state = load_checkpoint(ckpts[-1], trained, opt, sched)
+        state = load_checkpoint(ckpts[-1], trained, opt.optimizer, sched)
         start, tokens, seconds, last = state["step"], state["tokens"], state["seconds"], state["last"]
-    opt = acc.prepare(opt)
     seq_len = len(dataset[0]["input_ids"]) - 1
     model_flops = flops_per_token(student.get_base_model() if cfg.lora_rank else student, seq_len)
     peak = peak_flops(acc.device)
-    bar = tqdm(range(start, steps), desc="distill", initial=start, total=steps, unit="step")
+    bar = tqdm(range(start, steps), desc="distill", initial=start, total=steps, unit="step",
+               disable=not acc.is_main_process)
     order_epoch, order = -1, []
     for step in bar:
         t0 = time.perf_counter()
@@ -176,17 +236,21 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
         if epoch != order_epoch:  # one permutation per epoch, not per step
             order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
         batch_ids = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        mine = batch_ids[acc.process_index * per_rank:(acc.process_index + 1) * per_rank]
         sums: dict[str, float] = {}
         step_tokens = 0
         for m in range(accum):
-            mb = _collate([dataset[i] for i in batch_ids[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]],
+            mb = _collate([dataset[i] for i in mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]],
                           acc.device)
             ids = mb["input_ids"]
-            with _memory_guard(cfg, seq_len, acc.device, ckpt_dir):
+            # Gradients are averaged over the processes once per step, at its last micro-batch.
+            sync = (contextlib.nullcontext() if world == 1 or fsdp or m == accum - 1  # FSDP2 reduces every pass
+                    else acc.no_sync(module))
+            with _memory_guard(cfg, seq_len, acc.device, ckpt_dir), sync:
                 with acc.autocast():
                     targets = (online_targets(teacher, ids, vocab_size, cfg.online_top_k, cfg.hidden_weight > 0)
                                if online else cached_targets(mb))
-                    out = batch_loss(parts, ids, targets, spec, vocab_size, projection, cfg.hidden_weight)
+                    out = module(ids, targets)
                 # One host sync for all the logged values of this micro-batch, not one per value.
                 vals = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
                 if not math.isfinite(vals["loss"]):
@@ -198,7 +262,13 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
             step_tokens += targets.labels.numel()
-        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip).item()
+        if world > 1:  # the step's numbers over all processes: means of equal-sized slices
+            keys = sorted(sums)
+            mean = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), reduction="mean")
+            sums = dict(zip(keys, mean.tolist()))
+            step_tokens *= world
+        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -208,18 +278,31 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
         last = {**sums, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "tokens_per_s": step_tokens / dt,
                 "memory_gib": peak_memory_gib(acc.device)}
         if peak:
-            last["mfu"] = step_tokens * model_flops / dt / peak
+            last["mfu"] = step_tokens * model_flops / dt / (peak * world)
         bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", ce=f"{sums['ce']:.3f}")
-        if log_fn:
+        if log_fn and acc.is_main_process:
             log_fn(last, step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
             save_checkpoint(ckpt_dir, step + 1, trained, opt.optimizer, sched,
                             {"tokens": tokens, "seconds": seconds, "last": last})
     if cfg.lora_rank:
         student.merge_and_unload()  # folds the adapters into the wrapped model's own weights, in place
-    student.eval()
+    if fsdp:
+        _gather_into(plain, student, acc)
+    plain.eval()
     summary = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+               "processes": world, "parallel": "fsdp2" if fsdp else "ddp" if world > 1 else "none",
                **{f"final_{k}": v for k, v in last.items() if k in ("loss", "kd", "ce", "hidden")}}
     if peak:
-        summary["mfu"] = tokens * model_flops / max(seconds, 1e-9) / peak
+        summary["mfu"] = tokens * model_flops / max(seconds, 1e-9) / (peak * world)
     return summary
+
+
+def _gather_into(plain: torch.nn.Module, sharded: torch.nn.Module, acc: Accelerator) -> None:
+    """Collective: the full weights of the FSDP2-sharded copy, loaded into the plain student on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if acc.is_main_process:
+        plain.load_state_dict(full)
+        plain.to(acc.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,9 @@ class DistillConfig:
     lora_alpha: float = 0.0  # 0: 2 x rank
     gradient_checkpointing: bool = False
     compile: str = "auto"  # torch.compile the student's decoder: "auto" (on GPU), "on", "off"
+    # With several processes (GPUS=<n>): "ddp", a full student per process, gradients averaged; or "fsdp"
+    # (FSDP2), parameters, gradients and optimizer state sharded over the processes, for students too large.
+    parallel: str = "ddp"
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5
@@ -259,6 +263,14 @@ def validate(cfg: PipelineConfig) -> None:
         (cfg.distill.teacher_mode in ("cache", "online"), "distill.teacher_mode must be one of: cache, online"),
         (cfg.distill.fused_loss in ("auto", "on", "off"), "distill.fused_loss must be one of: auto, on, off"),
         (cfg.distill.compile in ("auto", "on", "off"), "distill.compile must be one of: auto, on, off"),
+        (cfg.distill.parallel in ("ddp", "fsdp"), "distill.parallel must be one of: ddp, fsdp"),
+        (cfg.distill.parallel == "ddp" or cfg.distill.lora_rank == 0,
+         "distill.parallel=fsdp does not take LoRA students (distill.lora_rank > 0): use distill.parallel=ddp"),
+        # WORLD_SIZE is set by the launcher (GPUS=<n>) before Python starts: each process takes an equal part
+        # of every optimizer step's sequences, in whole micro-batches.
+        (cfg.distill.batch_size % (_processes() * cfg.distill.micro_batch_size) == 0,
+         f"distill.batch_size={cfg.distill.batch_size} must be a multiple of {_processes()} processes x "
+         f"distill.micro_batch_size={cfg.distill.micro_batch_size}"),
         (cfg.distill.online_top_k >= 0 and cfg.distill.lora_rank >= 0 and cfg.distill.hidden_weight >= 0,
          "distill.online_top_k, lora_rank and hidden_weight must be >= 0"),
         (cfg.distill.hidden_weight == 0 or cfg.distill.teacher_mode == "online",
@@ -273,6 +285,10 @@ def validate(cfg: PipelineConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def _processes() -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_config(preset: str = "default", overrides: str | dict[str, Any] = "", **top: str) -> PipelineConfig:

@@ -28,10 +28,3 @@ class RunContext:
     def output(self, stage: str, key: str) -> Any:
         return self.records[stage]["outputs"][key]
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
-    return torch.device(name)

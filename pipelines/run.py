@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,6 +37,8 @@ class Stage:
     code: tuple[str, ...]  # project sources whose change invalidates the output
     upstream: tuple[str, ...]
     uses_device: bool = False
+    # Runs on every process of a multi-process launch (each its share of the data); others run on rank 0.
+    distributed: bool = False
 
 
 _EVAL_CODE = ("eval/lm_eval_runner.py", "eval/tasks", "pipelines/stages_eval.py", "teachers/load.py")
@@ -46,15 +48,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", "pipelines.stages_data:data_stage", ("data",),
           ("resources", "pipelines/stages_data.py"), ("teacher",)),
     Stage("logits", "pipelines.stages_data:logits_stage", ("logits",),
-          ("teachers", "pipelines/stages_data.py"), ("teacher", "data"), uses_device=True),
+          ("teachers", "pipelines/stages_data.py"), ("teacher", "data"), uses_device=True, distributed=True),
     Stage("student", "pipelines.stages_models:student_stage", ("student", "student_options"),
           ("students", "teachers/load.py", "pipelines/stages_models.py"), ("teacher", "data")),
     Stage("distill", "pipelines.stages_train:distill_stage", ("distill",),
           ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
-          ("student", "logits"), uses_device=True),
+          ("student", "logits"), uses_device=True, distributed=True),
     Stage("baseline", "pipelines.stages_train:baseline_stage", ("distill", "baseline"),
           ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
-          ("student", "logits"), uses_device=True),
+          ("student", "logits"), uses_device=True, distributed=True),
     Stage("eval_teacher", "pipelines.stages_eval:make_eval_stage(teacher)", ("eval",), _EVAL_CODE,
           ("teacher", "data"), uses_device=True),
     Stage("eval_student_init", "pipelines.stages_eval:make_eval_stage(student)", ("eval",), _EVAL_CODE,
@@ -99,9 +101,13 @@ def input_hash(stage: Stage, cfg: PipelineConfig, records: dict[str, dict], devi
 
 
 def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, Any]:
-    """Reuse the stage's output if its inputs are unchanged, else (re)run it; log either way to MLflow."""
+    """Reuse the stage's output if its inputs are unchanged, else (re)run it; log either way to MLflow.
+
+    Rank 0 of a multi-process launch (see `pipelines.distributed`); the other ranks call `follow_stage`.
+    """
     import mlflow
 
+    from pipelines import distributed as dist
     from pipelines.stage_cache import is_fresh, read_stage, write_stage
     from pipelines.tracking import flat_params, log_metrics, stage_run
 
@@ -112,6 +118,7 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
     with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
         mlflow.log_params(flat_params(cfg_part))
         if rec is not None:
+            dist.share(("reuse", rec))
             print(f"[{stage.name}] inputs unchanged ({h}); reusing {out}", flush=True)
             mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
             log_metrics(rec.get("metrics", {}))
@@ -122,9 +129,15 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_stage(out, {"input_hash": h, "complete": False, "stage": stage.name})
+        dist.share(("run", None))
         print(f"[{stage.name}] running (inputs {h})", flush=True)
         t0 = time.perf_counter()
-        result = _resolve(stage.fn)(ctx, out)
+        result, error = _call_stage(stage, ctx, out)
+        if stage.distributed:
+            dist.check_all(error)
+        elif error is not None:
+            dist.share(("error", f"{type(error).__name__}: {error}"))
+            raise error
         seconds = time.perf_counter() - t0
         rec = {"stage": stage.name, "input_hash": h, "complete": True, "seconds": seconds,
                "mlflow_run_id": run.info.run_id, **result}
@@ -132,8 +145,34 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
         log_metrics(rec["metrics"])
         mlflow.log_dict(rec, "stage.json")
         write_stage(out, rec)
+        dist.share(("done", rec))
         print(f"[{stage.name}] done in {seconds:.1f} s", flush=True)
         return rec
+
+
+def follow_stage(stage: Stage, ctx: Any) -> dict[str, Any]:
+    """A rank other than 0: take rank 0's decision for `stage`, do this rank's share of a distributed stage,
+    and return the stage's record as rank 0 wrote it."""
+    from pipelines import distributed as dist
+
+    kind, rec = dist.share()
+    if kind == "reuse":
+        return rec
+    if stage.distributed:
+        _, error = _call_stage(stage, ctx, ctx.stage_dir(stage.name))
+        dist.check_all(error)
+    kind, rec = dist.share()
+    if kind == "error":
+        raise dist.RankFailedError(f"rank 0 failed in stage {stage.name}: {rec}")
+    return rec
+
+
+def _call_stage(stage: Stage, ctx: Any, out: Path) -> tuple[dict[str, Any], BaseException | None]:
+    # Caught rather than raised so that every rank reaches the hand-off that tells the others.
+    try:
+        return _resolve(stage.fn)(ctx, out), None
+    except Exception as e:  # noqa: BLE001 - re-raised by the caller after the hand-off
+        return {}, e
 
 
 def publish_report(ctx: Any, mlflow_info: dict[str, str]) -> Path:
@@ -172,27 +211,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
-    from pipelines.context import RunContext, pick_device
-    from pipelines.tracking import TrackingError, git_commit, setup_tracking
+    """Run every stage; under `accelerate launch` every process calls this, and rank 0 leads (see
+    `pipelines.distributed`). Returns the exit code: 0 done, 2 cannot start, 3 an input or resource error."""
+    from pipelines import distributed as dist
 
     try:
-        exp_id = setup_tracking()
-        device = pick_device(cfg.device)
-    except (TrackingError, ValueError) as e:
+        device = dist.setup(cfg.device)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = runs_dir / run_name(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / ".lock", "w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"error: another `make distill` is running in {run_dir}; wait for it or pass RUN=<other name>",
-              file=sys.stderr)
+        return _lead(cfg, runs_dir, device) if dist.is_main() else _follow(cfg, runs_dir, device)
+    finally:
+        # The launcher stops every process as soon as one exits with an error: wait until rank 0 has said why.
+        dist.barrier()
+        dist.teardown()
+
+
+def _lead(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
+    from pipelines import distributed as dist
+    from pipelines.context import RunContext
+    from pipelines.tracking import TrackingError, git_commit, setup_tracking
+
+    run_dir = runs_dir / run_name(cfg)
+    problem, exp_id = None, ""
+    try:
+        exp_id = setup_tracking()
+    except TrackingError as e:
+        problem = str(e)
+    if problem is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "w")  # held until this process exits
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            problem = f"another `make distill` is running in {run_dir}; wait for it or pass RUN=<other name>"
+    dist.share(problem)  # the other ranks stop too
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
-    tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit()}
+    tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit(),
+            "processes": str(dist.world_size())}
     t0 = time.perf_counter()
     try:
         report, summary, info = _run_stages(cfg, ctx, tags, exp_id, t0)
@@ -209,6 +270,25 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
     return 0
 
 
+def _follow(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
+    """Ranks other than 0: no MLflow, no report; their share of the distributed stages only."""
+    from pipelines import distributed as dist
+    from pipelines.context import RunContext
+
+    if dist.share() is not None:
+        return 2  # rank 0 could not start and says why
+    ctx = RunContext(cfg=cfg, run_dir=runs_dir / run_name(cfg), device=device)
+    try:
+        for stage in _active_stages(cfg, ctx):
+            ctx.records[stage.name] = follow_stage(stage, ctx)
+    except dist.RankFailedError:
+        return 3  # rank 0 prints the cause
+    except user_errors() as e:
+        print(f"\nerror on rank {dist.rank()} ({type(e).__name__}): {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a full disk / too small a device, each raised with the fix in its message."""
     from distill.trainer import BatchTooLargeError, NonFiniteLossError
@@ -217,8 +297,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from teachers.load import ModelLoadError
     from teachers.topk_logit_cache import CacheCorruptError, CacheMismatchError
 
+    from pipelines.distributed import RankFailedError
+
     return (ConfigError, ModelLoadError, VocabMismatchError, DiskFullError, BatchTooLargeError, NonFiniteLossError,
-            CacheMismatchError, CacheCorruptError, NotImplementedError)
+            CacheMismatchError, CacheCorruptError, NotImplementedError, RankFailedError)
+
+
+def _active_stages(cfg: PipelineConfig, ctx: Any) -> Iterator[Stage]:
+    """The stages this configuration runs, in order; stands in the records of switched-off ones for the report."""
+    for stage in STAGES:
+        if (stage.name == "latency" and not cfg.latency.enabled) or (
+                stage.name in ("baseline", "eval_baseline") and not cfg.baseline.enabled):
+            continue
+        if stage.name == "report":
+            if not cfg.latency.enabled:
+                ctx.records["latency"] = {"outputs": {"compare": {}}, "output_hash": "disabled"}
+            if not cfg.baseline.enabled:
+                ctx.records["eval_baseline"] = {"outputs": {"metrics": None}, "output_hash": "disabled"}
+        yield stage
 
 
 def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str,
@@ -233,15 +329,7 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
         mlflow.log_dict(cfg.to_dict(), "config.json")
         info = {"experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
         ctx.records["_mlflow"] = info
-        for stage in STAGES:
-            if (stage.name == "latency" and not cfg.latency.enabled) or (
-                    stage.name in ("baseline", "eval_baseline") and not cfg.baseline.enabled):
-                continue
-            if stage.name == "report":
-                if not cfg.latency.enabled:
-                    ctx.records["latency"] = {"outputs": {"compare": {}}, "output_hash": "disabled"}
-                if not cfg.baseline.enabled:
-                    ctx.records["eval_baseline"] = {"outputs": {"metrics": None}, "output_hash": "disabled"}
+        for stage in _active_stages(cfg, ctx):
             ctx.records[stage.name] = run_stage(stage, ctx, {**tags, "parent": parent.info.run_id})
         report = publish_report(ctx, info)
         summary = ctx.output("report", "summary")

@@ -11,13 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pipelines import distributed as dist
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
 from resources.corpus import iter_documents
-from teachers.load import is_moe, load_teacher, load_tokenizer
-from teachers.logit_generation import generate_logit_cache
+from teachers.load import is_moe, load_teacher, load_tokenizer, needs_several_gpus
+from teachers.logit_generation import COUNTS_FILE, generate_logit_cache, save_counts
 from teachers.router_analytics import RouterRecorder, summarise, write_heatmaps
-from teachers.topk_logit_cache import CacheMeta, LogitCache, LogitCacheWriter, cache_fidelity_kl
+from teachers.topk_logit_cache import (MANIFEST_NAME, CacheMeta, LogitCache, LogitCacheWriter, cache_fidelity_kl,
+                                       merge_parts, part_range)
 
 SEQUENCES_FILE = "sequences.safetensors"
 
@@ -82,6 +84,13 @@ def data_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                         "data/heldout_docs": len(heldout)}}
 
 
+def _cache_complete(root: Path) -> bool:
+    try:
+        return bool(json.loads((root / MANIFEST_NAME).read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 @torch.inference_mode()
 def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     """Run the teacher over the sequences and write its top-k distribution to a sharded cache, counting what
@@ -89,34 +98,84 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
 
     On GPU the teacher runs our fused MoE kernels (`kernels.hf_moe`), falling back per layer to transformers'
     own path where they do not apply. Resumes from the last complete shard if a previous run was killed.
-    """
-    import mlflow
 
+    Under a multi-process launch each process writes a part (whole shards of consecutive sequences, in
+    `parts/<rank>`), and rank 0 joins them into one cache identical to a single process's. A teacher too
+    large for one GPU is instead spread over all of them by rank 0 alone.
+    """
     cfg = ctx.cfg
     seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
-    teacher, tok = load_teacher(ctx.output("teacher", "path"), ctx.device, ctx.dtype,
-                                cfg.teacher_options.allow_dense, cfg.teacher_options.trust_remote_code)
-    fused: dict[str, Any] = {"experts_implementation": "stock"}
-    if ctx.device.type == "cuda" and is_moe(teacher.config):
-        from kernels.hf_moe import enable_fused_moe
-
-        try:
-            fused = enable_fused_moe(teacher)
-        except ValueError as e:  # an unsupported model keeps transformers' own path; say why
-            fused = {"experts_implementation": "stock", "reason": str(e)}
-    vocab = len(tok)  # padding rows past the tokenizer are never a target
-    meta = CacheMeta(k=cfg.logits.top_k, vocab_size=vocab, seq_len=seqs.shape[1],
-                     teacher_hash=ctx.records["teacher"]["output_hash"],
-                     tokenizer_hash=ctx.output("data", "tokenizer_hash"),
-                     data_hash=ctx.records["data"]["output_hash"])
-    writer = LogitCacheWriter(out / "cache", meta, sequences_per_shard=cfg.logits.sequences_per_shard)
+    teacher_path = ctx.output("teacher", "path")
+    parts = dist.world_size()
+    if parts > 1 and (_cache_complete(out / "cache") or needs_several_gpus(teacher_path, ctx.device, ctx.dtype)):
+        parts = 1
     sources = list(cfg.data.sources)
     seq_sources = json.loads((Path(ctx.output("data", "sequences")).parent / "sequence_sources.json").read_text())
     source_ids = torch.tensor([sources.index(s) for s in seq_sources])
-    recorder = RouterRecorder(teacher, sources) if is_moe(teacher.config) else None
-    with recorder if recorder is not None else contextlib.nullcontext():
-        gen = generate_logit_cache(teacher, seqs, writer, cfg.logits.top_k, vocab, cfg.logits.batch_size,
-                                   recorder, source_ids)
+    mine: dict[str, Any] | None = None
+    error: BaseException | None = None
+    teacher = tok = recorder = None
+    fused: dict[str, Any] = {"experts_implementation": "stock"}
+    try:
+        if dist.rank() < parts:
+            teacher, tok = load_teacher(teacher_path, ctx.device, ctx.dtype, cfg.teacher_options.allow_dense,
+                                        cfg.teacher_options.trust_remote_code)
+            fused = _enable_fused(teacher, ctx.device)
+            a, b = part_range(len(seqs), cfg.logits.sequences_per_shard, dist.rank(), parts)
+            root = out / "cache" if parts == 1 else out / "parts" / f"{dist.rank():03d}"
+            writer = LogitCacheWriter(root, _cache_meta(ctx, len(tok), seqs.shape[1]),
+                                      sequences_per_shard=cfg.logits.sequences_per_shard)
+            recorder = RouterRecorder(teacher, sources) if is_moe(teacher.config) else None
+            with recorder if recorder is not None else contextlib.nullcontext():
+                gen = generate_logit_cache(teacher, seqs[a:b], writer, cfg.logits.top_k, len(tok),
+                                           cfg.logits.batch_size, recorder, source_ids[a:b])
+            mine = {"root": str(root), "tokens": gen["tokens"], "seconds": gen["seconds"],
+                    "analytics_sequences": gen["analytics_sequences"], "complete": gen["analytics_sequences"] == b - a,
+                    "counts": None if recorder is None else recorder.counts.cpu()}
+    except Exception as e:  # noqa: BLE001 - raised on every rank by the hand-off below
+        error = e
+    results = [r for r in dist.gather(mine, error) if r is not None]
+    if not dist.is_main():
+        return {}
+    counts = None if recorder is None else sum(r["counts"] for r in results)
+    if parts > 1:
+        if all(r["complete"] for r in results) and counts is not None:
+            (out / "cache").mkdir(parents=True, exist_ok=True)
+            save_counts(out / "cache" / COUNTS_FILE, counts, len(seqs))
+        merge_parts([Path(r["root"]) for r in results], out / "cache")
+        (out / "parts").rmdir()  # emptied by the merge
+    seconds = max(r["seconds"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return _summarise_cache(ctx, out, teacher, len(tok), recorder, counts, fused,
+                            {"tokens_per_s": tokens / seconds if tokens else 0.0, "processes": parts,
+                             "analytics_sequences": sum(r["analytics_sequences"] for r in results)})
+
+
+def _enable_fused(teacher: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda" or not is_moe(teacher.config):
+        return {"experts_implementation": "stock"}
+    from kernels.hf_moe import enable_fused_moe
+
+    try:
+        return enable_fused_moe(teacher)
+    except ValueError as e:  # an unsupported model keeps transformers' own path; say why
+        return {"experts_implementation": "stock", "reason": str(e)}
+
+
+def _cache_meta(ctx: RunContext, vocab: int, seq_len: int) -> CacheMeta:
+    # vocab = the tokenizer's size: padding rows of the embedding past it are never a target.
+    return CacheMeta(k=ctx.cfg.logits.top_k, vocab_size=vocab, seq_len=seq_len,
+                     teacher_hash=ctx.records["teacher"]["output_hash"],
+                     tokenizer_hash=ctx.output("data", "tokenizer_hash"),
+                     data_hash=ctx.records["data"]["output_hash"])
+
+
+def _summarise_cache(ctx: RunContext, out: Path, teacher: torch.nn.Module, vocab: int,
+                     recorder: RouterRecorder | None, counts: torch.Tensor | None, fused: dict[str, Any],
+                     gen: dict[str, Any]) -> dict[str, Any]:
+    """The finished cache's size and fidelity, the router analytics, and the stage's record."""
+    import mlflow
+
     cache = LogitCache(out / "cache")
     # Fidelity: how far the distribution the cache reconstructs is from the teacher's full one.
     sample = cache[0]
@@ -128,17 +187,18 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     metrics = {"logits/tokens_per_s": gen["tokens_per_s"], "logits/bytes_per_token": nbytes / ntok,
                "logits/fidelity_kl": kl, "logits/topk_mass": mass, "logits/tokens": ntok}
     if recorder is not None:
-        router = summarise(recorder.counts, recorder.layers, sources)
+        sources = list(ctx.cfg.data.sources)
+        router = summarise(counts, recorder.layers, sources)
         router["sequences"] = gen["analytics_sequences"]
         router["heatmaps"] = [str(p) for p in write_heatmaps(router, out / "router")]
         (out / "router" / "router_stats.json").write_text(json.dumps(router, indent=1))
         for p in [*router["heatmaps"], out / "router" / "router_stats.json"]:
             mlflow.log_artifact(str(p), artifact_path="router")
         metrics.update({f"router/{k}": v for k, v in router["mean"].items()})
-    manifest = gen["manifest"]
-    return {"outputs": {"cache": str(out / "cache"), "tokens": ntok, "k": cfg.logits.top_k, "bytes": nbytes,
+    manifest = cache.manifest
+    return {"outputs": {"cache": str(out / "cache"), "tokens": ntok, "k": ctx.cfg.logits.top_k, "bytes": nbytes,
                         "bytes_per_token": nbytes / ntok, "fidelity_kl": kl, "topk_mass": mass,
                         "shards": len(manifest["shards"]), "tokens_per_s": gen["tokens_per_s"],
-                        "fused": fused, "router": router},
+                        "processes": gen["processes"], "fused": fused, "router": router},
             "output_hash": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16],
             "metrics": metrics}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from distill.trainer import train_student
+from pipelines import distributed as dist
 from pipelines.config import DistillConfig
 from pipelines.context import RunContext
 from pipelines.stage_cache import hash_files
@@ -43,6 +44,8 @@ def _train(ctx: RunContext, out: Path, dcfg: DistillConfig, step_prefix: str, su
                            log_fn=lambda m, step: log_metrics({f"{step_prefix}/{k}": v for k, v in m.items()}, step),
                            teacher=teacher)
     del teacher
+    if not dist.is_main():
+        return {}  # the trained weights are rank 0's to save (identical under DDP, gathered to it under FSDP2)
     (out / "model").mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")

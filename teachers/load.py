@@ -102,6 +102,14 @@ def spread_over_gpus(weight_bytes: int, free_bytes: int, gpus: int, headroom: fl
     return gpus > 1 and weight_bytes > headroom * free_bytes
 
 
+def needs_several_gpus(path: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the local model at `path` is spread over all visible GPUs when loaded on `device` in `dtype`."""
+    if device.type != "cuda" or not Path(path).is_dir():
+        return False
+    need = checkpoint_parameters(Path(path)) * torch.empty((), dtype=dtype).element_size()
+    return spread_over_gpus(need, torch.cuda.mem_get_info(device)[0], torch.cuda.device_count())
+
+
 def load_causal_lm(name_or_path: str, role: str, device: torch.device | str, dtype: torch.dtype,
                    trust_remote_code: bool = False) -> PreTrainedModel:
     """Load weights (safetensors only) onto `device` in `dtype`, in eval mode.
@@ -112,11 +120,7 @@ def load_causal_lm(name_or_path: str, role: str, device: torch.device | str, dty
     path = resolve_model_path(name_or_path, role)
     load_config(path, role, trust_remote_code)  # remote-code check first
     device = torch.device(device)
-    device_map = None
-    if device.type == "cuda" and Path(path).is_dir():
-        need = checkpoint_parameters(Path(path)) * torch.empty((), dtype=dtype).element_size()
-        if spread_over_gpus(need, torch.cuda.mem_get_info(device)[0], torch.cuda.device_count()):
-            device_map = "auto"
+    device_map = "auto" if needs_several_gpus(path, device, dtype) else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, device_map=device_map)

@@ -26,7 +26,8 @@ from teachers.topk_logit_cache import LogitCacheWriter, topk_from_logits
 COUNTS_FILE = "router_counts.safetensors"
 
 
-def _save_counts(path: Path, counts: torch.Tensor, covered: int) -> None:
+def save_counts(path: Path, counts: torch.Tensor, covered: int) -> None:
+    """Router counts [L, S, E] that cover sequences 0 .. covered-1 of the cache beside `path`."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({"counts": counts.cpu(), "covered": torch.tensor([covered])}, str(tmp))
     tmp.replace(path)
@@ -78,7 +79,7 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
                     event.synchronize()  # waits for this batch's copy only, not for later GPU work
                 writer.add(ids, top_ids, top_lp, tail)
                 if snapshot is not None and writer.num_completed_sequences == snapshot[1]:
-                    _save_counts(counts_path, *snapshot)
+                    save_counts(counts_path, *snapshot)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer
                 failure.append(e)
 
@@ -116,7 +117,7 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
         raise failure[0]
     manifest = writer.finalize(n)
     if exact:
-        _save_counts(counts_path, recorder.counts, n)
+        save_counts(counts_path, recorder.counts, n)
     seconds = time.perf_counter() - t0
     analysed = 0 if recorder is None else (n if exact else n - start)
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if tokens else 0.0,
