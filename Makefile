@@ -19,7 +19,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill test ui compare compare-derivations bench-kernels bench-distill clean
+.PHONY: help install distill test ui compare compare-derivations bench-kernels bench-latency bench-distill clean
 
 help: ## this list
 	@echo "Targets:"
@@ -71,6 +71,9 @@ GPU_TAG = $$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[
 
 bench-kernels: $(VENV)/.installed ## GPU: fused MoE kernels vs transformers eager/grouped_mm -> bench/results/
 	$(PY) -m bench.moe_layer --out bench/results/moe_layer_$(GPU_TAG).csv
+
+bench-latency: $(VENV)/.installed ## GPU: default teacher (stock, fused) vs student serving latency, both decode paths
+	$(PY) -m bench.latency --out bench/results/latency_$(GPU_TAG).csv
 
 bench-distill: $(VENV)/.installed ## GPU: fused KD loss vs plain PyTorch/Liger, and student training MFU -> bench/results/
 	$(PY) -m bench.kd_loss --out bench/results/kd_loss_$(GPU_TAG).csv

@@ -117,8 +117,8 @@ def test_router_counts_resume_exactly_after_an_interrupted_generation(tmp_path: 
                     rec.set_batch(sources[i:i + 2], 8)
                     out = model(input_ids=part[i:i + 2]).logits
                     writer.add(part[i:i + 2], *topk_from_logits(out, 4))
-                from teachers.logit_generation import COUNTS_FILE, _save_counts
-                _save_counts(root / COUNTS_FILE, rec.counts, upto)
+                from teachers.logit_generation import COUNTS_FILE, save_counts
+                save_counts(root / COUNTS_FILE, rec.counts, upto)
         return rec.counts.clone()
 
     full = run(tmp_path / "full")
