@@ -19,7 +19,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill test ui compare compare-derivations bench-kernels bench-latency bench-distill clean
+.PHONY: help install distill test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
 
 help: ## this list
 	@echo "Targets:"
@@ -33,12 +33,27 @@ help: ## this list
 	@echo "  GPUS=$(GPUS)               processes (accelerate launch): logits and distill data-parallel, the rest on rank 0"
 	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
 	@echo "  HF_HUB_OFFLINE=$(HF_HUB_OFFLINE)  set 0 to allow hub ids"
+	@echo "  DISTILL_BUNDLE=<dir>   offline machine: install and fetch from a \`make bundle\` folder"
 
+BUNDLE_PYTHON ?= 3.12
+
+ifdef DISTILL_BUNDLE
+# A GPU machine without registries (make bundle): its own torch and triton stay (system site packages); every
+# other package comes from the bundle, and resources.fetch reads the resources from it.
+export DISTILL_BUNDLE
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m resources.bundle wheels "$(DISTILL_BUNDLE)" $(VENV)/bundle-wheels
+	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation $(VENV)/bundle-wheels/*
+	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	@touch $@
+else
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
+endif
 
 install: $(VENV)/.installed ## create .venv and install the pinned dependencies
 
@@ -78,6 +93,9 @@ bench-latency: $(VENV)/.installed ## GPU: default teacher (stock, fused) vs stud
 bench-distill: $(VENV)/.installed ## GPU: fused KD loss vs plain PyTorch/Liger, and student training MFU -> bench/results/
 	$(PY) -m bench.kd_loss --out bench/results/kd_loss_$(GPU_TAG).csv
 	$(PY) -m bench.train_throughput --unfused --out bench/results/train_throughput_$(GPU_TAG).csv
+
+bundle: $(VENV)/.installed ## offline bundle for a GPU machine: wheels for BUNDLE_PYTHON, resources, weights -> bundle/
+	$(PY) -m resources.bundle build --out bundle --python $(BUNDLE_PYTHON)
 
 clean: ## remove runs/ and the MLflow store (keeps .venv and the resource cache)
 	rm -rf runs mlflow.db mlartifacts

@@ -107,8 +107,10 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
     teacher_path = ctx.output("teacher", "path")
     parts = dist.world_size()
-    if parts > 1 and (_cache_complete(out / "cache") or needs_several_gpus(teacher_path, ctx.device, ctx.dtype)):
+    if parts > 1 and dist.is_main() and (_cache_complete(out / "cache")
+                                         or needs_several_gpus(teacher_path, ctx.device, ctx.dtype)):
         parts = 1
+    parts = dist.share(parts)  # rank 0 decides: free GPU memory may differ between ranks
     sources = list(cfg.data.sources)
     seq_sources = json.loads((Path(ctx.output("data", "sequences")).parent / "sequence_sources.json").read_text())
     source_ids = torch.tensor([sources.index(s) for s in seq_sources])

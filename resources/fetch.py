@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from resources.bundle import bundle_from_env
 from resources.catalog import Source, get_source
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,17 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
     try:
         download = work / "download"
         download.mkdir()
-        log.info("fetching %s (%s %s)", source.name, source.registry, source.spec)
-        archive, version, command = _download(source, download)
+        bundle = bundle_from_env()
+        if bundle is not None:  # an offline machine: the archive comes from the bundle, checked by sha256
+            if not bundle.has_resource(source.name):
+                raise FetchError(f"the bundle at {bundle.root} (DISTILL_BUNDLE) holds no {source.name!r}: rebuild it "
+                                 f"with `make bundle` (all resources) or unset DISTILL_BUNDLE to download")
+            log.info("fetching %s from the bundle %s", source.name, bundle.root)
+            archive, version = bundle.resource_archive(source, download)
+            command = ["bundle", str(bundle.root)]
+        else:
+            log.info("fetching %s (%s %s)", source.name, source.registry, source.spec)
+            archive, version, command = _download(source, download)
         unpacked = work / "unpacked"
         _extract(archive, unpacked)
         record = {

