@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resources.catalog import CATALOG, Source, get_source
+from resources.fetch import _download, _sha256
 
 FORMAT = "moe-distill-bundle"
 MANIFEST = "manifest.json"
@@ -41,14 +42,6 @@ PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x8
 
 class BundleError(RuntimeError):
     """A bundle is missing, incomplete or fails its checksums; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _split(path: Path, chunk: int) -> list[dict]:
@@ -173,8 +166,6 @@ def build(out: Path, python: str = "3.12", resources: list[str] | None = None, w
     resources: catalog names (default: all); wheels: pinned requirements (default: this environment's
     packages minus what a GPU image has; [] for none).
     """
-    from resources.fetch import _download
-
     out = Path(out)
     if out.exists():
         raise BundleError(f"{out} exists; remove it or pick another --out")

@@ -31,7 +31,6 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from resources.bundle import bundle_from_env
 from resources.catalog import Source, get_source
 
 log = logging.getLogger(__name__)
@@ -115,6 +114,8 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
     try:
         download = work / "download"
         download.mkdir()
+        from resources.bundle import bundle_from_env  # here: the bundle module builds on this one
+
         bundle = bundle_from_env()
         if bundle is not None:  # an offline machine: the archive comes from the bundle, checked by sha256
             if not bundle.has_resource(source.name):
