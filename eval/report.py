@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,9 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
         if spec:
             blocks.append(("table", ["source", "specialisation (JS divergence from all text, bits)"],
                            [[s, _num(v)] for s, v in sorted(spec.items(), key=lambda kv: -kv[1])]))
-        blocks += [("img", str(h), Path(h).stem) for h in heatmaps]
+        # Relative to the report where they sit under it, so the report folder can be moved or committed.
+        blocks += [("img", os.path.relpath(h, run_dir) if Path(h).is_relative_to(run_dir.resolve()) else str(h),
+                    Path(h).stem) for h in heatmaps]
     ml = report.get("mlflow")
     if ml:
         blocks += [("h2", "MLflow"), ("table", ["experiment id", "parent run id", "tracking uri"],
