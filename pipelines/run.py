@@ -115,39 +115,50 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
     h = input_hash(stage, ctx.cfg, ctx.records, ctx.device.type)
     rec = is_fresh(out, h)
     cfg_part = {s: ctx.cfg.to_dict()[s] for s in stage.config}
-    with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
-        mlflow.log_params(flat_params(cfg_part))
-        if rec is not None:
-            dist.share(("reuse", rec))
-            print(f"[{stage.name}] inputs unchanged ({h}); reusing {out}", flush=True)
-            mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
-            log_metrics(rec.get("metrics", {}))
+    # Whether the other ranks are waiting for a hand-off from here: whatever fails while they are (MLflow, a
+    # full disk in the bookkeeping) is handed to them as an error instead of leaving them waiting.
+    handoff_due = True
+    try:
+        with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
+            mlflow.log_params(flat_params(cfg_part))
+            if rec is not None:
+                handoff_due = False
+                dist.share(("reuse", rec))
+                print(f"[{stage.name}] inputs unchanged ({h}); reusing {out}", flush=True)
+                mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
+                log_metrics(rec.get("metrics", {}))
+                return rec
+            old = read_stage(out)
+            if old and old.get("input_hash") != h and out.exists():
+                # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_stage(out, {"input_hash": h, "complete": False, "stage": stage.name})
+            handoff_due = False
+            dist.share(("run", None))
+            print(f"[{stage.name}] running (inputs {h})", flush=True)
+            t0 = time.perf_counter()
+            result, error = _call_stage(stage, ctx, out)
+            if stage.distributed:
+                dist.check_all(error)  # raises on every rank at once if any rank failed
+            handoff_due = True  # the others now wait for the stage's record
+            if error is not None:
+                raise error
+            seconds = time.perf_counter() - t0
+            rec = {"stage": stage.name, "input_hash": h, "complete": True, "seconds": seconds,
+                   "mlflow_run_id": run.info.run_id, **result}
+            rec["metrics"] = {**result.get("metrics", {}), f"{stage.name}/seconds": seconds}
+            log_metrics(rec["metrics"])
+            mlflow.log_dict(rec, "stage.json")
+            write_stage(out, rec)
+            handoff_due = False
+            dist.share(("done", rec))
+            print(f"[{stage.name}] done in {seconds:.1f} s", flush=True)
             return rec
-        old = read_stage(out)
-        if old and old.get("input_hash") != h and out.exists():
-            # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_stage(out, {"input_hash": h, "complete": False, "stage": stage.name})
-        dist.share(("run", None))
-        print(f"[{stage.name}] running (inputs {h})", flush=True)
-        t0 = time.perf_counter()
-        result, error = _call_stage(stage, ctx, out)
-        if stage.distributed:
-            dist.check_all(error)
-        elif error is not None:
-            dist.share(("error", f"{type(error).__name__}: {error}"))
-            raise error
-        seconds = time.perf_counter() - t0
-        rec = {"stage": stage.name, "input_hash": h, "complete": True, "seconds": seconds,
-               "mlflow_run_id": run.info.run_id, **result}
-        rec["metrics"] = {**result.get("metrics", {}), f"{stage.name}/seconds": seconds}
-        log_metrics(rec["metrics"])
-        mlflow.log_dict(rec, "stage.json")
-        write_stage(out, rec)
-        dist.share(("done", rec))
-        print(f"[{stage.name}] done in {seconds:.1f} s", flush=True)
-        return rec
+    except BaseException as e:
+        if handoff_due:
+            dist.share(("error", f"{type(e).__name__}: {e}"))
+        raise
 
 
 def follow_stage(stage: Stage, ctx: Any) -> dict[str, Any]:
@@ -156,6 +167,8 @@ def follow_stage(stage: Stage, ctx: Any) -> dict[str, Any]:
     from pipelines import distributed as dist
 
     kind, rec = dist.share()
+    if kind == "error":
+        raise dist.RankFailedError(f"rank 0 failed in stage {stage.name}: {rec}")
     if kind == "reuse":
         return rec
     if stage.distributed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     own path where they do not apply. Resumes from the last complete shard if a previous run was killed.
 
     Under a multi-process launch each process writes a part (whole shards of consecutive sequences, in
-    `parts/<rank>`), and rank 0 joins them into one cache identical to a single process's. A teacher too
+    `parts/<first>-<end>`), and rank 0 joins them into one cache identical to a single process's. A teacher too
     large for one GPU is instead spread over all of them by rank 0 alone.
     """
     cfg = ctx.cfg
@@ -124,7 +125,9 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                                         cfg.teacher_options.trust_remote_code)
             fused = _enable_fused(teacher, ctx.device)
             a, b = part_range(len(seqs), cfg.logits.sequences_per_shard, dist.rank(), parts)
-            root = out / "cache" if parts == 1 else out / "parts" / f"{dist.rank():03d}"
+            # A part's folder is named by its range, so a rerun on another number of processes (other
+            # ranges) never resumes a part holding other sequences; stale parts go with the merge.
+            root = out / "cache" if parts == 1 else out / "parts" / f"{a:09d}-{b:09d}"
             writer = LogitCacheWriter(root, _cache_meta(ctx, len(tok), seqs.shape[1]),
                                       sequences_per_shard=cfg.logits.sequences_per_shard)
             recorder = RouterRecorder(teacher, sources) if is_moe(teacher.config) else None
@@ -145,7 +148,7 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
             (out / "cache").mkdir(parents=True, exist_ok=True)
             save_counts(out / "cache" / COUNTS_FILE, counts, len(seqs))
         merge_parts([Path(r["root"]) for r in results], out / "cache")
-        (out / "parts").rmdir()  # emptied by the merge
+        shutil.rmtree(out / "parts", ignore_errors=True)  # what the merge left: parts of other ranges
     seconds = max(r["seconds"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return _summarise_cache(ctx, out, teacher, len(tok), recorder, counts, fused,

@@ -32,7 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(teacher: Path, runs: Path, name: str, env: dict[str, str], processes: int, extra: str = "") -> None:
+def _run(teacher: Path, runs: Path, name: str, env: dict[str, str], processes: int, extra: str = "",
+         ok: bool = True) -> subprocess.CompletedProcess:
     args = ["-m", "pipelines.run", "--teacher", str(teacher), "--student", "derived", "--preset", "ci",
             "--run-name", name, "--runs-dir", str(runs), "--set", f"{SET} {extra}".strip()]
     if processes == 1:
@@ -42,7 +43,9 @@ def _run(teacher: Path, runs: Path, name: str, env: dict[str, str], processes: i
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{name} ({processes} processes) failed:\n{proc.stderr[-4000:]}"
+    if ok:
+        assert proc.returncode == 0, f"{name} ({processes} processes) failed:\n{proc.stderr[-4000:]}"
+    return proc
 
 
 def _digests(cache: Path) -> dict[str, str]:
@@ -106,6 +109,17 @@ def test_two_processes_write_the_same_cache_and_train_to_the_same_losses(tiny_mo
         torch.testing.assert_close(w_two[name], w, rtol=1e-3, atol=1e-4, msg=name)
     report = json.loads((two / "report.json").read_text())
     assert report["student"]["name"] == json.loads((one / "report.json").read_text())["student"]["name"]
+
+
+def test_an_error_on_rank_0_stops_every_process_with_its_message(tiny_moe_dir: Path, tmp_path: Path) -> None:
+    """The student stage runs on rank 0 alone; its config error reaches the waiting rank, and the run ends
+    (no hang) with rank 0's actionable message."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = _run(tiny_moe_dir, tmp_path / "runs", "bad", env, 2, "student_options.keep_layers=top_16", ok=False)
+    assert proc.returncode != 0
+    assert "error (ConfigError)" in proc.stderr and "keep_layers" in proc.stderr
+    assert json.loads((tmp_path / "runs" / "bad" / "logits" / "stage.json").read_text())["complete"]
 
 
 def test_a_batch_the_processes_cannot_share_is_a_config_error(tmp_path: Path) -> None:
