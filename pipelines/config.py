@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from distill.divergences import DIVERGENCES
+from pipelines.distributed import world_size
 from students.expert_merge import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -268,8 +268,8 @@ def validate(cfg: PipelineConfig) -> None:
          "distill.parallel=fsdp does not take LoRA students (distill.lora_rank > 0): use distill.parallel=ddp"),
         # WORLD_SIZE is set by the launcher (GPUS=<n>) before Python starts: each process takes an equal part
         # of every optimizer step's sequences, in whole micro-batches.
-        (cfg.distill.batch_size % (_processes() * cfg.distill.micro_batch_size) == 0,
-         f"distill.batch_size={cfg.distill.batch_size} must be a multiple of {_processes()} processes x "
+        (cfg.distill.batch_size % (world_size() * cfg.distill.micro_batch_size) == 0,
+         f"distill.batch_size={cfg.distill.batch_size} must be a multiple of {world_size()} processes x "
          f"distill.micro_batch_size={cfg.distill.micro_batch_size}"),
         (cfg.distill.online_top_k >= 0 and cfg.distill.lora_rank >= 0 and cfg.distill.hidden_weight >= 0,
          "distill.online_top_k, lora_rank and hidden_weight must be >= 0"),
@@ -285,10 +285,6 @@ def validate(cfg: PipelineConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-
-
-def _processes() -> int:
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_config(preset: str = "default", overrides: str | dict[str, Any] = "", **top: str) -> PipelineConfig:

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -170,7 +171,17 @@ def build(out: Path, python: str = "3.12", resources: list[str] | None = None, w
     if out.exists():
         raise BundleError(f"{out} exists; remove it or pick another --out")
     chunk = int(chunk_mib * 1024 * 1024)
-    staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Beside `out`, so the final rename stays on one file system; removed if the build fails.
+    staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
+    try:
+        return _fill(staging, out, python, resources, wheels, chunk)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fill(staging: Path, out: Path, python: str, resources: list[str] | None, wheels: list[str] | None,
+          chunk: int) -> dict:
     manifest: dict = {"format": FORMAT, "version": 1, "python": python, "platforms": list(PLATFORMS),
                       "chunk_bytes": chunk, "resources": {}, "wheels": [], "missing_wheels": [], "files": {}}
     for name in resources if resources is not None else list(CATALOG):
