@@ -311,9 +311,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from teachers.topk_logit_cache import CacheCorruptError, CacheMismatchError
 
     from pipelines.distributed import RankFailedError
+    from resources.bundle import BundleError
+    from resources.fetch import FetchError
 
     return (ConfigError, ModelLoadError, VocabMismatchError, DiskFullError, BatchTooLargeError, NonFiniteLossError,
-            CacheMismatchError, CacheCorruptError, NotImplementedError, RankFailedError)
+            CacheMismatchError, CacheCorruptError, NotImplementedError, RankFailedError, FetchError, BundleError)
 
 
 def _active_stages(cfg: PipelineConfig, ctx: Any) -> Iterator[Stage]:

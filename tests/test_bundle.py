@@ -70,3 +70,18 @@ def test_a_damaged_part_is_named_and_nothing_is_unpacked(bundle_dir: Path, tmp_p
     assert not (tmp_path / "cache" / "wiki").exists()
     with pytest.raises(BundleError, match="not a bundle"):
         Bundle.open(tmp_path / "nowhere")
+
+
+def test_the_pipeline_names_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.config import REPO_ROOT
+
+    env = {**os.environ, "DISTILL_BUNDLE": str(tmp_path), "DISTILL_CACHE": str(tmp_path / "cache"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--preset", "ci", "--runs-dir", str(tmp_path / "runs")],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3
+    assert "error (BundleError)" in proc.stderr and "make bundle" in proc.stderr
