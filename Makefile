@@ -12,6 +12,7 @@ RUN ?=
 PYTEST_ARGS ?=
 PORT ?= 5000
 GPUS ?= 1
+TIME_LIMIT ?= 0
 
 # The hub is off unless a user with hub access says otherwise (HF_HUB_OFFLINE=0 make distill ...).
 export HF_HUB_OFFLINE ?= 1
@@ -31,6 +32,7 @@ help: ## this list
 	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
 	@echo "  RUN=<name>           run folder name under runs/ (default: teacher--student--preset)"
 	@echo "  GPUS=$(GPUS)               processes (accelerate launch): logits and distill data-parallel, the rest on rank 0"
+	@echo "  TIME_LIMIT=<s>       stop cleanly before this many seconds (exit 75); the same command resumes"
 	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
 	@echo "  HF_HUB_OFFLINE=$(HF_HUB_OFFLINE)  set 0 to allow hub ids"
 	@echo "  DISTILL_BUNDLE=<dir>   offline machine: install and fetch from a \`make bundle\` folder"
@@ -43,6 +45,7 @@ ifdef DISTILL_BUNDLE
 export DISTILL_BUNDLE
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m resources.bundle link-site $(VENV)
 	$(PYTHON) -m resources.bundle wheels "$(DISTILL_BUNDLE)" $(VENV)/bundle-wheels
 	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation $(VENV)/bundle-wheels/*
 	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
@@ -67,7 +70,7 @@ endif
 
 distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, RUN, GPUS)
 	$(LAUNCH) --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
-		--set "$(SET)" --run-name "$(RUN)"
+		--set "$(SET)" --run-name "$(RUN)" --time-limit "$(TIME_LIMIT)"
 
 test: $(VENV)/.installed ## unit tests + end-to-end test on tiny models
 	$(PY) -m pytest -q $(PYTEST_ARGS)

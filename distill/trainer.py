@@ -31,6 +31,7 @@ from distill.batch_loss import BatchTargets, StudentParts, batch_loss, cached_ta
 from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from distill.kd_losses import KDLossSpec
 from distill.throughput import flops_per_token, peak_flops, peak_memory_gib
+from pipelines import deadline
 from pipelines.config import ConfigError, DistillConfig
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -282,9 +283,14 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
         bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", ce=f"{sums['ce']:.3f}")
         if log_fn and acc.is_main_process:
             log_fn(last, step + 1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+        stop = step + 1 < steps and deadline.remaining() is not None and _agree(
+            deadline.training_should_stop(dt), acc)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps or stop:
             save_checkpoint(ckpt_dir, step + 1, trained, opt.optimizer, sched,
                             {"tokens": tokens, "seconds": seconds, "last": last})
+        if stop:
+            raise deadline.TimeLimitReached(f"training stopped at step {step + 1} of {steps} for the time limit; "
+                                            "its checkpoint is saved and a rerun resumes from it")
     if cfg.lora_rank:
         student.merge_and_unload()  # folds the adapters into the wrapped model's own weights, in place
     if fsdp:
@@ -296,6 +302,13 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     if peak:
         summary["mfu"] = tokens * model_flops / max(seconds, 1e-9) / (peak * world)
     return summary
+
+
+def _agree(flag: bool, acc: Accelerator) -> bool:
+    """Collective with several processes: True on every rank if it is True on any (they stop together)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
 
 
 def _gather_into(plain: torch.nn.Module, sharded: torch.nn.Module, acc: Accelerator) -> None:

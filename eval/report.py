@@ -256,6 +256,31 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
         blocks.append(("p", "Speedup = student/teacher for throughput, teacher/student for times and bytes. "
                             "`generate` = plain generate with a dynamic cache; `static_compile` = static cache "
                             "with the decode step compiled."))
+    fused = report.get("teacher_fused") or {}
+    if fused:
+        rows = [[key, e.get("metric", "?"), str(e.get("path") or ""), _num(e.get("teacher")), _num(e.get("student")),
+                 f"{_num(e.get('speedup'), 3)}×"] for key, e in sorted(fused.items()) if e.get("metric") != "bytes"]
+        blocks += [("h2", "Teacher on our fused MoE kernels"),
+                   ("table", ["setting", "metric", "path", "teacher, stock", "teacher, fused",
+                              "speedup (>1: fused better)"], rows)]
+    tune = report.get("teacher_tune") or {}
+    if tune:
+        tr = tune.get("training") or {}
+        before, after = tune.get("before") or {}, tune.get("after") or {}
+        keys = [("expert_spread", "expert spread (0 = copies)"), ("routing_entropy", "routing entropy (1 = even)"),
+                ("load_cv", "load CV"), ("specialisation_js_bits", "specialisation by source (JS bits, mean)")]
+        blocks += [("h2", "Teacher's continued training"),
+                   ("p", f"{_num(tr.get('steps'))} steps, {_num(tr.get('tokens'))} tokens at "
+                         f"{_num(tr.get('tokens_per_s'))} tokens/s; final cross-entropy {_num(tr.get('final_ce'))}, "
+                         f"load-balancing loss {_num(tr.get('final_aux'))} (top-k = perfectly even)."),
+                   ("table", ["measure", "before", "after"],
+                    [[label, _num(before.get(k)), _num(after.get(k))] for k, label in keys])]
+        spec = tune.get("specialisation_by_source") or {}
+        names = sorted(set(spec.get("before") or {}) | set(spec.get("after") or {}))
+        if names:
+            blocks.append(("table", ["source", "specialisation before (bits)", "after (bits)"],
+                           [[n, _num((spec.get("before") or {}).get(n)), _num((spec.get("after") or {}).get(n))]
+                            for n in names]))
     cache = report.get("cache")
     if cache:
         blocks += [("h2", "Teacher logit cache"), ("table", ["path", "tokens", "top-k", "bytes", "bytes/token"],

@@ -39,6 +39,28 @@ class TeacherConfig:
 
 
 @dataclass
+class TeacherTuneConfig:
+    # Continued training of the teacher before it labels the data (teachers/continued_training.py): an
+    # upcycled teacher's experts are copies until trained; 0 steps uses the teacher as it is.
+    steps: int = 0  # optimizer steps
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    batch_size: int = 32  # sequences per optimizer step (after accumulation)
+    micro_batch_size: int = 8
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss
+    router_jitter: float = 0.0  # multiplicative noise on the MoE input while training (Mixtral's jitter)
+    expert_noise: float = 0.0  # relative std of noise added to each expert copy before the first step
+    grad_clip: float = 1.0
+    # GPU: "bf16" runs the expert matmuls in bf16 from the fp32 masters (teachers/autocast_experts.py);
+    # "fp32" leaves transformers' grouped_mm path as it is, which runs them in fp32.
+    expert_matmul: str = "bf16"
+    checkpoint_every: int = 50
+    probe_sequences: int = 64  # training sequences the routing is measured on, before and after
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["wiki", "news", "sotu", "moby_dick", "python_docs"])
     seq_len: int = 256  # tokens per training sequence
@@ -117,6 +139,10 @@ class LatencyConfig:
     enabled: bool = True
     repeats: int = 0  # timed repeats per setting (0: the benchmark's default for the device)
     cpu_threads: int = 1  # CPU only: threads while timing (two threads on a busy 2-core box are noisy)
+    # GPU only: also time decode on a static cache with torch.compile ("auto": on, as the device default;
+    # compiling costs about a minute per model and batch size).
+    static_compile: str = "auto"
+    teacher_fused: bool = True  # GPU only: also time the teacher on our fused MoE kernels (kernels.hf_moe)
 
 
 @dataclass
@@ -126,7 +152,9 @@ class PipelineConfig:
     preset: str = "default"
     run_name: str = ""  # empty: derived from teacher, student and preset
     device: str = "auto"  # "auto", "cpu", "cuda"
+    overrides: str = ""  # the SET text this config was built with (recorded so the report can repeat the run)
     teacher_options: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_tune: TeacherTuneConfig = field(default_factory=TeacherTuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logits: LogitsConfig = field(default_factory=LogitsConfig)
     student_options: StudentConfig = field(default_factory=StudentConfig)
@@ -238,12 +266,28 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Range and choice checks that types alone cannot express."""
     checks = [
         (cfg.teacher_options.num_experts >= 1, "teacher_options.num_experts must be >= 1"),
         (1 <= cfg.teacher_options.top_k <= cfg.teacher_options.num_experts,
          "teacher_options.top_k must be between 1 and teacher_options.num_experts"),
+        (cfg.teacher_tune.steps >= 0 and cfg.teacher_tune.lr > 0 and cfg.teacher_tune.checkpoint_every >= 1
+         and cfg.teacher_tune.aux_loss_coef >= 0 and cfg.teacher_tune.router_jitter >= 0
+         and cfg.teacher_tune.expert_noise >= 0 and cfg.teacher_tune.probe_sequences >= 0,
+         "teacher_tune: steps, aux_loss_coef, router_jitter, expert_noise and probe_sequences must be >= 0, "
+         "lr > 0 and checkpoint_every >= 1"),
+        (cfg.teacher_tune.expert_matmul in ("bf16", "fp32"), "teacher_tune.expert_matmul must be one of: bf16, fp32"),
+        (cfg.teacher_tune.batch_size >= cfg.teacher_tune.micro_batch_size >= 1
+         and cfg.teacher_tune.batch_size % cfg.teacher_tune.micro_batch_size == 0,
+         "teacher_tune.batch_size must be a positive multiple of teacher_tune.micro_batch_size"),
         (cfg.data.seq_len >= 8, "data.seq_len must be >= 8"),
         (cfg.data.train_tokens >= cfg.data.seq_len, "data.train_tokens must be >= data.seq_len"),
         (cfg.logits.top_k >= 1, "logits.top_k must be >= 1"),
@@ -257,6 +301,7 @@ def validate(cfg: PipelineConfig) -> None:
          and cfg.distill.kd_weight + cfg.distill.ce_weight > 0, "distill.kd_weight/ce_weight must be >= 0, not both 0"),
         (cfg.distill.checkpoint_every >= 1, "distill.checkpoint_every must be >= 1"),
         (cfg.eval.limit >= 0, "eval.limit must be >= 0 (0 means all examples)"),
+        (cfg.latency.static_compile in ("auto", "on", "off"), "latency.static_compile must be one of: auto, on, off"),
         (cfg.device in ("auto", "cpu", "cuda"), "device must be one of auto, cpu, cuda"),
         (cfg.distill.loss in DIVERGENCES, f"distill.loss must be one of: {', '.join(DIVERGENCES)}"),
         (0 < cfg.distill.beta < 1 and 0 < cfg.distill.alpha < 1, "distill.beta and distill.alpha must be in (0, 1)"),
@@ -294,5 +339,7 @@ def load_config(preset: str = "default", overrides: str | dict[str, Any] = "", *
     cfg.preset = preset
     _apply(cfg, {k: v for k, v in top.items() if v})
     _apply(cfg, parse_overrides(overrides) if isinstance(overrides, str) else overrides)
+    cfg.overrides = overrides if isinstance(overrides, str) else " ".join(
+        f"{k}={v}" for k, v in _flat(overrides).items())
     validate(cfg)
     return cfg

@@ -33,7 +33,7 @@ VARIANTS: dict[str, str] = {  # keep_layers explicit in each, so a change of the
     "select": "student_options.method=select student_options.keep_layers=every_2",
 }
 DEFAULT_VARIANTS = ("uniform", "svd-r288", "select-w768", "uniform-top16")
-SHARED_STAGES = ("teacher", "data", "logits", "eval_teacher")
+SHARED_STAGES = ("teacher", "data", "teacher_tune", "logits", "eval_teacher")
 VARIANT_STAGES = ("student", "distill", "eval_student_init", "eval_student")  # the work each variant does
 RANK_METRIC = "heldout_text/bits_per_byte"
 

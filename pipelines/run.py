@@ -47,18 +47,22 @@ STAGES: tuple[Stage, ...] = (
           ("teachers/upcycle.py", "teachers/smollm2_moe.py", "teachers/load.py", "pipelines/stages_models.py"), ()),
     Stage("data", "pipelines.stages_data:data_stage", ("data",),
           ("resources", "pipelines/stages_data.py"), ("teacher",)),
+    # From here on "the teacher" is this stage's model: the teacher stage's own when teacher_tune.steps=0.
+    Stage("teacher_tune", "pipelines.stages_models:teacher_tune_stage", ("teacher_tune",),
+          ("teachers/continued_training.py", "teachers/router_analytics.py", "teachers/load.py",
+           "distill/checkpoint.py", "pipelines/stages_models.py"), ("teacher", "data"), uses_device=True),
     Stage("logits", "pipelines.stages_data:logits_stage", ("logits",),
-          ("teachers", "pipelines/stages_data.py"), ("teacher", "data"), uses_device=True, distributed=True),
+          ("teachers", "pipelines/stages_data.py"), ("teacher_tune", "data"), uses_device=True, distributed=True),
     Stage("student", "pipelines.stages_models:student_stage", ("student", "student_options"),
-          ("students", "teachers/load.py", "pipelines/stages_models.py"), ("teacher", "data")),
+          ("students", "teachers/load.py", "pipelines/stages_models.py"), ("teacher_tune", "data")),
     Stage("distill", "pipelines.stages_train:distill_stage", ("distill",),
           ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
           ("student", "logits"), uses_device=True, distributed=True),
     Stage("baseline", "pipelines.stages_train:baseline_stage", ("distill", "baseline"),
           ("distill", "pipelines/stages_train.py", "teachers/topk_logit_cache.py", "teachers/load.py"),
           ("student", "logits"), uses_device=True, distributed=True),
-    Stage("eval_teacher", "pipelines.stages_eval:make_eval_stage(teacher)", ("eval",), _EVAL_CODE,
-          ("teacher", "data"), uses_device=True),
+    Stage("eval_teacher", "pipelines.stages_eval:make_eval_stage(teacher_tune)", ("eval",), _EVAL_CODE,
+          ("teacher_tune", "data"), uses_device=True),
     Stage("eval_student_init", "pipelines.stages_eval:make_eval_stage(student)", ("eval",), _EVAL_CODE,
           ("student", "data"), uses_device=True),
     Stage("eval_student", "pipelines.stages_eval:make_eval_stage(distill)", ("eval",), _EVAL_CODE,
@@ -66,11 +70,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval_baseline", "pipelines.stages_eval:make_eval_stage(baseline)", ("eval",), _EVAL_CODE,
           ("baseline", "data"), uses_device=True),
     Stage("latency", "pipelines.stages_eval:latency_stage", ("latency",),
-          ("eval/latency.py", "pipelines/stages_eval.py"), ("teacher", "distill"), uses_device=True),
+          ("eval/latency.py", "pipelines/stages_eval.py", "kernels"), ("teacher_tune", "distill"), uses_device=True),
     Stage("report", "pipelines.stages_eval:report_stage", (),
           ("eval/report.py", "pipelines/stages_eval.py"),
-          ("teacher", "logits", "student", "distill", "eval_teacher", "eval_student_init", "eval_student",
-           "latency", "eval_baseline")),
+          ("teacher", "teacher_tune", "logits", "student", "distill", "eval_teacher", "eval_student_init",
+           "eval_student", "latency", "eval_baseline")),
 )
 
 
@@ -107,6 +111,7 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
     """
     import mlflow
 
+    from pipelines import deadline
     from pipelines import distributed as dist
     from pipelines.stage_cache import is_fresh, read_stage, write_stage
     from pipelines.tracking import flat_params, log_metrics, stage_run
@@ -128,6 +133,7 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
                 mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
                 log_metrics(rec.get("metrics", {}))
                 return rec
+            deadline.check_stage_start(stage.name)  # before anything of the stage's folder changes
             old = read_stage(out)
             if old and old.get("input_hash") != h and out.exists():
                 # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.
@@ -168,7 +174,7 @@ def follow_stage(stage: Stage, ctx: Any) -> dict[str, Any]:
 
     kind, rec = dist.share()
     if kind == "error":
-        raise dist.RankFailedError(f"rank 0 failed in stage {stage.name}: {rec}")
+        raise _rank0_error(stage, rec)
     if kind == "reuse":
         return rec
     if stage.distributed:
@@ -176,8 +182,17 @@ def follow_stage(stage: Stage, ctx: Any) -> dict[str, Any]:
         dist.check_all(error)
     kind, rec = dist.share()
     if kind == "error":
-        raise dist.RankFailedError(f"rank 0 failed in stage {stage.name}: {rec}")
+        raise _rank0_error(stage, rec)
     return rec
+
+
+def _rank0_error(stage: Stage, message: str) -> Exception:
+    from pipelines import distributed as dist
+    from pipelines.deadline import TimeLimitReached
+
+    if message.startswith(f"{TimeLimitReached.__name__}:"):  # not a failure: every rank stops and resumes later
+        return TimeLimitReached(message)
+    return dist.RankFailedError(f"rank 0 failed in stage {stage.name}: {message}")
 
 
 def _call_stage(stage: Stage, ctx: Any, out: Path) -> tuple[dict[str, Any], BaseException | None]:
@@ -213,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", default="", help='space-separated key=value overrides, e.g. "distill.lr=1e-4"')
     ap.add_argument("--run-name", default="")
     ap.add_argument("--runs-dir", default=str(REPO_ROOT / "runs"))
+    ap.add_argument("--time-limit", type=float, default=0.0,
+                    help="seconds this invocation may take: it stops cleanly before (exit 75) and a rerun resumes")
     args = ap.parse_args(argv)
+    from pipelines.deadline import set_time_limit
+
+    set_time_limit(args.time_limit)
     try:
         cfg = load_config(args.preset, args.set, teacher=args.teacher, student=args.student,
                           run_name=args.run_name)
@@ -268,8 +288,14 @@ def _lead(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
     tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit(),
             "processes": str(dist.world_size())}
     t0 = time.perf_counter()
+    from pipelines.deadline import EXIT_CODE, TimeLimitReached
+
     try:
         report, summary, info = _run_stages(cfg, ctx, tags, exp_id, t0)
+    except TimeLimitReached as e:
+        print(f"\nstopped for the time limit: {e}. Finished stages and checkpoints are kept: run the same command "
+              f"again to continue (exit code {EXIT_CODE}).", file=sys.stderr)
+        return EXIT_CODE
     except user_errors() as e:
         # Input or resource problems the user fixes: the message says how; the traceback would bury it.
         # Finished stages and partial work (shards, checkpoints) stay; the same command resumes.
@@ -287,6 +313,7 @@ def _follow(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
     """Ranks other than 0: no MLflow, no report; their share of the distributed stages only."""
     from pipelines import distributed as dist
     from pipelines.context import RunContext
+    from pipelines.deadline import EXIT_CODE, TimeLimitReached
 
     if dist.share() is not None:
         return 2  # rank 0 could not start and says why
@@ -294,6 +321,8 @@ def _follow(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
     try:
         for stage in _active_stages(cfg, ctx):
             ctx.records[stage.name] = follow_stage(stage, ctx)
+    except TimeLimitReached:
+        return EXIT_CODE  # rank 0 says so
     except dist.RankFailedError:
         return 3  # rank 0 prints the cause
     except user_errors() as e:

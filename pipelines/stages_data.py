@@ -106,7 +106,7 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     """
     cfg = ctx.cfg
     seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
-    teacher_path = ctx.output("teacher", "path")
+    teacher_path = ctx.output("teacher_tune", "path")
     parts = dist.world_size()
     if parts > 1 and dist.is_main() and (_cache_complete(out / "cache")
                                          or needs_several_gpus(teacher_path, ctx.device, ctx.dtype)):
@@ -170,7 +170,7 @@ def _enable_fused(teacher: torch.nn.Module, device: torch.device) -> dict[str, A
 def _cache_meta(ctx: RunContext, vocab: int, seq_len: int) -> CacheMeta:
     # vocab = the tokenizer's size: padding rows of the embedding past it are never a target.
     return CacheMeta(k=ctx.cfg.logits.top_k, vocab_size=vocab, seq_len=seq_len,
-                     teacher_hash=ctx.records["teacher"]["output_hash"],
+                     teacher_hash=ctx.records["teacher_tune"]["output_hash"],
                      tokenizer_hash=ctx.output("data", "tokenizer_hash"),
                      data_hash=ctx.records["data"]["output_hash"])
 

@@ -38,7 +38,7 @@ def _train(ctx: RunContext, out: Path, dcfg: DistillConfig, step_prefix: str, su
     cache = LogitCache(Path(ctx.output("logits", "cache")))
     teacher = None
     if dcfg.teacher_mode == "online":
-        teacher, _ = load_teacher(ctx.output("teacher", "path"), ctx.device, ctx.dtype,
+        teacher, _ = load_teacher(ctx.output("teacher_tune", "path"), ctx.device, ctx.dtype,
                                   cfg.teacher_options.allow_dense, trust)
     result = train_student(student, cache, dcfg, out / "checkpoints", cache.meta.vocab_size, ctx.device,
                            log_fn=lambda m, step: log_metrics({f"{step_prefix}/{k}": v for k, v in m.items()}, step),

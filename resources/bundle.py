@@ -203,6 +203,25 @@ def _fill(staging: Path, out: Path, python: str, resources: list[str] | None, wh
     return manifest
 
 
+def link_parent_site(venv: Path) -> list[str]:
+    """Let `venv` see the packages of the Python running this (the image's torch and triton).
+
+    `python -m venv --system-site-packages` links the *base* interpreter's site-packages. When the image's
+    Python is itself a virtual environment (e.g. /opt/torch/.venv, where its torch lives), that is not where
+    torch is; a .pth file in the new venv adds this interpreter's site-packages after the venv's own, so the
+    bundle's packages still take precedence. Returns the folders added (none outside a venv)."""
+    import site
+    import sysconfig
+
+    if sys.prefix == sys.base_prefix:
+        return []  # a plain interpreter: --system-site-packages already covers it
+    folders = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    rel = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    rel.mkdir(parents=True, exist_ok=True)
+    (rel / "_moe_distill_image_site.pth").write_text("".join(f"{p}\n" for p in folders))
+    return folders
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resources.bundle", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("wheels")
     w.add_argument("path", type=Path)
     w.add_argument("dest", type=Path)
+    s = sub.add_parser("link-site", help="let a venv made by this Python see this Python's own packages")
+    s.add_argument("venv", type=Path)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
@@ -228,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{total / 2**20:.0f} MiB in {parts} files of at most {m['chunk_bytes'] / 2**20:.0f} MiB")
             for req in m["missing_wheels"]:
                 print(f"  no wheel or sdist for Python {args.python}: {req}", file=sys.stderr)
+            return 0
+        if args.cmd == "link-site":
+            folders = link_parent_site(args.venv)
+            print(f"{args.venv} also sees: {', '.join(folders)}" if folders else
+                  f"{args.venv}: --system-site-packages suffices")
             return 0
         if args.cmd == "wheels":
             print(f"{len(Bundle.open(args.path).wheels(args.dest))} packages in {args.dest}")

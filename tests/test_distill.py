@@ -70,6 +70,23 @@ def test_killed_training_resumes_to_the_same_losses(tmp_path: Path, lora_rank: i
         assert r["loss"] == pytest.approx(full[r["step"] - 1]["loss"], rel=1e-5, abs=1e-6), r
 
 
+def test_time_limit_stops_after_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIME_LIMIT: with too little time left for two more steps and a save, training saves a checkpoint and
+    stops; the rerun continues from exactly there to the losses of an uninterrupted run."""
+    from pipelines import deadline
+
+    _, full = _run(tiny_config(), tmp_path / "full")
+    monkeypatch.setenv(deadline.ENV, str(time.time() + 20))  # under the 30 s a checkpoint save is allowed
+    with pytest.raises(deadline.TimeLimitReached, match="step 1 of 9"):
+        _run(tiny_config(), tmp_path / "limited")
+    assert [p.name for p in list_checkpoints(tmp_path / "limited")] == ["step_0000001"]
+    monkeypatch.delenv(deadline.ENV)
+    _, rest = _run(tiny_config(), tmp_path / "limited")
+    assert [r["step"] for r in rest] == list(range(2, 10))
+    for r in rest:
+        assert r["loss"] == pytest.approx(full[r["step"] - 1]["loss"], rel=1e-5, abs=1e-6), r
+
+
 def test_fused_and_unfused_loss_train_alike(tmp_path: Path) -> None:
     _, fused = _run(tiny_config(fused_loss="on", max_steps=4, ce_weight=0.3), tmp_path / "a")
     _, plain = _run(tiny_config(fused_loss="off", max_steps=4, ce_weight=0.3), tmp_path / "b")

@@ -76,6 +76,12 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert all(sum(row) == 1024 * 2 for row in router["tokens_per_expert"])
     assert [Path(h).name for h in router["heatmaps"]] == ["router_load.png", "router_sources.png"]
     assert "Router usage (teacher)" in (run_dir / "report.md").read_text()
+    # The ci preset trains the teacher two steps further first; the report shows its routing before/after.
+    tune = report["teacher_tune"]
+    assert tune["training"]["steps"] == 2 and math.isfinite(tune["training"]["final_ce"])
+    assert tune["before"]["expert_spread"] > 0 and tune["after"]["routing_entropy"] > 0
+    assert "Teacher's continued training" in (run_dir / "report.md").read_text()
+    assert report["teacher"]["path"].endswith("teacher_tune/model")
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("distill")

@@ -83,3 +83,15 @@ def test_killed_runs_resume_to_the_same_result_and_concurrent_runs_coexist(tiny_
     got = json.loads((killed / "report.json").read_text())
     assert got["training"]["steps"] == ref["training"]["steps"]
     assert got["training"]["final_loss"] == pytest.approx(ref["training"]["final_loss"], rel=1e-5, abs=1e-6)
+
+
+def test_time_limit_stops_before_a_stage_and_says_to_rerun(tiny_moe_dir: Path, tmp_path: Path) -> None:
+    """TIME_LIMIT with less left than a stage needs to start: exit 75, the message says to rerun, and no stage
+    folder was touched (what an earlier call finished stays as it was)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "pipelines.run", "--teacher", str(tiny_moe_dir), "--student", "derived",
+           "--preset", "ci", "--run-name", "limited", "--runs-dir", str(tmp_path / "runs"), "--time-limit", "30"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "stopped for the time limit" in proc.stderr and "run the same command again" in proc.stderr
+    assert not (tmp_path / "runs" / "limited" / "teacher").exists()

@@ -1,0 +1,205 @@
+"""Continued training of an MoE teacher before it labels anything: what makes an upcycled teacher's experts differ.
+
+Sparse upcycling copies one dense MLP into every expert, so the upcycled model computes the dense function
+and its experts have nothing to specialise in. Training it further on the text, with
+
+- the load-balancing loss of Switch/Mixtral (E x sum_e f_e P_e, transformers' own `load_balancing_loss_func`:
+  top_k when the load is perfectly even, more when it is not), weighted by `aux_loss_coef`, which keeps every
+  expert in use so that each sees its own tokens;
+- optional multiplicative router jitter (Mixtral's `router_jitter_noise`) during training;
+- optional noise on the expert copies before the first step (`expert_noise`, relative to each weight's std),
+  which breaks their symmetry at once instead of waiting for routing to do it,
+
+lets the experts drift apart. `expert_spread` measures how far: per MoE layer, the mean relative distance
+between two experts' weights (0 for exact copies). The routing before and after is measured with the same
+counters as the logit cache's router analytics (`teachers.router_analytics`).
+
+The loop is resumable like the student's (checkpoints every `checkpoint_every` steps, the data order a
+function of the seed, the RNG saved), and stops cleanly at a time limit (`pipelines.deadline`). fp32 master
+weights; on GPU the forward runs under bf16 autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from distill.trainer import epoch_order, lr_lambda
+from pipelines import deadline
+from pipelines.config import ConfigError, TeacherTuneConfig
+from teachers.router_analytics import RouterRecorder, summarise
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+def expert_spread(model: torch.nn.Module) -> list[float]:
+    """Per MoE layer: mean over expert pairs of ||W_i - W_j|| / mean ||W||, over all of the experts' stacked
+    weights (3-D parameters [E, ...] of an `experts` module). 0 means the experts are exact copies."""
+    spreads = []
+    for name, module in model.named_modules():
+        if not name.endswith("experts"):
+            continue
+        stacked = [p.detach().float().flatten(1) for p in module.parameters(recurse=False) if p.dim() == 3]
+        if not stacked:
+            continue
+        w = torch.cat(stacked, dim=1)  # [E, all weights of one expert]
+        e = w.shape[0]
+        if e < 2:
+            continue
+        dist = torch.cdist(w[None], w[None])[0]  # [E, E]
+        mean_pair = dist.sum() / (e * (e - 1))
+        spreads.append(float(mean_pair / w.norm(dim=1).mean().clamp_min(1e-12)))
+    return spreads
+
+
+@torch.no_grad()
+def add_expert_noise(model: torch.nn.Module, relative_std: float, seed: int) -> int:
+    """Add N(0, (relative_std * std(W_e))^2) to every expert's weights, independently per expert; returns the
+    number of (tensor, expert) slices changed. Deterministic in `seed`."""
+    if relative_std <= 0:
+        return 0
+    g = torch.Generator().manual_seed(seed)
+    changed = 0
+    for name, p in model.named_parameters():
+        if ".experts." not in name or p.dim() != 3:
+            continue
+        for e in range(p.shape[0]):
+            noise = torch.randn(p[e].shape, generator=g, dtype=torch.float32)
+            p[e].add_((noise * relative_std * p[e].float().std().cpu()).to(p.device, p.dtype))
+            changed += 1
+    return changed
+
+
+def set_router_jitter(model: torch.nn.Module, jitter: float) -> int:
+    """Set the training-time router jitter of every MoE block that has one (Mixtral-style `jitter_noise`);
+    returns how many blocks took it. Raises ConfigError if jitter > 0 and the architecture has none."""
+    blocks = [m for m in model.modules() if hasattr(m, "jitter_noise")]
+    if jitter > 0 and not blocks:
+        raise ConfigError(f"teacher_tune.router_jitter={jitter}: the {model.config.model_type} architecture has no "
+                          "router jitter (Mixtral-style jitter_noise); set it to 0")
+    for m in blocks:
+        m.jitter_noise = jitter
+    return len(blocks)
+
+
+@torch.no_grad()
+def measure_routing(model: torch.nn.Module, sequences: torch.Tensor, source_ids: torch.Tensor,
+                    sources: list[str], batch_size: int = 8) -> dict[str, Any]:
+    """Router analytics (`router_analytics.summarise`: load balance, entropy, specialisation by source) of
+    `model` on sequences [N, S] whose sources are source_ids [N] (indices into `sources`)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with RouterRecorder(model, sources) as rec:
+            for i in range(0, len(sequences), batch_size):
+                ids = sequences[i:i + batch_size].long().to(device)
+                rec.set_batch(source_ids[i:i + batch_size], ids.shape[1])
+                with _autocast(device):
+                    model(input_ids=ids, use_cache=False)
+        return summarise(rec.counts, rec.layers, sources)
+    finally:
+        model.train(was_training)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+
+
+def _bf16_experts(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Switch the experts to `grouped_mm_autocast`; returns the implementation to restore (None: cannot)."""
+    from teachers import autocast_experts
+
+    if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
+        return None
+    before = model.get_experts_implementation()
+    autocast_experts.register()
+    model.set_experts_implementation(autocast_experts.NAME)
+    return before
+
+
+def tune_teacher(model: torch.nn.Module, sequences: torch.Tensor, cfg: TeacherTuneConfig, ckpt_dir: Path,
+                 device: torch.device, log_fn: LogFn | None = None) -> dict[str, Any]:
+    """Train `model` (an MoE causal LM, fp32) in place on sequences [N, S] (token ids) for cfg.steps optimizer
+    steps of cfg.batch_size sequences: next-token cross-entropy plus cfg.aux_loss_coef x the load-balancing
+    loss. Resumes from the newest checkpoint in `ckpt_dir`; raises `deadline.TimeLimitReached` (after saving a
+    checkpoint) when the invocation's time limit is near. Returns the summary (steps, tokens, seconds,
+    tokens/s, final ce and aux loss)."""
+    if not hasattr(model.config, "output_router_logits"):
+        raise ConfigError(f"teacher_tune: the {model.config.model_type} architecture has no router loss "
+                          "(output_router_logits); set teacher_tune.steps=0")
+    if len(sequences) < cfg.batch_size:
+        raise ConfigError(f"teacher_tune.batch_size={cfg.batch_size} is more than the {len(sequences)} training "
+                          "sequences; lower it or raise data.train_tokens")
+    torch.manual_seed(cfg.seed)
+    # transformers adds `router_aux_loss_coef` x aux to the loss it returns, with the coefficient the model
+    # read from its config when it was built; zero it there and add our own, so the weight is always ours.
+    if hasattr(model, "router_aux_loss_coef"):
+        model.router_aux_loss_coef = 0.0
+    set_router_jitter(model, cfg.router_jitter)
+    model.to(device).train()
+    restore = _bf16_experts(model) if device.type == "cuda" and cfg.expert_matmul == "bf16" else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
+    start, tokens, seconds, last = 0, 0, 0.0, {}
+    ckpts = list_checkpoints(ckpt_dir)
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], model, opt, sched)
+        start, tokens, seconds, last = state["step"], state["tokens"], state["seconds"], state["last"]
+    else:
+        add_expert_noise(model, cfg.expert_noise, cfg.seed)
+    n = len(sequences)
+    per_epoch = n // cfg.batch_size
+    accum = cfg.batch_size // cfg.micro_batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(range(start, cfg.steps), desc="teacher_tune", initial=start, total=cfg.steps, unit="step")
+    order_epoch, order = -1, []
+    for step in bar:
+        t0 = time.perf_counter()
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
+        batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        sums = torch.zeros(2, device=device)
+        for m in range(accum):
+            ids = sequences[batch[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]].long().to(device)
+            with _autocast(device):
+                out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
+            ((out.loss + cfg.aux_loss_coef * out.aux_loss) / accum).backward()
+            sums += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]) / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ce, aux = sums.tolist()  # one host sync per step
+        if not math.isfinite(ce):
+            raise FloatingPointError(f"teacher_tune: loss is {ce} at step {step}; lower teacher_tune.lr")
+        dt = time.perf_counter() - t0
+        step_tokens = len(batch) * sequences.shape[1]
+        tokens += step_tokens
+        seconds += dt
+        last = {"ce": ce, "aux": aux, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                "tokens_per_s": step_tokens / dt}
+        bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.3f}")
+        if log_fn:
+            log_fn(last, step + 1)
+        done = step + 1 == cfg.steps
+        stop = not done and deadline.training_should_stop(dt)
+        if (step + 1) % cfg.checkpoint_every == 0 or done or stop:
+            save_checkpoint(ckpt_dir, step + 1, model, opt, sched, {"tokens": tokens, "seconds": seconds,
+                                                                    "last": last})
+        if stop:
+            raise deadline.TimeLimitReached(f"teacher_tune stopped at step {step + 1} of {cfg.steps} for the time "
+                                            "limit; its checkpoint is saved and a rerun resumes from it")
+    if restore is not None:
+        model.set_experts_implementation(restore)  # what it was: the saved config must not name ours
+    model.eval()
+    return {"steps": cfg.steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+            **{f"final_{k}": v for k, v in last.items() if k in ("ce", "aux")}}
