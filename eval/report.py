@@ -309,8 +309,10 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
             blocks.append(("table", ["source", "specialisation (JS divergence from all text, bits)"],
                            [[s, _num(v)] for s, v in sorted(spec.items(), key=lambda kv: -kv[1])]))
         # Relative to the report where they sit under it, so the report folder can be moved or committed.
-        blocks += [("img", os.path.relpath(h, run_dir) if Path(h).is_relative_to(run_dir.resolve()) else str(h),
-                    Path(h).stem) for h in heatmaps]
+        # Both sides resolved: a run folder reached through a symbolic link still gets relative links.
+        root = run_dir.resolve()
+        blocks += [("img", os.path.relpath(Path(h).resolve(), root) if Path(h).resolve().is_relative_to(root)
+                    else str(h), Path(h).stem) for h in heatmaps]
     ml = report.get("mlflow")
     if ml:
         blocks += [("h2", "MLflow"), ("table", ["experiment id", "parent run id", "tracking uri"],

@@ -49,6 +49,9 @@ class TeacherTuneConfig:
     batch_size: int = 32  # sequences per optimizer step (after accumulation)
     micro_batch_size: int = 8
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss
+    # "per_layer": the loss of each MoE layer, averaged; "pooled": transformers' form, tokens of all layers
+    # pooled, which balances only each expert's load summed over the layers.
+    balance: str = "per_layer"
     router_jitter: float = 0.0  # multiplicative noise on the MoE input while training (Mixtral's jitter)
     expert_noise: float = 0.0  # relative std of noise added to each expert copy before the first step
     grad_clip: float = 1.0
@@ -284,6 +287,7 @@ def validate(cfg: PipelineConfig) -> None:
          and cfg.teacher_tune.expert_noise >= 0 and cfg.teacher_tune.probe_sequences >= 0,
          "teacher_tune: steps, aux_loss_coef, router_jitter, expert_noise and probe_sequences must be >= 0, "
          "lr > 0 and checkpoint_every >= 1"),
+        (cfg.teacher_tune.balance in ("per_layer", "pooled"), "teacher_tune.balance must be one of: per_layer, pooled"),
         (cfg.teacher_tune.expert_matmul in ("bf16", "fp32"), "teacher_tune.expert_matmul must be one of: bf16, fp32"),
         (cfg.teacher_tune.batch_size >= cfg.teacher_tune.micro_batch_size >= 1
          and cfg.teacher_tune.batch_size % cfg.teacher_tune.micro_batch_size == 0,

@@ -3,9 +3,12 @@
 Sparse upcycling copies one dense MLP into every expert, so the upcycled model computes the dense function
 and its experts have nothing to specialise in. Training it further on the text, with
 
-- the load-balancing loss of Switch/Mixtral (E x sum_e f_e P_e, transformers' own `load_balancing_loss_func`:
-  top_k when the load is perfectly even, more when it is not), weighted by `aux_loss_coef`, which keeps every
-  expert in use so that each sees its own tokens;
+- the load-balancing loss of Switch Transformer (E x sum_e f_e P_e: top_k when the load is perfectly even,
+  more when it is not), weighted by `aux_loss_coef`, which keeps every expert in use so that each sees its
+  own tokens. It is taken per MoE layer and averaged (`balance_loss`). transformers' Mixtral-family loss
+  pools the tokens of all layers first, which only balances each expert's load summed over the layers: a
+  first run that way (PRESET=h100, 2026-11-24) ended with that pooled loss at its floor, 2.000, while the
+  per-layer load still varied with a coefficient of variation of 0.45;
 - optional multiplicative router jitter (Mixtral's `router_jitter_noise`) during training;
 - optional noise on the expert copies before the first step (`expert_noise`, relative to each weight's std),
   which breaks their symmetry at once instead of waiting for routing to do it,
@@ -108,6 +111,24 @@ def measure_routing(model: torch.nn.Module, sequences: torch.Tensor, source_ids:
         model.train(was_training)
 
 
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, per_layer: bool = True) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss from softmax routers' logits, one [T, E] tensor per MoE layer:
+    E x sum_e f_e P_e, with f_e the share of the T x top_k assignments that go to expert e (times top_k, so the
+    shares sum to top_k) and P_e the mean router probability of e. Per layer and averaged (`per_layer`), or
+    over the tokens of all layers pooled, which is transformers' `load_balancing_loss_func`. Scalar; top_k
+    when every expert gets an equal share."""
+    pooled = [torch.cat(router_logits)] if not per_layer else list(router_logits)
+    losses = []
+    for logits in pooled:
+        probs = logits.float().softmax(-1)  # [T, E]
+        experts = probs.shape[-1]
+        chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)
+        share = torch.zeros(experts, device=probs.device).index_add_(
+            0, chosen, torch.ones_like(chosen, dtype=torch.float32)) / probs.shape[0]
+        losses.append(experts * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
 
@@ -138,10 +159,12 @@ def tune_teacher(model: torch.nn.Module, sequences: torch.Tensor, cfg: TeacherTu
         raise ConfigError(f"teacher_tune.batch_size={cfg.batch_size} is more than the {len(sequences)} training "
                           "sequences; lower it or raise data.train_tokens")
     torch.manual_seed(cfg.seed)
-    # transformers adds `router_aux_loss_coef` x aux to the loss it returns, with the coefficient the model
-    # read from its config when it was built; zero it there and add our own, so the weight is always ours.
+    # transformers adds its own pooled `router_aux_loss_coef` x aux to the loss it returns; zero it there and
+    # add ours (`balance_loss`), so the form and the weight are always ours.
     if hasattr(model, "router_aux_loss_coef"):
         model.router_aux_loss_coef = 0.0
+    top_k = model.config.num_experts_per_tok
+    per_layer = cfg.balance == "per_layer"
     set_router_jitter(model, cfg.router_jitter)
     model.to(device).train()
     restore = _bf16_experts(model) if device.type == "cuda" and cfg.expert_matmul == "bf16" else None
@@ -172,8 +195,9 @@ def tune_teacher(model: torch.nn.Module, sequences: torch.Tensor, cfg: TeacherTu
             ids = sequences[batch[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]].long().to(device)
             with _autocast(device):
                 out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
-            ((out.loss + cfg.aux_loss_coef * out.aux_loss) / accum).backward()
-            sums += torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]) / accum
+            aux = balance_loss(out.router_logits, top_k, per_layer)
+            ((out.loss + cfg.aux_loss_coef * aux) / accum).backward()
+            sums += torch.stack([out.loss.detach().float(), aux.detach()]) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()

@@ -153,7 +153,7 @@ def test_a_student_from_a_config_json_is_randomly_initialised_and_checked(tmp_pa
     teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
     pcfg = load_pipeline_config("ci", teacher=str(teacher), student=str(tmp_path / "student.json"))
     ctx = RunContext(cfg=pcfg, run_dir=tmp_path / "run", device=torch.device("cpu"),
-                     records={"teacher": {"outputs": {"path": str(teacher)}}})
+                     records={"teacher_tune": {"outputs": {"path": str(teacher)}}})
     rec = student_stage(ctx, tmp_path / "run" / "student")
     assert rec["outputs"]["summary"]["init"] == "random"
     assert AutoTokenizer.from_pretrained(rec["outputs"]["path"]).get_vocab() == \
@@ -172,7 +172,7 @@ def test_a_layer_spec_the_teacher_cannot_take_is_a_config_error_before_calibrati
 
     teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
     save_file({"input_ids": torch.randint(0, 300, (4, 16), dtype=torch.int32)}, str(tmp_path / "seqs.safetensors"))
-    records = {"teacher": {"outputs": {"path": str(teacher)}},
+    records = {"teacher_tune": {"outputs": {"path": str(teacher)}},
                "data": {"outputs": {"sequences": str(tmp_path / "seqs.safetensors")}}}
     for spec, message in (("student_options.keep_layers=top_16", "does not fit this 4-layer teacher"),
                           ("student_options.method=select student_options.ffn_width=999", "ffn_width=999")):

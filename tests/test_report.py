@@ -87,6 +87,18 @@ def test_write_report_minimal(tmp_path: Path) -> None:
     assert "missing image: nope.png" in out["html"].read_text()
 
 
+def test_heatmaps_link_relative_through_a_symlinked_run_folder(tmp_path: Path) -> None:
+    """runs/ may be a link to another disk: the report still links its heatmaps relative to itself."""
+    real = tmp_path / "disk" / "run"
+    (real / "router").mkdir(parents=True)
+    (real / "router" / "load.png").write_bytes(PNG_MAGIC)
+    (tmp_path / "runs").symlink_to(tmp_path / "disk")
+    linked = tmp_path / "runs" / "run"
+    out = write_report({"run": {"name": "linked"}, "router": {"heatmaps": [str(linked / "router" / "load.png")]}},
+                       linked)
+    assert "![load](router/load.png)" in out["md"].read_text()
+
+
 def test_retained_value() -> None:
     assert retained_value(0.5, 0.4, True) == pytest.approx(0.8)
     assert retained_value(10.0, 12.5, False) == pytest.approx(0.8)  # perplexity up 25% -> 80% kept

@@ -128,3 +128,21 @@ def test_autocast_experts_match_transformers_path_and_train_fp32_masters() -> No
     (l0, g0), (l1, g1) = grads.values()
     torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g1, g0, rtol=5e-2, atol=5e-3 * g0.abs().max().item())
+
+
+def test_balance_loss_per_layer_sees_what_pooling_hides() -> None:
+    """Pooled over layers (transformers' form) it equals transformers' loss; per layer it catches two layers
+    that each send every token to one expert, which pooled looks perfectly even."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from teachers.continued_training import balance_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = tuple(torch.randn(64, 4, generator=g) for _ in range(3))
+    torch.testing.assert_close(balance_loss(logits, 2, per_layer=False), load_balancing_loss_func(logits, 4, 2))
+    # Layer 0 prefers experts 0 and 1, layer 1 experts 2 and 3: pooled, each expert gets half the tokens of
+    # one layer, which is even; per layer each layer uses only two of its four experts.
+    skewed = (torch.tensor([[4.0, 4.0, -4.0, -4.0]]).repeat(64, 1), torch.tensor([[-4.0, -4.0, 4.0, 4.0]]).repeat(64, 1))
+    pooled, per_layer = balance_loss(skewed, 2, per_layer=False), balance_loss(skewed, 2, per_layer=True)
+    assert pooled == pytest.approx(2.0, abs=1e-2)  # the floor: top_k
+    assert per_layer == pytest.approx(4.0, abs=1e-2)  # every assignment on experts holding all the probability
