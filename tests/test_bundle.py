@@ -85,3 +85,23 @@ def test_the_pipeline_names_a_folder_that_is_not_a_bundle(tmp_path: Path) -> Non
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3
     assert "error (BundleError)" in proc.stderr and "make bundle" in proc.stderr
+
+
+def test_a_venv_made_from_a_venv_python_sees_its_packages(tmp_path: Path) -> None:
+    """`make install` from a bundle on an image whose Python is itself a venv (as the GPU image's is): the new
+    venv's --system-site-packages would see only the base interpreter, so `link-site` adds this venv's
+    packages (here torch, which the base interpreter lacks), behind the new venv's own."""
+    import subprocess
+    import sys
+
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests run in the project venv; here they do not")
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    probe = [str(venv / "bin" / "python"), "-c", "import torch; print(torch.__file__)"]
+    assert subprocess.run(probe, capture_output=True).returncode != 0  # the base interpreter has no torch
+    done = subprocess.run([sys.executable, "-m", "resources.bundle", "link-site", str(venv)], capture_output=True,
+                          text=True, check=True)
+    assert "also sees" in done.stdout
+    found = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert found.startswith(sys.prefix)
