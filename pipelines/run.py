@@ -124,6 +124,8 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
     # full disk in the bookkeeping) is handed to them as an error instead of leaving them waiting.
     handoff_due = True
     try:
+        if rec is None:  # before the stage's MLflow run opens or anything of its folder changes
+            deadline.check_stage_start(stage.name)
         with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
             mlflow.log_params(flat_params(cfg_part))
             if rec is not None:
@@ -133,7 +135,6 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
                 mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
                 log_metrics(rec.get("metrics", {}))
                 return rec
-            deadline.check_stage_start(stage.name)  # before anything of the stage's folder changes
             old = read_stage(out)
             if old and old.get("input_hash") != h and out.exists():
                 # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.

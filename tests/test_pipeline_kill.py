@@ -95,3 +95,9 @@ def test_time_limit_stops_before_a_stage_and_says_to_rerun(tiny_moe_dir: Path, t
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "stopped for the time limit" in proc.stderr and "run the same command again" in proc.stderr
     assert not (tmp_path / "runs" / "limited" / "teacher").exists()
+    # The stopped stage opened no MLflow run either: the UI shows no empty "teacher" stage for this call.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert not [r for r in runs if r.data.tags.get("stage") == "teacher"]
