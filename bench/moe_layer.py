@@ -2,7 +2,7 @@
 
     python -m bench.moe_layer [--out bench/results/moe_layer.csv] [--quick] [--no-model] [--sweep]
 
-For the OLMoE-1B-7B, Qwen3-30B-A3B and Mixtral-8x7B layer shapes at T in {1, 16, 256, 4096, 16384}, with
+For the OLMoE-1B-7B, Qwen3-30B-A3B, SmolLM2-MoE (our PRESET=h100 teacher) and Mixtral-8x7B layer shapes at T in {1, 16, 256, 4096, 16384}, with
 skewed routing (Zipf-like expert popularity, as trained routers show), it times one MoE block (router +
 experts) per provider and reports time, TFLOP/s and the share of the physical floor, where
 floor = max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both ceilings measured at the
@@ -35,11 +35,16 @@ SHAPES = {
                                             num_key_value_heads=4, head_dim=128, num_experts=128,
                                             num_experts_per_tok=8, norm_topk_prob=True,
                                             max_position_embeddings=4096),
+    # The PRESET=h100 teacher: SmolLM2-135M upcycled to 8 experts, top-2; experts far narrower than the others.
+    "smollm2-moe": lambda: MixtralConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=8192),
     "mixtral-8x7b": lambda: MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                                           num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
                                           num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096),
 }
-MODEL_NOTE = {"olmoe-1b-7b": "16 of 16 layers", "qwen3-30b-a3b": "12 of 48 layers", "mixtral-8x7b": "4 of 32 layers"}
+MODEL_NOTE = {"olmoe-1b-7b": "16 of 16 layers", "qwen3-30b-a3b": "12 of 48 layers", "smollm2-moe": "30 of 30 layers",
+              "mixtral-8x7b": "4 of 32 layers"}
 TOKENS = [1, 16, 256, 4096, 16384]
 PROVIDERS = ["eager", "grouped_mm", "fused_triton"]
 ZIPF = 1.0  # expert popularity ~ 1/rank^ZIPF
@@ -66,7 +71,7 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
     """Time one MoE block (router + experts) per provider and token count."""
     register()
     cfg._experts_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(_one_layer(cfg), dtype=torch.bfloat16).cuda().eval()
+    model = AutoModelForCausalLM.from_config(one_layer(cfg), dtype=torch.bfloat16).cuda().eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
     block = model.model.layers[0].mlp
     with torch.no_grad():
@@ -94,7 +99,7 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
         rows.append({**base, "provider": "floor", "metric": "time", "value": round(floor * 1e6, 2), "unit": "us"})
         ref = None
         for prov in PROVIDERS:
-            _set_provider(model, prov)
+            set_provider(model, prov)
             with torch.no_grad():
                 out = block(x)
                 if ref is None:
@@ -107,7 +112,7 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
             if T <= 256 and prov != "eager":
                 # Few tokens: launches, not the GPU, set the pace. Replaying a CUDA graph shows the GPU-side time
                 # (what a decode loop with graphs gets); both paths are capturable (no host syncs).
-                tg = _graph_time(lambda: block(x))
+                tg = graph_time(lambda: block(x))
                 if tg is not None:
                     rows += _perf_rows(base, prov + "+cudagraph", tg, flops, floor, err)
                     print(f"{'':14s} {'':8s} {prov + '+graph':13s} {tg * 1e6:10.1f} us  floor share {floor / tg:6.1%}",
@@ -138,7 +143,7 @@ def _breakdown(block, x, base, floor) -> list[dict]:
     rows = []
     for name, fn in parts.items():
         t = bench(fn, reps=30)
-        tg = _graph_time(fn)
+        tg = graph_time(fn)
         rows.append({**base, "provider": f"fused_triton:{name}", "metric": "time", "value": round(t * 1e6, 2),
                      "unit": "us"})
         if tg is not None:
@@ -148,7 +153,7 @@ def _breakdown(block, x, base, floor) -> list[dict]:
     return rows
 
 
-def _graph_time(fn) -> float | None:
+def graph_time(fn) -> float | None:
     """Median time of a CUDA-graph replay of fn, or None when fn cannot be captured."""
     try:
         s = torch.cuda.Stream()
@@ -222,7 +227,7 @@ def _sweep(block, x, base, floor) -> list[dict]:
     return rows
 
 
-def _one_layer(cfg):
+def one_layer(cfg):
     c = cfg.__class__.from_dict(cfg.to_dict())
     c.num_hidden_layers = 1
     c.vocab_size = 128
@@ -230,7 +235,7 @@ def _one_layer(cfg):
     return c
 
 
-def _set_provider(model, prov: str) -> None:
+def set_provider(model, prov: str) -> None:
     if prov == "fused_triton":
         enable_fused_moe(model)
         return
@@ -258,7 +263,7 @@ def model_rows(shape: str, cfg, stamp: str, gpu: str, batch: int, seq: int) -> l
                 p.normal_(0, 0.02, generator=gen)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=gen)
     for prov in PROVIDERS:
-        _set_provider(model, prov)
+        set_provider(model, prov)
         with torch.no_grad():
             t = bench(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), reps=5, warm=2)
         rows.append({**base, "provider": prov, "metric": "throughput", "value": round(batch * seq / t),

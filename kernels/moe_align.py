@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import fast
+
 # Small routings (decode, small batches; launch count dominates there) are aligned by a single program in one
 # launch, which holds a [slots, experts] one-hot in registers: cap its size.
 SINGLE_PROGRAM_MAX_ELEMENTS = 16384
@@ -125,14 +127,14 @@ def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
     block_e = max(16, triton.next_power_of_2(num_experts))
     block_n = max(16, triton.next_power_of_2(n))
     if block_n * block_e <= SINGLE_PROGRAM_MAX_ELEMENTS:
-        _align_small_kernel[(1,)](ids, sorted_slots, block_expert, num_padded, n, num_experts, p,
+        fast(_align_small_kernel)[(1,)](ids, sorted_slots, block_expert, num_padded, n, num_experts, p,
                                   BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=64, num_warps=8)
         return Alignment(sorted_slots, block_expert, num_padded, block_m)
     counts = torch.zeros(num_experts, device=dev, dtype=torch.int32)
     cursor = torch.empty(num_experts, device=dev, dtype=torch.int32)
     block = 1024
-    _count_fill_kernel[(triton.cdiv(max(n, p), block),)](ids, counts, sorted_slots, n, p, BLOCK=block)
-    _offsets_kernel[(1,)](counts, cursor, block_expert, num_padded, num_experts, nb,
+    fast(_count_fill_kernel)[(triton.cdiv(max(n, p), block),)](ids, counts, sorted_slots, n, p, BLOCK=block)
+    fast(_offsets_kernel)[(1,)](counts, cursor, block_expert, num_padded, num_experts, nb,
                           BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
-    _scatter_kernel[(triton.cdiv(n, block),)](ids, cursor, sorted_slots, n, BLOCK=block)
+    fast(_scatter_kernel)[(triton.cdiv(n, block),)](ids, cursor, sorted_slots, n, BLOCK=block)
     return Alignment(sorted_slots, block_expert, num_padded, block_m)

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from kernels.interpreter import INTERPRETED
+from kernels.launch import fast
 from kernels.moe_align import align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
 from kernels.moe_grouped_gemm import ACTIVATIONS, down_kernel, gate_up_kernel
@@ -69,6 +70,19 @@ class TileConfig:
     per_slot: bool = False  # down GEMM only: per-slot stores + a sum over k instead of float32 atomics
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """Decode path: output columns per program, input elements per step, warps (see moe_gemv)."""
+
+    block_n: int = 16
+    block_k: int = 512
+    num_warps: int = 4
+
+
+# Narrow column tiles, long rows: enough programs to cover every SM, 16 KiB+ in flight per program.
+GEMV_DEFAULT = GemvConfig()
+
+
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
     """Tile configs for (gate/up, down) from the mean rows per expert.
 
@@ -95,11 +109,13 @@ def fused_experts(
     activation: str = "silu",
     configs: tuple[TileConfig, TileConfig] | None = None,
     force_path: str | None = None,
+    gemv: tuple[GemvConfig, GemvConfig] | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * Down_e(act(Gate_e x_t) * Up_e x_t), e = topk_ids[t, j].
 
     hidden: [T, H] bf16/fp16/fp32; topk_weights: [T, k] (any float dtype); topk_ids: [T, k] int.
-    Returns [T, H] in hidden's dtype. force_path: "gemv" or "grouped" (tests, benchmarks).
+    Returns [T, H] in hidden's dtype. force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up,
+    down) tiles of the grouped path, gemv: (gate/up, down) of the decode path (default: tables, GEMV_DEFAULT).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of {sorted(ACTIVATIONS)}")
@@ -121,16 +137,16 @@ def fused_experts(
     path = force_path or ("gemv" if T <= GEMV_MAX_TOKENS else "grouped")
 
     if path == "gemv":
+        gu, gd = gemv or (GEMV_DEFAULT, GEMV_DEFAULT)
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
-        # Narrow column tiles, long rows: enough programs to cover every SM, 16 KiB+ in flight per program.
-        bn, bk = 16, 512
-        gate_up_gemv_kernel[(T * k, triton.cdiv(I, bn))](
+        fast(gate_up_gemv_kernel)[(T * k, triton.cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
-            gate_off, up_off, row_mult, TOP_K=k, ACT=act, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+            gate_off, up_off, row_mult, TOP_K=k, ACT=act, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+            num_warps=gu.num_warps)
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
-        down_gemv_kernel[(T, triton.cdiv(H, bn))](
+        fast(down_gemv_kernel)[(T, triton.cdiv(H, gd.block_n))](
             inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
-            TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+            TOP_K=k, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k, num_warps=gd.num_warps)
         return out
 
     cfg_up, cfg_down = configs or pick_configs(T, k, E)
@@ -141,7 +157,7 @@ def fused_experts(
     P = al.sorted_slots.numel()
     inter = torch.empty(P, I, device=x.device, dtype=out_dtype)
     c = cfg_up
-    gate_up_kernel[(P // c.block_m * triton.cdiv(I, c.block_n),)](
+    fast(gate_up_kernel)[(P // c.block_m * triton.cdiv(I, c.block_n),)](
         x, weights.gate_up, inter, al.sorted_slots, al.block_expert, al.num_padded,
         T * k, P, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0), gate_off, up_off, row_mult,
         TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
@@ -153,7 +169,7 @@ def fused_experts(
     else:
         # k == 1 stores each row once (no atomics), straight in the output dtype.
         acc = torch.zeros(T, H, device=x.device, dtype=torch.float32) if k > 1 else torch.empty_like(x)
-    down_kernel[(P // c.block_m * triton.cdiv(H, c.block_n),)](
+    fast(down_kernel)[(P // c.block_m * triton.cdiv(H, c.block_n),)](
         inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
         T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
         TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import INTERPRETED
+from kernels.launch import fast
 
 SOFTMAX, SIGMOID = 0, 1
 
@@ -177,7 +178,7 @@ def route(
         block_t, block_h, warps = 16, max(32, min(256, 16384 // block_e // (2 if spec.fp32_logits else 1))), 8
     if bias is not None:
         bias = bias.contiguous()
-    _router_kernel[(triton.cdiv(T, block_t),)](
+    fast(_router_kernel)[(triton.cdiv(T, block_t),)](
         hidden, weight, bias if bias is not None else topw, logits, topw, topi,
         T, H, E, hidden.stride(0), weight.stride(0), float(spec.scaling),
         SCORING=SOFTMAX if spec.scoring == "softmax" else SIGMOID, RENORM=spec.renormalize,

@@ -1,0 +1,131 @@
+"""A shorter host path for launching our Triton kernels: `fast(kernel)[grid](*args, **constexprs)`.
+
+At a handful of tokens an MoE block is a few small launches, and the host, not the GPU, sets the pace
+(kernels/NOTES.md: about 60-70 us of CPU per launch against 16-20 us of GPU time for the router). Triton's
+`JITFunction.run` redoes per launch what does not change between decode steps: option parsing, the
+specialisation of every argument, a string cache key, the check of used globals, the launch metadata.
+
+`FastKernel` keeps the compiled kernel of each specialisation in a dict keyed by a tuple it computes itself,
+and launches it through the compiled kernel's own launcher. The key holds everything Triton specialises on
+(each tensor's dtype and 16-byte alignment; each integer's equality to 1, divisibility by 16 and width; every
+constexpr value; num_warps, num_stages; the device), and more, so a hit always runs the binary that Triton's own
+path would pick. A miss goes through Triton's path, which compiles if needed and returns the compiled kernel.
+
+The short path is taken only where it is sound: on a GPU (never under the interpreter), outside torch.compile's
+tracing (which knows Triton's own launch), with no launch hooks installed (profilers), and while
+`DISTILL_FAST_LAUNCH` is not "0". If the compiled kernel's launcher does not take the call (another Triton
+version), the short path turns itself off for the process, logs why, and the launch goes through Triton's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+from triton import knobs
+
+from kernels.interpreter import INTERPRETED
+
+log = logging.getLogger(__name__)
+ENV = "DISTILL_FAST_LAUNCH"
+_INT32 = (-(2**31), 2**31)
+_state = {"broken": ""}  # why the short path was turned off for this process ("" while it works)
+_OPTIONS = {"num_warps", "num_stages"}  # launch options the key covers; any other option takes Triton's path
+
+
+def enabled() -> bool:
+    """Whether launches may take the short path in this process (env switch, interpreter, earlier failure)."""
+    return not INTERPRETED and os.environ.get(ENV, "1") != "0" and not _state["broken"]
+
+
+def _hook_set(hook: Any) -> bool:
+    # None (older Triton) or an empty HookChain (Triton 3.6+ always holds one) means nobody listens.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooks_installed() -> bool:
+    runtime = knobs.runtime
+    return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
+
+
+def _raw_stream(device: int) -> int:
+    # The handle of torch's current stream, as Triton's own driver takes it (a capture stream during capture).
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get(device) if get is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+def arg_key(value: Any) -> Any:
+    """What Triton may specialise a runtime argument on, as a hashable value (a superset of its key)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):  # before int: bool is an int
+        return "i1", value
+    if isinstance(value, int):
+        width = 0 if _INT32[0] <= value < _INT32[1] else (1 if -(2**63) <= value < 2**63 else 2)
+        return "int", value == 1, value % 16 == 0, width
+    if isinstance(value, float):
+        return "fp32"
+    return value  # None, a dtype, or another hashable constant
+
+
+class FastKernel:
+    """Wraps a `triton.jit` function; `FastKernel(k)[grid](*args, num_warps=, num_stages=, **constexprs)` launches
+    like `k[grid](...)`. Runtime arguments positional, in the kernel's order; constexprs by name."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        params = getattr(fn, "params", None) or []  # an interpreted kernel has none: it never takes the short path
+        self.names: list[str] = [p.name for p in params]
+        self.is_constexpr: list[bool] = [bool(p.is_constexpr) for p in params]
+        self.compiled: dict[tuple, Any] = {}
+        self.hits = 0  # launches that took the short path (tests, benchmarks)
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def _key(self, args: tuple, kwargs: dict[str, Any], device: int) -> tuple[tuple, list]:
+        full = list(args)
+        for name in self.names[len(args):]:
+            full.append(kwargs[name])  # KeyError: a missing argument, reported by Triton's own path
+        spec = [v if c else arg_key(v) for v, c in zip(full, self.is_constexpr)]
+        return (device, kwargs.get("num_warps"), kwargs.get("num_stages"), *spec), full
+
+    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
+        """Launch on the current CUDA stream (so CUDA-graph capture sees it), through the short path when sound."""
+        if (not enabled() or not self.names or not _OPTIONS.issuperset(set(kwargs).difference(self.names))
+                or torch.compiler.is_compiling() or _hooks_installed()):
+            self.fn[grid](*args, **kwargs)
+            return
+        device = torch.cuda.current_device()
+        try:
+            key, full = self._key(args, kwargs, device)
+        except KeyError:
+            self.fn[grid](*args, **kwargs)
+            return
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            self.compiled[key] = self.fn[grid](*args, **kwargs)  # compiles on a first miss; returns the kernel
+            return
+        g0 = grid[0]
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        try:
+            kernel.run(g0, g1, g2, _raw_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
+                       *full)
+        except TypeError as err:  # the launcher of this Triton version takes other arguments
+            _state["broken"] = f"{type(err).__name__}: {err}"
+            log.warning("fast launch off for this process (%s); launching through Triton's own path", _state["broken"])
+            self.fn[grid](*args, **kwargs)
+            return
+        self.hits += 1
+
+
+def fast(fn: Any) -> FastKernel:
+    """The FastKernel of a `triton.jit` function (one per function, so every caller shares its compiled dict)."""
+    wrapped = getattr(fn, "_distill_fast", None)
+    if wrapped is None:
+        wrapped = FastKernel(fn)
+        fn._distill_fast = wrapped
+    return wrapped
