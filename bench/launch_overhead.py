@@ -36,7 +36,8 @@ from kernels.moe_experts import GEMV_DEFAULT, ExpertWeights, GemvConfig, fused_e
 PROVIDERS = {"grouped_mm": ("grouped_mm", "1"), "fused_triton:triton_launch": ("fused_triton", "0"),
              "fused_triton": ("fused_triton", "1")}
 GEMV_CANDIDATES = [GEMV_DEFAULT, GemvConfig(8, 512, 4), GemvConfig(16, 1024, 4), GemvConfig(16, 256, 4),
-                   GemvConfig(32, 256, 4), GemvConfig(32, 512, 8), GemvConfig(16, 512, 8), GemvConfig(64, 128, 4)]
+                   GemvConfig(32, 256, 4), GemvConfig(32, 512, 8), GemvConfig(16, 512, 8), GemvConfig(64, 128, 4),
+                   GemvConfig(32, 1024, 8), GemvConfig(64, 512, 8), GemvConfig(16, 1024, 8)]
 
 
 def host_us(fn: Callable[[], object], calls: int = 50) -> float:

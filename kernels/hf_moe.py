@@ -60,13 +60,21 @@ def fused_triton_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """transformers experts-backend signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-    reason = _unsupported(self, hidden_states)
+    # The verdict and the layout depend on the module, the input's dtype and its device type only: worked out
+    # once per combination, since at decode sizes these attribute lookups cost as much as a kernel launch.
+    key = (hidden_states.dtype, hidden_states.device.type)
+    verdicts = self.__dict__.setdefault("_fused_verdicts", {})
+    got = verdicts.get(key)
+    if got is None:
+        got = verdicts[key] = (_unsupported(self, hidden_states), bool(getattr(self, "is_transposed", False)),
+                               bool(getattr(self, "is_concatenated", True)),
+                               getattr(getattr(self, "config", None), "hidden_act", None))
+    reason, transposed, concatenated, act = got
     if reason is not None:
         _fallback(reason)
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=bool(getattr(self, "is_transposed", False)),
-                            concatenated=bool(getattr(self, "is_concatenated", True)))
-    return fused_experts(hidden_states, weights, top_k_weights, top_k_index, activation=self.config.hidden_act)
+    weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=transposed, concatenated=concatenated)
+    return fused_experts(hidden_states, weights, top_k_weights, top_k_index, activation=act)
 
 
 def register() -> None:
@@ -138,10 +146,14 @@ def install_fused_routers(model: torch.nn.Module) -> tuple[int, list[str]]:
 def enable_fused_moe(model: torch.nn.Module, routers: bool = True) -> dict[str, Any]:
     """Turn on our kernels for a loaded transformers MoE model: experts backend `fused_triton` plus fused routers.
 
+    Whether our kernels cover an experts module is decided at its first forward per input dtype and device type;
+    after changing a module's structure (biases, norms, activation), call this again.
     Returns {"experts_implementation", "routers_fused", "routers_unrecognised"}. Raises ValueError for a model
     whose experts cannot switch implementation (not a transformers MoE with `@use_experts_implementation`).
     """
     register()
+    for module in model.modules():  # verdicts cached by an earlier call are worked out again
+        module.__dict__.pop("_fused_verdicts", None)
     if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
         raise ValueError(f"{type(model).__name__} does not route through transformers' experts interface; "
                          "fused_triton cannot be installed on it")

@@ -6,10 +6,10 @@ At a handful of tokens an MoE block is a few small launches, and the host, not t
 specialisation of every argument, a string cache key, the check of used globals, the launch metadata.
 
 `FastKernel` keeps the compiled kernel of each specialisation in a dict keyed by a tuple it computes itself,
-and launches it through the compiled kernel's own launcher. The key holds everything Triton specialises on
-(each tensor's dtype and 16-byte alignment; each integer's equality to 1, divisibility by 16 and width; every
-constexpr value; num_warps, num_stages; the device), and more, so a hit always runs the binary that Triton's own
-path would pick. A miss goes through Triton's path, which compiles if needed and returns the compiled kernel.
+and launches it through the compiled kernel's own launcher. The key holds everything Triton specialises on, and
+more (each tensor's dtype and 16-byte alignment; each integer's exact value, which covers Triton's equality to 1,
+divisibility by 16 and width; every constexpr value; num_warps, num_stages; the device), so a hit always runs the
+binary that Triton's own path would pick. A miss goes through Triton's path, which compiles if needed and returns the compiled kernel.
 
 The short path is taken only where it is sound: on a GPU (never under the interpreter), outside torch.compile's
 tracing (which knows Triton's own launch), with no launch hooks installed (profilers), and while
@@ -30,8 +30,8 @@ from kernels.interpreter import INTERPRETED
 
 log = logging.getLogger(__name__)
 ENV = "DISTILL_FAST_LAUNCH"
-_INT32 = (-(2**31), 2**31)
 _state = {"broken": ""}  # why the short path was turned off for this process ("" while it works)
+MAX_ENTRIES = 4096  # per kernel; past it the dict starts again (a miss costs one launch through Triton's path)
 _OPTIONS = {"num_warps", "num_stages"}  # launch options the key covers; any other option takes Triton's path
 
 
@@ -57,17 +57,14 @@ def _raw_stream(device: int) -> int:
 
 
 def arg_key(value: Any) -> Any:
-    """What Triton may specialise a runtime argument on, as a hashable value (a superset of its key)."""
+    """A runtime argument as the key holds it: a tensor as (dtype, 16-byte aligned), a float as its type (Triton
+    passes every float as fp32), anything else (ints, bools, None) as itself. Exact integers are a superset of
+    what Triton specialises integers on (equal to 1, divisible by 16, width), and hash faster than that."""
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, bool):  # before int: bool is an int
-        return "i1", value
-    if isinstance(value, int):
-        width = 0 if _INT32[0] <= value < _INT32[1] else (1 if -(2**63) <= value < 2**63 else 2)
-        return "int", value == 1, value % 16 == 0, width
-    if isinstance(value, float):
-        return "fp32"
-    return value  # None, a dtype, or another hashable constant
+    if type(value) is float:
+        return float
+    return value
 
 
 class FastKernel:
@@ -89,8 +86,12 @@ class FastKernel:
         full = list(args)
         for name in self.names[len(args):]:
             full.append(kwargs[name])  # KeyError: a missing argument, reported by Triton's own path
-        spec = [v if c else arg_key(v) for v, c in zip(full, self.is_constexpr)]
-        return (device, kwargs.get("num_warps"), kwargs.get("num_stages"), *spec), full
+        # Inline rather than through arg_key: this runs on every launch, and a call per argument costs more
+        # than the rest of the short path (constexpr values are hashable as they are).
+        tensor = torch.Tensor
+        spec = tuple((v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else (float if type(v) is float else v)
+                     for v in full)
+        return (device, kwargs.get("num_warps"), kwargs.get("num_stages"), spec), full
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
         """Launch on the current CUDA stream (so CUDA-graph capture sees it), through the short path when sound."""
@@ -106,6 +107,8 @@ class FastKernel:
             return
         kernel = self.compiled.get(key)
         if kernel is None:
+            if len(self.compiled) >= MAX_ENTRIES:  # exact integers: many token counts make many keys
+                self.compiled.clear()
             self.compiled[key] = self.fn[grid](*args, **kwargs)  # compiles on a first miss; returns the kernel
             return
         g0 = grid[0]

@@ -83,6 +83,14 @@ class GemvConfig:
 GEMV_DEFAULT = GemvConfig()
 
 
+def pick_gemv(top_k: int) -> tuple[GemvConfig, GemvConfig]:
+    """(gate/up, down) tiles of the decode path. From the H200 sweep in bench/results/launch_overhead_h200.csv
+    (`python -m bench.launch_overhead`, rows `gemv ...`): the down GEMV walks a token's k experts one after
+    another in each program, and at k = 8 (OLMoE, Qwen3) twice the columns and warps per program take the
+    experts' time at T=1 from 85 to 54 us; at k = 2 (Mixtral, SmolLM2-MoE) the narrow default stays best."""
+    return GEMV_DEFAULT, (GemvConfig(32, 512, 8) if top_k >= 4 else GEMV_DEFAULT)
+
+
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
     """Tile configs for (gate/up, down) from the mean rows per expert.
 
@@ -115,7 +123,7 @@ def fused_experts(
 
     hidden: [T, H] bf16/fp16/fp32; topk_weights: [T, k] (any float dtype); topk_ids: [T, k] int.
     Returns [T, H] in hidden's dtype. force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up,
-    down) tiles of the grouped path, gemv: (gate/up, down) of the decode path (default: tables, GEMV_DEFAULT).
+    down) tiles of the grouped path, gemv: (gate/up, down) of the decode path (default: pick_configs, pick_gemv).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of {sorted(ACTIVATIONS)}")
@@ -137,7 +145,7 @@ def fused_experts(
     path = force_path or ("gemv" if T <= GEMV_MAX_TOKENS else "grouped")
 
     if path == "gemv":
-        gu, gd = gemv or (GEMV_DEFAULT, GEMV_DEFAULT)
+        gu, gd = gemv or pick_gemv(k)
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
         fast(gate_up_gemv_kernel)[(T * k, triton.cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),

@@ -41,17 +41,29 @@ def _want(x: torch.Tensor, a: float, b: int, square: bool = False) -> torch.Tens
 
 
 def test_key_separates_what_triton_specialises_on() -> None:
-    """Integers equal to 1, divisible by 16, past int32; tensor dtype and 16-byte alignment; bools apart from ints."""
-    assert arg_key(1) != arg_key(2)
-    assert arg_key(16) != arg_key(17) and arg_key(32) == arg_key(48)
-    assert arg_key(2**31) != arg_key(2**31 - 16) and arg_key(2**63) != arg_key(2**62)
-    assert arg_key(True) != arg_key(1)
-    assert arg_key(0.5) == arg_key(2.0)
+    """Integers equal to 1, divisible by 16, past int32 (exact values cover them); tensor dtype and 16-byte
+    alignment; bools apart from ints; floats all alike (Triton passes them as fp32)."""
+    assert arg_key(1) != arg_key(2) and arg_key(16) != arg_key(17) and arg_key(2**31) != arg_key(2**31 - 16)
+    assert arg_key(True) != arg_key(2)
+    assert arg_key(0.5) == arg_key(2.0) != arg_key(2)
     base = torch.zeros(64, dtype=torch.bfloat16)
     assert arg_key(base) == arg_key(torch.zeros(8, dtype=torch.bfloat16))
     assert arg_key(base) != arg_key(base[1:])  # 2 bytes off: not 16-byte aligned
     assert arg_key(base) != arg_key(base.float())
     assert arg_key(None) is None
+
+
+def test_the_inline_key_is_arg_key() -> None:
+    """The per-launch key, computed inline for speed, holds arg_key of every argument and the options."""
+    k = FastKernel(_axpb_kernel)
+    if not k.names:
+        pytest.skip("an interpreted kernel has no parameter list")
+    x = torch.zeros(8)
+    args = (x, x[1:], 7, 0.5, 16)
+    kw = dict(BLOCK=128, SQUARE=True, num_warps=4)
+    key, full = k._key(args, kw, 0)
+    assert full == [*args, 128, True]
+    assert key == (0, 4, None, tuple(arg_key(v) for v in full))
 
 
 def test_a_launch_hook_sends_launches_through_triton() -> None:
@@ -128,7 +140,7 @@ def test_short_path_is_captured_by_a_cuda_graph() -> None:
 @pytest.mark.skipif(not GPU, reason="the short path exists on a GPU only")
 def test_env_switch_and_moe_kernels_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     """DISTILL_FAST_LAUNCH=0 takes Triton's path; our MoE kernels give identical bits on both paths."""
-    from kernels.moe_experts import ExpertWeights, fused_experts
+    from kernels.moe_experts import ExpertWeights, TileConfig, fused_experts
     from kernels.moe_gemv import gate_up_gemv_kernel
     from kernels.moe_grouped_gemm import gate_up_kernel
 
@@ -141,10 +153,12 @@ def test_env_switch_and_moe_kernels_bit_for_bit(monkeypatch: pytest.MonkeyPatch)
         x = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
         ids = torch.stack([torch.randperm(E, device="cuda", generator=gen)[:k] for _ in range(T)]).int()
         topw = torch.rand(T, k, device="cuda", generator=gen)
+        # Per-slot stores in the down GEMM: no float32 atomics, so the sum order, and the bits, are fixed.
+        tiles = (TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 8, 3, per_slot=True))
         for mode in ("0", "1"):
             monkeypatch.setenv(launch.ENV, mode)
             for _ in range(3):
-                outs[(T, mode)] = fused_experts(x, w, topw, ids)
+                outs[(T, mode)] = fused_experts(x, w, topw, ids, configs=tiles)
         assert torch.equal(outs[(T, "0")], outs[(T, "1")]), T
     assert fast(gate_up_gemv_kernel).hits > 0 and fast(gate_up_kernel).hits > 0
     monkeypatch.setenv(launch.ENV, "0")
