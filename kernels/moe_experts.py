@@ -83,12 +83,13 @@ class GemvConfig:
 GEMV_DEFAULT = GemvConfig()
 
 
-def pick_gemv(top_k: int) -> tuple[GemvConfig, GemvConfig]:
-    """(gate/up, down) tiles of the decode path. From the H200 sweep in bench/results/launch_overhead_h200.csv
-    (`python -m bench.launch_overhead`, rows `gemv ...`): the down GEMV walks a token's k experts one after
-    another in each program, and at k = 8 (OLMoE, Qwen3) twice the columns and warps per program take the
-    experts' time at T=1 from 85 to 54 us; at k = 2 (Mixtral, SmolLM2-MoE) the narrow default stays best."""
-    return GEMV_DEFAULT, (GemvConfig(32, 512, 8) if top_k >= 4 else GEMV_DEFAULT)
+# (gate/up, down) tiles of the decode path, from the H200 sweep in bench/results/launch_overhead_h200.csv
+# (`python -m bench.launch_overhead`, rows `gemv ...`: graph-replay time of the experts at T=1). Each down program
+# walks a token's k experts one after another, so it wants many bytes in flight per step: 1024-wide steps over 8
+# warps took the experts from 84 to 42 us on OLMoE, 82 to 38 on Qwen3, 202 to 182 on Mixtral and 19 to 17 on
+# SmolLM2-MoE, the best of 11 configs on all four (k = 8 and k = 2 alike). Gate/up keeps the default: best or
+# within 3% everywhere.
+GEMV_TILES = (GEMV_DEFAULT, GemvConfig(16, 1024, 8))
 
 
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
@@ -123,7 +124,7 @@ def fused_experts(
 
     hidden: [T, H] bf16/fp16/fp32; topk_weights: [T, k] (any float dtype); topk_ids: [T, k] int.
     Returns [T, H] in hidden's dtype. force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up,
-    down) tiles of the grouped path, gemv: (gate/up, down) of the decode path (default: pick_configs, pick_gemv).
+    down) tiles of the grouped path, gemv: (gate/up, down) of the decode path (default: pick_configs, GEMV_TILES).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of {sorted(ACTIVATIONS)}")
@@ -145,7 +146,7 @@ def fused_experts(
     path = force_path or ("gemv" if T <= GEMV_MAX_TOKENS else "grouped")
 
     if path == "gemv":
-        gu, gd = gemv or pick_gemv(k)
+        gu, gd = gemv or GEMV_TILES
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
         fast(gate_up_gemv_kernel)[(T * k, triton.cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
