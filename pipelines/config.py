@@ -83,7 +83,7 @@ class LogitsConfig:
 @dataclass
 class StudentConfig:
     method: str = "uniform"  # how a derived student's FFN is built from the experts: uniform, frequency, select, svd
-    keep_layers: str = "every_2"  # "all", "every_<n>", "top_<n>" (most influential), or comma-separated indices
+    keep_layers: str = "every_2"  # "all", "every_<n>", "top_<n>" / "top_<p>%" (most influential), or indices
     ffn_width: int = 0  # width of the merged routed experts, 0: one expert's (method=select may set any width)
     svd_rank: int = 0  # method=svd: hidden-space rank kept, 0: full (= frequency)
     calib_sequences: int = 8  # training sequences the teacher's routing and layer influence are measured on

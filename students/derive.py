@@ -27,18 +27,15 @@ _SHARED_PREFIXES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSeek
 
 def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None = None) -> list[int]:
     """`"all"`, `"every_<n>"` (layers 0, n, 2n, ... and always the last), `"top_<n>"` (the n most influential
-    by measured block influence [L], see layer_importance.py), or `"0,3,7"` -> sorted indices."""
+    by measured block influence [L], see layer_importance.py), `"top_<p>%"` (the same for p% of the layers,
+    rounded, at least one: a spec that fits a teacher of any depth), or `"0,3,7"` -> sorted indices."""
     spec = spec.strip()
     if spec == "all":
         return list(range(num_layers))
     if spec.startswith("top_"):
         if influence is None:
             raise ValueError(f"keep_layers '{spec}' needs layer influence measured on calibration text")
-        try:
-            n = int(spec[len("top_"):])
-        except ValueError:
-            raise ValueError(f"keep_layers '{spec}': expected top_<n>") from None
-        return most_influential(influence, n)
+        return most_influential(influence, _top_count(spec, num_layers))
     if spec.startswith("every_"):
         try:
             n = int(spec[len("every_"):])
@@ -61,6 +58,19 @@ def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None
 
 
 @torch.no_grad()
+def _top_count(spec: str, num_layers: int) -> int:
+    body = spec[len("top_"):]
+    try:
+        if body.endswith("%"):
+            share = float(body[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return max(1, round(share / 100 * num_layers))
+        return int(body)
+    except ValueError:
+        raise ValueError(f"keep_layers '{spec}': expected top_<n> or top_<p>% with 0 < p <= 100") from None
+
+
 def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2", method: str = "uniform",
                          ffn_width: int = 0, stats: RoutingStats | None = None,
                          influence: torch.Tensor | None = None, svd_rank: int = 0) -> PreTrainedModel:

@@ -41,6 +41,6 @@ def most_influential(influence: torch.Tensor, n: int) -> list[int]:
     num = influence.numel()
     if not 1 <= n <= num:
         raise ValueError(f"keep_layers top_{n}: n must be between 1 and the teacher's {num} layers; "
-                         f"set SET=\"student_options.keep_layers=top_<n>\" (or every_<n>) for this teacher")
+                         f"set SET=\"student_options.keep_layers=top_<n>\" (or top_<p>%, every_<n>) for this teacher")
     rest = influence[:-1].argsort(descending=True)[:n - 1].tolist()
     return sorted(rest + [num - 1])

@@ -53,9 +53,19 @@ def test_parse_keep_layers() -> None:
     assert parse_keep_layers("all", 3) == [0, 1, 2]
     assert parse_keep_layers("every_2", 6) == [0, 2, 4, 5]
     assert parse_keep_layers("3,0,3", 4) == [0, 3]
-    for bad in ("every_0", "every_x", "7", "a,b", ""):
+    for bad in ("every_0", "every_x", "7", "a,b", "", "top_x", "top_0%", "top_120%", "top_%"):
         with pytest.raises(ValueError):
-            parse_keep_layers(bad, 4)
+            parse_keep_layers(bad, 4, torch.zeros(4))
+
+
+def test_top_share_of_layers_fits_any_depth() -> None:
+    """top_<p>% keeps round(p% of L) layers (at least one), the most influential ones and always the last."""
+    influence = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.4, 0.0, 0.6, 0.7])
+    assert parse_keep_layers("top_50%", 10, influence) == [0, 2, 4, 8, 9]
+    assert parse_keep_layers("top_53%", 30, torch.rand(30)).__len__() == 16  # the default top_16 of 30
+    assert parse_keep_layers("top_53%", 4, torch.rand(4)).__len__() == 2
+    assert parse_keep_layers("top_1%", 4, influence[:4]) == [3]
+    assert parse_keep_layers("top_100%", 4, influence[:4]) == [0, 1, 2, 3]
 
 
 def _save(model: torch.nn.Module, tok_dir: Path, out: Path) -> Path:
