@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from bench.common import bench, start_run, write_rows
-from bench.moe_layer import SHAPES, graph_time, one_layer, set_provider, skew_router
+from bench.moe_layer import SHAPES, graph_time, one_block, set_provider
 from kernels import launch
 from kernels.moe_experts import GEMV_DEFAULT, ExpertWeights, GemvConfig, fused_experts
 
@@ -79,14 +78,7 @@ def profile_rows(fn: Callable[[], object], base: dict, provider: str, calls: int
 
 def block_rows(shape: str, tokens: list[int], gpu: str, stamp: str) -> list[dict]:
     cfg = SHAPES[shape]()
-    cfg._experts_implementation = "grouped_mm"
-    model = AutoModelForCausalLM.from_config(one_layer(cfg), dtype=torch.bfloat16).cuda().eval()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    block = model.model.layers[0].mlp
-    with torch.no_grad():
-        for p in block.experts.parameters():
-            p.normal_(0, 0.02, generator=gen)
-    u = skew_router(block, cfg.hidden_size, gen)
+    model, block, u, gen = one_block(cfg, "grouped_mm")
     rows = []
     for T in tokens:
         x = (torch.randn(1, T, cfg.hidden_size, device="cuda", generator=gen) + 4 * u).to(torch.bfloat16)

@@ -70,14 +70,7 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
                sweep: bool) -> list[dict]:
     """Time one MoE block (router + experts) per provider and token count."""
     register()
-    cfg._experts_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(one_layer(cfg), dtype=torch.bfloat16).cuda().eval()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    block = model.model.layers[0].mlp
-    with torch.no_grad():
-        for p in block.experts.parameters():
-            p.normal_(0, 0.02, generator=gen)
-    u = skew_router(block, cfg.hidden_size, gen)
+    model, block, u, gen = one_block(cfg, "eager")
     E = block.gate.weight.shape[0]
     k = cfg.num_experts_per_tok
     H = cfg.hidden_size
@@ -225,6 +218,21 @@ def _sweep(block, x, base, floor) -> list[dict]:
     print(f"  best: up {best['up'][1]} down {best['down'][1]}: {best['down'][0] * 1e6:.1f} us experts only "
           f"({floor / best['down'][0]:.1%} of the layer floor)", flush=True)
     return rows
+
+
+def one_block(cfg, impl: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Generator]:
+    """A one-layer bf16 model of `cfg` on the GPU with experts implementation `impl`, its MoE block with random
+    N(0, 0.02) experts and a skewed router (skew_router), the router's preferred direction u [H], and the
+    generator that made them (seeded, so every benchmark sees the same weights)."""
+    cfg._experts_implementation = impl
+    model = AutoModelForCausalLM.from_config(one_layer(cfg), dtype=torch.bfloat16).cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        for p in block.experts.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    u = skew_router(block, cfg.hidden_size, gen)
+    return model, block, u, gen
 
 
 def one_layer(cfg):
