@@ -37,14 +37,14 @@ def _build(config: object) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/latency_h100.csv"))
     ap.add_argument("--layers", type=int, default=16, help="student layers (the default keep_layers=top_16)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     run = start_run("latency")
     if run is None:
-        return
+        return 2
     dense = LlamaConfig(**SMOLLM2_135M)
     teacher_cfg = upcycled_config(dense, num_experts=4, top_k=2)
     student_cfg = twin_config(teacher_cfg, list(range(args.layers)), teacher_cfg.intermediate_size)
@@ -80,7 +80,8 @@ def main() -> None:
                 print(f"speedup vs {teacher:14s} {key:22s} {row['speedup']:.2f}x", flush=True)
     write_rows(args.out, run.rows)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def _forward_rate(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 5) -
     return ids.numel() * repeats / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -49,11 +50,11 @@ def main() -> None:
     ap.add_argument("--expert-matmul", choices=("bf16", "fp32"), default="bf16",
                     help="teacher_tune.expert_matmul: bf16 (teachers/autocast_experts.py) or transformers' fp32")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/preset_probe_h100_<matmul>.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.out = args.out or Path(f"bench/results/preset_probe_h100_{args.expert_matmul}.json")
     if not torch.cuda.is_available():
-        print("no GPU: nothing to probe")
-        return
+        print("bench.preset_probe needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     cfg = upcycled_config(LlamaConfig(**SMOLLM2_135M), num_experts=args.experts, top_k=2)
     torch.manual_seed(0)
@@ -81,7 +82,8 @@ def main() -> None:
     print(json.dumps(result, indent=1, default=str))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
