@@ -9,7 +9,8 @@ specialisation of every argument, a string cache key, the check of used globals,
 and launches it through the compiled kernel's own launcher. The key holds everything Triton specialises on, and
 more (each tensor's dtype and 16-byte alignment; each integer's exact value, which covers Triton's equality to 1,
 divisibility by 16 and width; every constexpr value; num_warps, num_stages; the device), so a hit always runs the
-binary that Triton's own path would pick. A miss goes through Triton's path, which compiles if needed and returns the compiled kernel.
+binary that Triton's own path would pick. A miss goes through Triton's path, which compiles if needed and
+returns the compiled kernel.
 
 The short path is taken only where it is sound: on a GPU (never under the interpreter), outside torch.compile's
 tracing (which knows Triton's own launch), with no launch hooks installed (profilers), and while
@@ -56,10 +57,15 @@ def _raw_stream(device: int) -> int:
     return get(device) if get is not None else torch.cuda.current_stream(device).cuda_stream
 
 
-def arg_key(value: Any) -> Any:
-    """A runtime argument as the key holds it: a tensor as (dtype, 16-byte aligned), a float as its type (Triton
-    passes every float as fp32), anything else (ints, bools, None) as itself. Exact integers are a superset of
-    what Triton specialises integers on (equal to 1, divisible by 16, width), and hash faster than that."""
+def arg_key(value: Any, constexpr: bool = False) -> Any:
+    """An argument as the key holds it: a bool as (bool, value), apart from the int it equals; a constexpr as its
+    value (compiled in); a runtime tensor as (dtype, 16-byte aligned); a runtime float as its type (Triton passes
+    every float as fp32); anything else (ints, None) as itself. Exact integers are a superset of what Triton
+    specialises integers on (equal to 1, divisible by 16, width), and hash faster than that."""
+    if type(value) is bool:
+        return bool, value
+    if constexpr:
+        return value
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
     if type(value) is float:
@@ -86,11 +92,12 @@ class FastKernel:
         full = list(args)
         for name in self.names[len(args):]:
             full.append(kwargs[name])  # KeyError: a missing argument, reported by Triton's own path
-        # Inline rather than through arg_key: this runs on every launch, and a call per argument costs more
-        # than the rest of the short path (constexpr values are hashable as they are).
+        # arg_key inline: this runs on every launch, and a call per argument costs more than the rest of the
+        # short path.
         tensor = torch.Tensor
-        spec = tuple((v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor) else (float if type(v) is float else v)
-                     for v in full)
+        spec = tuple((bool, v) if type(v) is bool else v if c else (v.dtype, v.data_ptr() % 16 == 0)
+                     if isinstance(v, tensor) else float if type(v) is float else v
+                     for v, c in zip(full, self.is_constexpr))
         return (device, kwargs.get("num_warps"), kwargs.get("num_stages"), spec), full
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:

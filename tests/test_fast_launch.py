@@ -44,8 +44,9 @@ def test_key_separates_what_triton_specialises_on() -> None:
     """Integers equal to 1, divisible by 16, past int32 (exact values cover them); tensor dtype and 16-byte
     alignment; bools apart from ints; floats all alike (Triton passes them as fp32)."""
     assert arg_key(1) != arg_key(2) and arg_key(16) != arg_key(17) and arg_key(2**31) != arg_key(2**31 - 16)
-    assert arg_key(True) != arg_key(2)
+    assert arg_key(True) != arg_key(1) and arg_key(True, constexpr=True) != arg_key(1, constexpr=True)
     assert arg_key(0.5) == arg_key(2.0) != arg_key(2)
+    assert arg_key(0.5, constexpr=True) != arg_key(2.0, constexpr=True)  # compiled in: each value its own binary
     base = torch.zeros(64, dtype=torch.bfloat16)
     assert arg_key(base) == arg_key(torch.zeros(8, dtype=torch.bfloat16))
     assert arg_key(base) != arg_key(base[1:])  # 2 bytes off: not 16-byte aligned
@@ -55,15 +56,19 @@ def test_key_separates_what_triton_specialises_on() -> None:
 
 def test_the_inline_key_is_arg_key() -> None:
     """The per-launch key, computed inline for speed, holds arg_key of every argument and the options."""
-    k = FastKernel(_axpb_kernel)
-    if not k.names:
-        pytest.skip("an interpreted kernel has no parameter list")
+    from triton.runtime.jit import JITFunction
+
+    # Under the interpreter the decorated kernel has no parameter list; a JITFunction of the same function has
+    # one (building it needs no GPU, only launching does).
+    k = FastKernel(_axpb_kernel if GPU else JITFunction(_axpb_kernel.fn))
+    assert k.names == ["x_ptr", "out_ptr", "n", "a", "b", "BLOCK", "SQUARE"]
     x = torch.zeros(8)
     args = (x, x[1:], 7, 0.5, 16)
     kw = dict(BLOCK=128, SQUARE=True, num_warps=4)
     key, full = k._key(args, kw, 0)
     assert full == [*args, 128, True]
-    assert key == (0, 4, None, tuple(arg_key(v) for v in full))
+    assert key == (0, 4, None, tuple(arg_key(v, c) for v, c in zip(full, k.is_constexpr)))
+    assert key != k._key((x, x[1:], 7, 0.5, 16), dict(BLOCK=128, SQUARE=1, num_warps=4), 0)[0]
 
 
 def test_a_launch_hook_sends_launches_through_triton() -> None:
