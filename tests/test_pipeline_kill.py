@@ -41,7 +41,8 @@ def _running(stage_dir: Path) -> bool:
         return False
 
 
-def _kill_during(proc: subprocess.Popen, stage_dir: Path, delay: float) -> None:
+def _kill_during(proc: subprocess.Popen, stage_dir: Path, delay: float) -> bool:
+    """SIGKILL `delay` seconds after the stage starts; True when the kill landed inside the stage."""
     deadline = time.monotonic() + 300
     while not _running(stage_dir):
         assert proc.poll() is None, f"run ended before {stage_dir.name}: {proc.stderr.read().decode()[-2000:]}"
@@ -50,6 +51,7 @@ def _kill_during(proc: subprocess.Popen, stage_dir: Path, delay: float) -> None:
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return _running(stage_dir)
 
 
 def _digests(cache: Path) -> dict[str, str]:
@@ -74,10 +76,18 @@ def test_killed_runs_resume_to_the_same_result_and_concurrent_runs_coexist(tiny_
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     killed = runs / "killed"
+    landed = 0
     for stage in ("logits", "distill"):
-        delay = rng.uniform(0.0, 3.0)
-        print(f"kill seed {seed}: SIGKILL {delay:.2f} s into {stage}")
-        _kill_during(_start(tiny_moe_dir, runs, "killed", env), killed / stage, delay)
+        if (killed / stage / "stage.json").exists() and not _running(killed / stage):
+            print(f"{stage} finished before the previous kill: nothing left to kill in it")
+            continue
+        # A random point inside the stage: a share of what it took in run A (which shared the machine with B,
+        # so a solo run is faster), not a fixed number of seconds a fast machine could finish the stage in.
+        took = json.loads((runs / "plain" / stage / "stage.json").read_text())["seconds"]
+        delay = rng.uniform(0.05, 0.4) * took
+        print(f"kill seed {seed}: SIGKILL {delay:.2f} s into {stage} (run A's took {took:.1f} s)")
+        landed += _kill_during(_start(tiny_moe_dir, runs, "killed", env), killed / stage, delay)
+    assert landed, "no kill landed inside a stage: nothing was resumed"
     _finish(_start(tiny_moe_dir, runs, "killed", env), "the resumed run")
     assert _digests(killed / "logits" / "cache") == _digests(runs / "plain" / "logits" / "cache")
     got = json.loads((killed / "report.json").read_text())
