@@ -57,7 +57,6 @@ def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None
     return keep
 
 
-@torch.no_grad()
 def _top_count(spec: str, num_layers: int) -> int:
     body = spec[len("top_"):]
     try:
@@ -71,6 +70,7 @@ def _top_count(spec: str, num_layers: int) -> int:
         raise ValueError(f"keep_layers '{spec}': expected top_<n> or top_<p>% with 0 < p <= 100") from None
 
 
+@torch.no_grad()
 def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2", method: str = "uniform",
                          ffn_width: int = 0, stats: RoutingStats | None = None,
                          influence: torch.Tensor | None = None, svd_rank: int = 0) -> PreTrainedModel:
