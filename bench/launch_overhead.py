@@ -68,8 +68,8 @@ def profile_rows(fn: Callable[[], object], base: dict, provider: str, calls: int
     entries = sorted(((tt, f"{Path(file).name}:{line}:{name}") for (file, line, name), (_, _, tt, _, _) in
                       stats.items()), reverse=True)
     total = sum(tt for tt, _ in entries)
-    rows = [{**base, "provider": f"profile:{provider}", "metric": "host_us:total", "value": round(total / calls * 1e6, 2),
-             "unit": "us"}]
+    rows = [{**base, "provider": f"profile:{provider}", "metric": "host_us:total",
+             "value": round(total / calls * 1e6, 2), "unit": "us"}]
     for tt, where in entries[:top]:
         rows.append({**base, "provider": f"profile:{provider}", "metric": f"host_us:{where}",
                      "value": round(tt / calls * 1e6, 2), "unit": "us"})

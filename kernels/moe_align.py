@@ -128,13 +128,13 @@ def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
     block_n = max(16, triton.next_power_of_2(n))
     if block_n * block_e <= SINGLE_PROGRAM_MAX_ELEMENTS:
         fast(_align_small_kernel)[(1,)](ids, sorted_slots, block_expert, num_padded, n, num_experts, p,
-                                  BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=64, num_warps=8)
+                                        BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=64, num_warps=8)
         return Alignment(sorted_slots, block_expert, num_padded, block_m)
     counts = torch.zeros(num_experts, device=dev, dtype=torch.int32)
     cursor = torch.empty(num_experts, device=dev, dtype=torch.int32)
     block = 1024
     fast(_count_fill_kernel)[(triton.cdiv(max(n, p), block),)](ids, counts, sorted_slots, n, p, BLOCK=block)
     fast(_offsets_kernel)[(1,)](counts, cursor, block_expert, num_padded, num_experts, nb,
-                          BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
+                                BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
     fast(_scatter_kernel)[(triton.cdiv(n, block),)](ids, cursor, sorted_slots, n, BLOCK=block)
     return Alignment(sorted_slots, block_expert, num_padded, block_m)
