@@ -25,6 +25,8 @@ from kernels.launch import fast
 # Small routings (decode, small batches; launch count dominates there) are aligned by a single program in one
 # launch, which holds a [slots, experts] one-hot in registers: cap its size.
 SINGLE_PROGRAM_MAX_ELEMENTS = 16384
+# Larger routings: aim for about this many programs (two per SM of an H100/H200); each takes up to 16 steps.
+TARGET_PROGRAMS = 264
 
 
 class Alignment(NamedTuple):
@@ -72,47 +74,77 @@ def _align_small_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, N
 
 
 @triton.jit
-def _count_fill_kernel(ids_ptr, counts_ptr, sorted_ptr, N, P, BLOCK: tl.constexpr):
-    # Grid over max(N, P): count each slot's expert and fill the sorted buffer with the sentinel N.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=0)
-    tl.atomic_add(counts_ptr + ids, 1, mask=offs < N)
-    tl.store(sorted_ptr + offs, N, mask=offs < P)
+def _histogram_kernel(ids_ptr, counts_ptr, sorted_ptr, N, P, per_prog, fill_per_prog,
+                      SUB: tl.constexpr, BLOCK_E: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    # Program p counts the experts of its slots [p*per_prog, (p+1)*per_prog) into its own row counts[p, :]: no
+    # atomics (every slot of a hot expert on one counter serialised in L2: 150 us at 32K slots), and fills its
+    # share of the sorted buffer with the sentinel N.
+    pid = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for s0 in range(0, per_prog, SUB):
+        n = pid * per_prog + s0 + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + n, mask=n < N, other=BLOCK_E)  # BLOCK_E matches no expert column
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + pid * BLOCK_E + e, counts)
+    for f0 in range(0, fill_per_prog, FILL_BLOCK):
+        f = pid * fill_per_prog + f0 + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ptr + f, N, mask=(f < P) & (f0 + tl.arange(0, FILL_BLOCK) < fill_per_prog))
 
 
 @triton.jit
-def _offsets_kernel(counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, E, NB,
-                    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
-    # One program: padded prefix sums, per-expert write cursors, and the expert of every tile.
+def _prefix_kernel(counts_ptr, base_ptr, block_expert_ptr, num_padded_ptr, E, NP, NB,
+                   BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    # One program: expert totals, padded starts, each (program, expert)'s first row (the expert's start plus the
+    # counts of the programs before it), the row count in use and the expert of every tile.
     e = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + e, mask=e < E, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    r = tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for r0 in range(0, NP, BLOCK_R):
+        rows = r0 + r
+        total += tl.sum(tl.load(counts_ptr + rows[:, None] * BLOCK_E + e[None, :], mask=rows[:, None] < NP,
+                                other=0), axis=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
-    total = tl.sum(padded, axis=0)
-    tl.store(cursor_ptr + e, starts, mask=e < E)
-    tl.store(num_padded_ptr, total)
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    running = starts
+    for r0 in range(0, NP, BLOCK_R):
+        rows = r0 + r
+        c = tl.load(counts_ptr + rows[:, None] * BLOCK_E + e[None, :], mask=rows[:, None] < NP, other=0)
+        tl.store(base_ptr + rows[:, None] * BLOCK_E + e[None, :], tl.cumsum(c, axis=0) - c + running[None, :],
+                 mask=rows[:, None] < NP)
+        running += tl.sum(c, axis=0)
+    total_rows = tl.sum(padded, axis=0)
     for b0 in range(0, NB, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         row = b * BLOCK_M
         owner = tl.sum(((ends[None, :] <= row[:, None]) & (e[None, :] < E)).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(row < total, owner, -1), mask=b < NB)
+        tl.store(block_expert_ptr + b, tl.where(row < total_rows, owner, -1), mask=b < NB)
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=0)
-    pos = tl.atomic_add(cursor_ptr + ids, 1, mask=offs < N)
-    tl.store(sorted_ptr + pos, offs, mask=offs < N)
+def _scatter_kernel(ids_ptr, base_ptr, sorted_ptr, N, per_prog, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
+    # Program p writes its slots at their expert's rows from base[p, :] on, in slot order (ranks by a cumsum
+    # over a one-hot tile): deterministic, and no atomics.
+    pid = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    base = tl.load(base_ptr + pid * BLOCK_E + e)
+    for s0 in range(0, per_prog, SUB):
+        n = pid * per_prog + s0 + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + n, mask=n < N, other=BLOCK_E)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)
+        pos = tl.sum(onehot * base[None, :], axis=1) + rank
+        tl.store(sorted_ptr + pos, n, mask=n < N)
+        base += tl.sum(onehot, axis=0)
 
 
 def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Group the routing slots by expert, each expert padded to a multiple of block_m.
 
     topk_ids: [T, k] int32/int64 expert ids in [0, num_experts). Returns an Alignment (see the module doc).
-    Within an expert the slot order is ascending on the single-program path and arbitrary (atomic) otherwise;
-    the GEMMs do not depend on it.
+    Within an expert the slots are in ascending order (on both paths: the result is deterministic).
     """
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"align_slots: block_m must be a power of two >= 16, got {block_m}")
@@ -130,11 +162,18 @@ def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
         fast(_align_small_kernel)[(1,)](ids, sorted_slots, block_expert, num_padded, n, num_experts, p,
                                         BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=64, num_warps=8)
         return Alignment(sorted_slots, block_expert, num_padded, block_m)
-    counts = torch.zeros(num_experts, device=dev, dtype=torch.int32)
-    cursor = torch.empty(num_experts, device=dev, dtype=torch.int32)
-    block = 1024
-    fast(_count_fill_kernel)[(triton.cdiv(max(n, p), block),)](ids, counts, sorted_slots, n, p, BLOCK=block)
-    fast(_offsets_kernel)[(1,)](counts, cursor, block_expert, num_padded, num_experts, nb,
-                                BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_B=64)
-    fast(_scatter_kernel)[(triton.cdiv(n, block),)](ids, cursor, sorted_slots, n, BLOCK=block)
+    # Larger routings: a histogram per program, one prefix program, a scatter per program (ranks from the
+    # histogram, not from atomics). About two programs per SM, each taking SUB-slot steps over its share.
+    sub = max(16, min(256, 8192 // block_e))
+    per_prog = sub * max(1, min(16, triton.cdiv(n, sub * TARGET_PROGRAMS)))
+    n_prog = triton.cdiv(n, per_prog)
+    counts = torch.empty(n_prog, block_e, device=dev, dtype=torch.int32)
+    base = torch.empty(n_prog, block_e, device=dev, dtype=torch.int32)
+    fill = triton.cdiv(p, n_prog)
+    fast(_histogram_kernel)[(n_prog,)](ids, counts, sorted_slots, n, p, per_prog, fill,
+                                       SUB=sub, BLOCK_E=block_e, FILL_BLOCK=1024, num_warps=4)
+    fast(_prefix_kernel)[(1,)](counts, base, block_expert, num_padded, num_experts, n_prog, nb,
+                               BLOCK_E=block_e, BLOCK_R=max(1, 4096 // block_e), BLOCK_M=block_m, BLOCK_B=64,
+                               num_warps=8)
+    fast(_scatter_kernel)[(n_prog,)](ids, base, sorted_slots, n, per_prog, SUB=sub, BLOCK_E=block_e, num_warps=4)
     return Alignment(sorted_slots, block_expert, num_padded, block_m)

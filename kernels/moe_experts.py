@@ -5,15 +5,18 @@ configuration for the shape, and launches with no host synchronisation (CUDA-gra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
 from kernels.launch import fast
-from kernels.moe_align import align_slots
+from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
 from kernels.moe_grouped_gemm import ACTIVATIONS, down_kernel, gate_up_kernel
+from kernels.moe_grouped_tma import down_tma_kernel, gate_up_tma_kernel, tma_layout_ok
 
 # Up to this many tokens the experts run as matrix-vector products (see moe_gemv); above, as grouped GEMMs.
 GEMV_MAX_TOKENS = 4
@@ -68,6 +71,9 @@ class TileConfig:
     num_warps: int
     num_stages: int
     per_slot: bool = False  # down GEMM only: per-slot stores + a sum over k instead of float32 atomics
+    tma: bool = False  # operands through tensor descriptors (moe_grouped_tma) where the layout allows
+    programs_per_sm: int = 0  # tma only: a persistent grid of this many programs per SM; 0: one per tile
+    flatten: bool = False  # tma + persistent only: let Triton pipeline across consecutive tiles of a program
 
 
 @dataclass(frozen=True)
@@ -92,12 +98,28 @@ GEMV_DEFAULT = GemvConfig()
 GEMV_TILES = (GEMV_DEFAULT, GemvConfig(16, 1024, 8))
 
 
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so the persistent loop really loops
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(c: TileConfig, capacity_tiles: int, device: torch.device) -> int:
+    """Grid size of a TMA kernel: persistent (programs_per_sm per SM) or one program per capacity tile."""
+    if c.programs_per_sm <= 0:
+        return capacity_tiles
+    return max(1, min(capacity_tiles, c.programs_per_sm * _sm_count(device)))
+
+
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
     """Tile configs for (gate/up, down) from the mean rows per expert.
 
-    From the H100 sweep in bench/results/moe_sweep_h100.csv (`python -m bench.moe_layer --sweep`): the best
-    config of each shape at T = 256, 4096 and 16384, by mean rows per expert (T*k/E). Per-slot stores beat
-    float32 atomics for the down GEMM once there are many rows per tile."""
+    Up to 384 rows per expert: from the H100 sweep in bench/results/moe_sweep_h100.csv (`python -m bench.moe_layer
+    --sweep`), the best config of each shape at T = 256 and 4096 by mean rows per expert (T*k/E); per-slot stores
+    beat float32 atomics for the down GEMM once there are many rows per tile. Above, 128-row tiles through tensor
+    descriptors (H200, bench/results/moe_gemm_h200.csv, `python -m bench.moe_gemm`): gate/up per tile with four
+    stages, down persistent."""
     rows_per_expert = tokens * top_k / num_experts
     if rows_per_expert <= 8:
         return TileConfig(16, 64, 128, 1, 4, 4), TileConfig(16, 64, 128, 1, 4, 4)
@@ -107,7 +129,8 @@ def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig,
         return TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 8, 3)
     if rows_per_expert <= 384:
         return TileConfig(64, 128, 64, 8, 8, 4), TileConfig(64, 128, 64, 8, 8, 3, per_slot=True)
-    return TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 256, 64, 8, 8, 3, per_slot=True)
+    return (TileConfig(128, 128, 64, 8, 8, 4, tma=True),
+            TileConfig(128, 256, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=1))
 
 
 def fused_experts(
@@ -163,27 +186,70 @@ def fused_experts(
     if cfg_up.block_m != cfg_down.block_m:
         raise ValueError("fused_experts: gate/up and down tile configs must share block_m")
     al = align_slots(ids, E, cfg_up.block_m)
+    inter = grouped_gate_up(x, weights, al, k, act, cfg_up)
+    return grouped_down(inter, weights, al, topw, T, k, cfg_down)
+
+
+def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: int, act: int,
+                    c: TileConfig) -> torch.Tensor:
+    """The gate/up grouped GEMM with the gated activation: x [T, H], al from align_slots(ids [T, k]) with
+    c.block_m. Returns the activation [P, I] in x's dtype, rows in al's sorted order (padding rows unwritten)."""
+    T, H = x.shape
+    E, I = weights.num_experts, weights.intermediate
     P = al.sorted_slots.numel()
-    inter = torch.empty(P, I, device=x.device, dtype=out_dtype)
-    c = cfg_up
+    inter = torch.empty(P, I, device=x.device, dtype=x.dtype)
+    if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
+        # Launched through Triton's own path: these run at large T only, where a launch's host cost is noise, and
+        # the short path does not key descriptor arguments.
+        n = _programs(c, P // c.block_m * triton.cdiv(I, c.block_n), x.device)
+        w_desc = TensorDescriptor(weights.gate_up.view(E * 2 * I, H), [E * 2 * I, H], [H, 1], [c.block_n, c.block_k])
+        gate_up_tma_kernel[(n,)](
+            x, w_desc, inter, al.sorted_slots, al.block_expert, al.num_padded,
+            T * k, H, I, 2 * I, I, n, x.stride(0), inter.stride(0),
+            TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+            EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED, FLATTEN=c.flatten and c.programs_per_sm > 0,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+        return inter
+    g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
     fast(gate_up_kernel)[(P // c.block_m * triton.cdiv(I, c.block_n),)](
         x, weights.gate_up, inter, al.sorted_slots, al.block_expert, al.num_padded,
         T * k, P, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0), gate_off, up_off, row_mult,
         TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED, num_warps=c.num_warps, num_stages=c.num_stages)
-    c = cfg_down
+    return inter
+
+
+def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, topw: torch.Tensor, T: int, k: int,
+                 c: TileConfig) -> torch.Tensor:
+    """The down grouped GEMM with the routing weight and the sum over k: inter [P, I] from grouped_gate_up, topw
+    [T, k] contiguous. Returns [T, H] in inter's dtype."""
+    E, H, I = weights.num_experts, weights.hidden, weights.intermediate
+    P = inter.shape[0]
     per_slot = c.per_slot and k > 1
     if per_slot:
-        acc = torch.empty(T * k, H, device=x.device, dtype=out_dtype)
+        acc = torch.empty(T * k, H, device=inter.device, dtype=inter.dtype)
     else:
         # k == 1 stores each row once (no atomics), straight in the output dtype.
-        acc = torch.zeros(T, H, device=x.device, dtype=torch.float32) if k > 1 else torch.empty_like(x)
-    fast(down_kernel)[(P // c.block_m * triton.cdiv(H, c.block_n),)](
-        inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
-        T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
-        TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, PER_SLOT=per_slot,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        acc = (torch.zeros(T, H, device=inter.device, dtype=torch.float32) if k > 1
+               else torch.empty(T, H, device=inter.device, dtype=inter.dtype))
+    if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
+        n = _programs(c, P // c.block_m * triton.cdiv(H, c.block_n), inter.device)
+        a_desc = TensorDescriptor(inter, [P, I], [inter.stride(0), 1], [c.block_m, c.block_k])
+        w_desc = TensorDescriptor(weights.down.view(E * H, I), [E * H, I], [I, 1], [c.block_n, c.block_k])
+        down_tma_kernel[(n,)](
+            a_desc, w_desc, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
+            T * k, I, H, n, acc.stride(0),
+            TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+            DOT_F32=INTERPRETED, PER_SLOT=per_slot, FLATTEN=c.flatten and c.programs_per_sm > 0,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        d_se, d_sn, d_sk = weights.down_strides()
+        fast(down_kernel)[(P // c.block_m * triton.cdiv(H, c.block_n),)](
+            inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
+            T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
+            TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+            EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, PER_SLOT=per_slot,
+            num_warps=c.num_warps, num_stages=c.num_stages)
     if per_slot:
         return acc.view(T, k, H).sum(dim=1)  # float32 accumulation inside, one launch
-    return acc.to(out_dtype) if k > 1 else acc
+    return acc.to(inter.dtype) if k > 1 else acc

@@ -36,10 +36,9 @@ def gated_act(g, u, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+def tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M consecutive row tiles share each column tile, so the expert's weight tile is
     # read from L2 rather than HBM by the programs running at the same time.
-    pid = tl.program_id(0)
     in_group = GROUP_M * num_pid_n
     group = pid // in_group
     first_m = group * GROUP_M
@@ -50,7 +49,7 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, BLOCK_M: tl.constexpr,
+def tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     # A tile's expert, its sorted rows and their slot ids (padding rows invalid), and its output columns.
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -72,10 +71,10 @@ def gate_up_kernel(
 ):
     """out[row, n] = act(x[tok] . Wg[e, n]) * (x[tok] . Wu[e, n]) for each padded sorted row (N = I)."""
     num_pid_m = P // BLOCK_M
-    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    e, offs_m, slots, valid, offs_n, n_ok = _tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N,
+    e, offs_m, slots, valid, offs_n, n_ok = tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N,
                                                        BLOCK_M, BLOCK_N)
     tok = (slots // TOP_K).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -121,10 +120,10 @@ def down_kernel(
     PER_SLOT: instead, store each weighted row at out[slot] ([T*k, H], the model's dtype) for a later sum over
     k. Plain stores instead of T*k*H float32 atomics: cheaper where the atomics saturate L2 (large T*k)."""
     num_pid_m = P // BLOCK_M
-    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    e, offs_m, slots, valid, offs_n, n_ok = _tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N,
+    e, offs_m, slots, valid, offs_n, n_ok = tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N,
                                                        BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_at + offs_k[None, :]

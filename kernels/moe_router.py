@@ -138,12 +138,14 @@ def route(
     spec: RouterSpec,
     bias: torch.Tensor | None = None,
     weights_dtype: torch.dtype = torch.float32,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens to experts in one kernel launch.
 
     hidden: [T, H] (bf16/fp16/fp32); weight: [E, H] router matrix; bias: optional [E] score-correction bias
     (added for the choice only, as DeepSeek-V3 does). Returns (logits [T, E] in the input dtype, or float32 when
     spec.fp32_logits; top-k weights [T, k] in weights_dtype; top-k expert ids [T, k] int32, best first).
+    tiles: (tokens per program, H step, warps, stages) in place of the built-in choice (benchmarks).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"route: hidden [T, H] and weight [E, H] expected, got {tuple(hidden.shape)} and "
@@ -170,12 +172,14 @@ def route(
     # Keep the [BLOCK_T, BLOCK_E] score tile in registers: fewer tokens per program for wide routers.
     block_t = 16 if block_e >= 128 else 32
     block_h = 64 if block_e >= 128 else 128
-    warps = 4
+    warps, stages = 4, 3
     if T <= 64:
         # Decode: one or few programs stream the whole [E, H] router matrix; fewer, wider steps keep more bytes
         # in flight (each step waits on its loads).
         # A [BLOCK_H, BLOCK_E] weight tile of at most 16K elements (64 KiB at fp32) per step.
         block_t, block_h, warps = 16, max(32, min(256, 16384 // block_e // (2 if spec.fp32_logits else 1))), 8
+    if tiles is not None:
+        block_t, block_h, warps, stages = tiles
     if bias is not None:
         bias = bias.contiguous()
     fast(_router_kernel)[(triton.cdiv(T, block_t),)](
@@ -186,6 +190,6 @@ def route(
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(spec.top_k),
         BLOCK_G=max(2, triton.next_power_of_2(spec.n_group)), DOT_F32=INTERPRETED,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
     return logits, topw, topi

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import moe_align
 from kernels.moe_align import align_slots
 from kernels.moe_experts import ExpertWeights, TileConfig, fused_experts
+from kernels.moe_grouped_tma import tma_layout_ok
 from kernels.moe_router import RouterSpec, route
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,9 +88,15 @@ def test_router_rejects_bad_groups() -> None:
         route(x, torch.randn(10, 16, device=DEV), RouterSpec(top_k=2, n_group=4, topk_group=2))
 
 
-@pytest.mark.parametrize("T,E,k,block_m", [(1, 8, 2, 16), (5, 60, 4, 16), (300, 64, 8, 16), (700, 8, 2, 32),
-                                           (129, 128, 8, 64)])
-def test_alignment_groups_and_pads(T: int, E: int, k: int, block_m: int) -> None:
+@pytest.mark.parametrize("T,E,k,block_m,programs", [(1, 8, 2, 16, None), (5, 60, 4, 16, None),
+                                                    (300, 64, 8, 16, None), (700, 8, 2, 32, None),
+                                                    (129, 128, 8, 64, None), (300, 64, 8, 32, 3),
+                                                    (700, 8, 2, 16, 2)])
+def test_alignment_groups_and_pads(T: int, E: int, k: int, block_m: int, programs: int | None,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """programs: few programs for the large-routing path, so each takes several steps over its slots."""
+    if programs is not None:
+        monkeypatch.setattr(moe_align, "TARGET_PROGRAMS", programs)
     gen = torch.Generator().manual_seed(T * 1000 + E)
     ids = skewed_ids(T, E, k, gen, unused=E // 4)
     al = align_slots(ids.to(DEV), E, block_m)
@@ -106,6 +114,8 @@ def test_alignment_groups_and_pads(T: int, E: int, k: int, block_m: int) -> None
         rows = rows[rows < T * k]
         assert (flat[rows] == block_expert[b]).all(), f"tile {b} mixes experts"
     assert (block_expert[n_pad // block_m:] == -1).all()
+    # Deterministic: expert by expert, the slots in ascending order.
+    assert torch.equal(real, torch.sort(flat * (T * k) + torch.arange(T * k)).indices), "not expert-then-slot order"
 
 
 def ref_experts(x, gate_up, down, topw, topi, act="silu"):
@@ -205,3 +215,41 @@ def test_experts_top1_and_empty() -> None:
     empty = fused_experts(x[:0].to(DEV), ExpertWeights(gate_up.to(DEV), down.to(DEV)), topw[:0].to(DEV),
                           ids[:0].to(DEV))
     assert empty.shape == (0, H)
+
+
+# The activation's padding rows are never written (uninitialised memory, possibly inf/nan); the interpreter warns
+# when it multiplies them. Their outputs are masked at the store, and the test checks the output is finite.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("grid", ["per tile", "persistent", "persistent flatten"])
+@pytest.mark.parametrize("T,E,k,H,I,per_slot", [(97, 8, 2, 96, 80, False), (64, 64, 8, 40, 24, True),
+                                                 (33, 4, 1, 32, 16, False)])
+def test_experts_tma_path_matches_float64(grid: str, T: int, E: int, k: int, H: int, I: int, per_slot: bool) -> None:
+    """The tensor-descriptor GEMMs (kernels.moe_grouped_tma), one program per tile or a persistent grid: odd H and
+    I (column tiles that run into the next expert's rows), unused experts, top-1."""
+    gen = torch.Generator().manual_seed(T + H)
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).bfloat16()
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).bfloat16()
+    ids = skewed_ids(T, E, k, gen, unused=E // 8) if k > 1 else torch.zeros(T, 1, dtype=torch.int32)
+    topw = torch.rand(T, k, generator=gen).softmax(-1)
+    ref = ref_experts(x, gate_up, down, topw, ids)
+    opts = {"per tile": {}, "persistent": {"programs_per_sm": 1},
+            "persistent flatten": {"programs_per_sm": 1, "flatten": True}}[grid]
+    up = TileConfig(16, 32, 32, 2, 4, 2, tma=True, **opts)
+    dn = TileConfig(16, 32, 32, 2, 4, 2, per_slot=per_slot, tma=True, **opts)
+    w = ExpertWeights(gate_up.to(DEV), down.to(DEV))
+    assert tma_layout_ok(w.gate_up, w.down, w.transposed, w.concatenated)
+    out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), configs=(up, dn), force_path="grouped")
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), ref) < 1e-2
+
+
+def test_tma_layout_check_sends_other_layouts_to_the_pointer_kernels() -> None:
+    gate_up, down = torch.zeros(4, 32, 24).bfloat16(), torch.zeros(4, 24, 16).bfloat16()
+    assert tma_layout_ok(gate_up, down, False, True)
+    assert not tma_layout_ok(gate_up, down, True, True)  # transposed
+    assert not tma_layout_ok(gate_up, down, False, False)  # interleaved gate/up rows
+    assert not tma_layout_ok(gate_up.float(), down.float(), False, True)  # fp32 takes the pointer path
+    odd = torch.zeros(4, 32, 20).bfloat16()  # 40-byte rows: not 16-byte aligned
+    assert not tma_layout_ok(odd, torch.zeros(4, 20, 16).bfloat16(), False, True)
+    assert not tma_layout_ok(gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, False, True)  # strided
