@@ -7,7 +7,8 @@ For each layer shape of bench.moe_layer (same random weights, same skewed routin
   over k), and the same split of the stock block (its router; `grouped_mm` experts alone);
 - what the GEMMs could reach: cuBLAS on a dense matmul of the same FLOPs ([T*k, H] x [H, 2I] and
   [T*k, I] x [I, H]), the rate a grouped GEMM would get with no routing, gather or padding;
-- router tiles;
+- the block as a CUDA-graph replay (GPU time alone), and a torch.profiler split of one block call into its
+  kernels' GPU times against the wall time (the rest is the GPU waiting for the host);
 - variants of each grouped GEMM: the pointer kernels (kernels.moe_grouped_gemm) against the tensor-descriptor
   ones (kernels.moe_grouped_tma), one program per tile or persistent, with tile options; each with its TFLOP/s
   and the relative error of the experts' output through it against the pointer kernels' (128-row tiles).
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-import triton
 
 from bench.common import BenchRun, bench, start_run, write_rows
-from bench.moe_layer import SHAPES, one_block, set_provider
+from bench.moe_layer import SHAPES, graph_time, one_block, set_provider
 from kernels.hf_moe import register, router_spec
 from kernels.moe_align import align_slots
 from kernels.moe_experts import (ExpertWeights, TileConfig, fused_experts, grouped_down, grouped_gate_up,
@@ -38,31 +40,41 @@ TOKENS = [4096, 16384]
 T_ = TileConfig  # short rows below
 UP_VARIANTS = {
     "pointer 64x128 s4": T_(64, 128, 64, 8, 8, 4),
-    "tma 64x128 s4": T_(64, 128, 64, 8, 8, 4, tma=True),
-    "tma persistent x2 64x128 s4": T_(64, 128, 64, 8, 8, 4, tma=True, programs_per_sm=2),
     "pointer 128x128 s3": T_(128, 128, 64, 8, 8, 3),
     "tma 128x128 s3": T_(128, 128, 64, 8, 8, 3, tma=True),
     "tma 128x128 s4": T_(128, 128, 64, 8, 8, 4, tma=True),
     "tma persistent 128x128 s3": T_(128, 128, 64, 8, 8, 3, tma=True, programs_per_sm=1),
-    "tma persistent 128x128 s4": T_(128, 128, 64, 8, 8, 4, tma=True, programs_per_sm=1),
-    "tma 128x128 s4 group4": T_(128, 128, 64, 4, 8, 4, tma=True),
 }
 DOWN_VARIANTS = {
     "pointer 64x128 slot s3": T_(64, 128, 64, 8, 8, 3, per_slot=True),
-    "tma 64x128 slot s3": T_(64, 128, 64, 8, 8, 3, per_slot=True, tma=True),
-    "tma persistent x2 64x128 slot s3": T_(64, 128, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=2),
-    "tma persistent x3 64x128 w4 slot s3": T_(64, 128, 64, 8, 4, 3, per_slot=True, tma=True, programs_per_sm=3),
     "pointer 128x256 slot s3": T_(128, 256, 64, 8, 8, 3, per_slot=True),
     "tma persistent 128x256 slot s3": T_(128, 256, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=1),
     "tma persistent flatten 128x256 slot s3": T_(128, 256, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=1,
                                                  flatten=True),
-    "tma persistent 128x256 slot s4": T_(128, 256, 64, 8, 8, 4, per_slot=True, tma=True, programs_per_sm=1),
-    "tma 128x256 slot s4": T_(128, 256, 64, 8, 8, 4, per_slot=True, tma=True),
     "tma persistent x2 128x128 w4 slot s3": T_(128, 128, 64, 8, 4, 3, per_slot=True, tma=True, programs_per_sm=2),
 }
-# Router tiles: (tokens per program, H step, warps, stages).
-ROUTER_VARIANTS = [(16, 64, 4, 3), (16, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 8, 3), (32, 256, 8, 3),
-                   (16, 256, 4, 4), (128, 64, 8, 3), (32, 64, 4, 4)]
+
+
+def kernel_profile(fn: Callable[[], object], calls: int = 5) -> tuple[dict[str, float], float]:
+    """GPU time per call of each kernel fn launches (torch.profiler, CUDA activity), and the wall time per call
+    over the same calls: their difference is time the GPU sat idle, waiting for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / calls
+    per_kernel: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if us > 0 and getattr(evt, "device_type", None) is not None and "CUDA" in str(evt.device_type):
+            per_kernel[evt.key] = per_kernel.get(evt.key, 0.0) + us / calls
+    return per_kernel, wall * 1e6
 
 
 def shape_rows(shape: str, tokens: list[int], run: BenchRun, out: Path) -> list[dict]:
@@ -116,11 +128,20 @@ def shape_rows(shape: str, tokens: list[int], run: BenchRun, out: Path) -> list[
             add("fused_triton:sum over k", bench(lambda: per_slot.sum(dim=1), reps=10))
             del per_slot
 
-            for tiles in ROUTER_VARIANTS:
-                if tiles[0] * triton.next_power_of_2(E) > 8192:
-                    continue  # the score tile would not fit in registers
-                add("router bt{} bh{} w{} s{}".format(*tiles),
-                    bench(lambda: route(x, block.gate.weight, spec, tiles=tiles), reps=10))
+            for prov in ("grouped_mm", "fused_triton"):
+                set_provider(model, prov)
+                tg = graph_time(lambda: block(x[None]))
+                if tg is not None:
+                    add(f"{prov}:block+cudagraph", tg)
+                per_kernel, wall = kernel_profile(lambda: block(x[None]))
+                gpu = sum(per_kernel.values())
+                rows.append({**base, "provider": f"{prov}:block", "metric": "gpu_busy_us", "value": round(gpu, 1),
+                             "unit": "us"})
+                print(f"{shape:14s} T={T:6d} {prov}: wall {wall:.0f} us per block, kernels {gpu:.0f} us", flush=True)
+                for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]:
+                    rows.append({**base, "provider": f"{prov}:kernel {name[:80]}", "metric": "gpu_us",
+                                 "value": round(us, 1), "unit": "us"})
+                    print(f"    {us:9.1f} us  {name[:100]}", flush=True)
             cu, cd = pick_configs(T, k, E)
             aligns = {bm: align_slots(topi, E, bm) for bm in (64, 128)}
             for bm, al in aligns.items():

@@ -102,9 +102,10 @@ def layer_rows(shape: str, cfg, peak_flops: float, peak_bw: float, tokens: list[
             rows += _perf_rows(base, prov, t, flops, floor, err)
             print(f"{shape:14s} T={T:6d} {prov:13s} {t * 1e6:10.1f} us  {flops / t / 1e12:7.1f} TFLOP/s  "
                   f"floor share {floor / t:6.1%}  rel.err vs eager {err:.1e}", flush=True)
-            if T <= 256 and prov != "eager":
-                # Few tokens: launches, not the GPU, set the pace. Replaying a CUDA graph shows the GPU-side time
-                # (what a decode loop with graphs gets); both paths are capturable (no host syncs).
+            if prov != "eager":
+                # Replaying a CUDA graph shows the GPU-side time alone: at few tokens launches, not the GPU, set
+                # the pace of plain calls (a decode loop with graphs gets the graph time); at many, the host's time
+                # before the first large GEMM is still in a plain call. Both paths are capturable (no host syncs).
                 tg = graph_time(lambda: block(x))
                 if tg is not None:
                     rows += _perf_rows(base, prov + "+cudagraph", tg, flops, floor, err)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 from triton import knobs
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
 
@@ -57,17 +58,27 @@ def _raw_stream(device: int) -> int:
     return get(device) if get is not None else torch.cuda.current_stream(device).cuda_stream
 
 
+def _desc_key(d: TensorDescriptor) -> tuple:
+    # Triton specialises a host tensor descriptor on its dtype and block shape; shape, strides, padding and the
+    # base's alignment are kept too (a superset), so every T gets its own entry.
+    return (TensorDescriptor, d.base.dtype, tuple(d.block_shape), tuple(d.shape), tuple(d.strides), d.padding,
+            d.base.data_ptr() % 16 == 0)
+
+
 def arg_key(value: Any, constexpr: bool = False) -> Any:
     """An argument as the key holds it: a bool as (bool, value), apart from the int it equals; a constexpr as its
-    value (compiled in); a runtime tensor as (dtype, 16-byte aligned); a runtime float as its type (Triton passes
-    every float as fp32); anything else (ints, None) as itself. Exact integers are a superset of what Triton
-    specialises integers on (equal to 1, divisible by 16, width), and hash faster than that."""
+    value (compiled in); a runtime tensor as (dtype, 16-byte aligned); a host tensor descriptor by _desc_key; a
+    runtime float as its type (Triton passes every float as fp32); anything else (ints, None) as itself. Exact
+    integers are a superset of what Triton specialises integers on (equal to 1, divisible by 16, width), and hash
+    faster than that."""
     if type(value) is bool:
         return bool, value
     if constexpr:
         return value
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() % 16 == 0
+    if type(value) is TensorDescriptor:
+        return _desc_key(value)
     if type(value) is float:
         return float
     return value
@@ -96,7 +107,8 @@ class FastKernel:
         # short path.
         tensor = torch.Tensor
         spec = tuple((bool, v) if type(v) is bool else v if c else (v.dtype, v.data_ptr() % 16 == 0)
-                     if isinstance(v, tensor) else float if type(v) is float else v
+                     if isinstance(v, tensor) else float if type(v) is float else _desc_key(v)
+                     if type(v) is TensorDescriptor else v
                      for v, c in zip(full, self.is_constexpr))
         return (device, kwargs.get("num_warps"), kwargs.get("num_stages"), spec), full
 

@@ -113,13 +113,14 @@ def _programs(c: TileConfig, capacity_tiles: int, device: torch.device) -> int:
 
 
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:
-    """Tile configs for (gate/up, down) from the mean rows per expert.
+    """Tile configs for (gate/up, down) from the mean rows per expert (T*k/E).
 
-    Up to 384 rows per expert: from the H100 sweep in bench/results/moe_sweep_h100.csv (`python -m bench.moe_layer
-    --sweep`), the best config of each shape at T = 256 and 4096 by mean rows per expert (T*k/E); per-slot stores
-    beat float32 atomics for the down GEMM once there are many rows per tile. Above, 128-row tiles through tensor
-    descriptors (H200, bench/results/moe_gemm_h200.csv, `python -m bench.moe_gemm`): gate/up per tile with four
-    stages, down persistent."""
+    Up to 128 rows per expert: from the H100 sweep in bench/results/moe_sweep_h100.csv (`python -m bench.moe_layer
+    --sweep`), the best config of each shape at T = 256 by mean rows per expert. Above: 128-row tiles through
+    tensor descriptors, from the H200 runs of `python -m bench.moe_gemm` (bench/results/moe_gemm_h200*.csv): at
+    256 rows per expert (Qwen3 at T=4096, Mixtral at 1024) they beat the 64-row pointer tiles by 13-20% on both
+    GEMMs. Gate/up one program per tile with three stages; down persistent and flattened (its short K loop gains
+    most from overlapping one tile's stores with the next tile's loads), per-slot stores and a sum over k."""
     rows_per_expert = tokens * top_k / num_experts
     if rows_per_expert <= 8:
         return TileConfig(16, 64, 128, 1, 4, 4), TileConfig(16, 64, 128, 1, 4, 4)
@@ -127,10 +128,8 @@ def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig,
         return TileConfig(32, 64, 64, 8, 8, 4), TileConfig(32, 128, 64, 8, 4, 4, per_slot=True)
     if rows_per_expert <= 128:
         return TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 8, 3)
-    if rows_per_expert <= 384:
-        return TileConfig(64, 128, 64, 8, 8, 4), TileConfig(64, 128, 64, 8, 8, 3, per_slot=True)
-    return (TileConfig(128, 128, 64, 8, 8, 4, tma=True),
-            TileConfig(128, 256, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=1))
+    return (TileConfig(128, 128, 64, 8, 8, 3, tma=True),
+            TileConfig(128, 256, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=1, flatten=True))
 
 
 def fused_experts(
@@ -164,11 +163,11 @@ def fused_experts(
     out_dtype = hidden.dtype
     if T == 0:
         return torch.empty_like(x)
-    g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
-    d_se, d_sn, d_sk = weights.down_strides()
     path = force_path or ("gemv" if T <= GEMV_MAX_TOKENS else "grouped")
 
     if path == "gemv":
+        g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
+        d_se, d_sn, d_sk = weights.down_strides()
         gu, gd = gemv or GEMV_TILES
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
         fast(gate_up_gemv_kernel)[(T * k, triton.cdiv(I, gu.block_n))](
@@ -199,11 +198,9 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
     P = al.sorted_slots.numel()
     inter = torch.empty(P, I, device=x.device, dtype=x.dtype)
     if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
-        # Launched through Triton's own path: these run at large T only, where a launch's host cost is noise, and
-        # the short path does not key descriptor arguments.
         n = _programs(c, P // c.block_m * triton.cdiv(I, c.block_n), x.device)
         w_desc = TensorDescriptor(weights.gate_up.view(E * 2 * I, H), [E * 2 * I, H], [H, 1], [c.block_n, c.block_k])
-        gate_up_tma_kernel[(n,)](
+        fast(gate_up_tma_kernel)[(n,)](
             x, w_desc, inter, al.sorted_slots, al.block_expert, al.num_padded,
             T * k, H, I, 2 * I, I, n, x.stride(0), inter.stride(0),
             TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
@@ -236,7 +233,7 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
         n = _programs(c, P // c.block_m * triton.cdiv(H, c.block_n), inter.device)
         a_desc = TensorDescriptor(inter, [P, I], [inter.stride(0), 1], [c.block_m, c.block_k])
         w_desc = TensorDescriptor(weights.down.view(E * H, I), [E * H, I], [I, 1], [c.block_n, c.block_k])
-        down_tma_kernel[(n,)](
+        fast(down_tma_kernel)[(n,)](
             a_desc, w_desc, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
             T * k, I, H, n, acc.stride(0),
             TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,

@@ -54,6 +54,20 @@ def test_key_separates_what_triton_specialises_on() -> None:
     assert arg_key(None) is None
 
 
+def test_key_of_a_tensor_descriptor() -> None:
+    """Host tensor descriptors (the TMA kernels' arguments): dtype and block shape, which Triton specialises on,
+    plus shape, strides, padding and alignment."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    w = torch.zeros(64, 32, dtype=torch.bfloat16)
+    d = TensorDescriptor(w, [64, 32], [32, 1], [16, 32])
+    assert arg_key(d) == arg_key(TensorDescriptor(torch.zeros(64, 32, dtype=torch.bfloat16), [64, 32], [32, 1],
+                                                  [16, 32]))
+    assert arg_key(d) != arg_key(TensorDescriptor(w, [64, 32], [32, 1], [32, 32]))  # block shape
+    assert arg_key(d) != arg_key(TensorDescriptor(w.half(), [64, 32], [32, 1], [16, 32]))  # dtype
+    assert arg_key(d) != arg_key(TensorDescriptor(w, [48, 32], [32, 1], [16, 32]))  # shape
+
+
 def test_the_inline_key_is_arg_key() -> None:
     """The per-launch key, computed inline for speed, holds arg_key of every argument and the options."""
     from triton.runtime.jit import JITFunction
@@ -148,6 +162,7 @@ def test_env_switch_and_moe_kernels_bit_for_bit(monkeypatch: pytest.MonkeyPatch)
     from kernels.moe_experts import ExpertWeights, TileConfig, fused_experts
     from kernels.moe_gemv import gate_up_gemv_kernel
     from kernels.moe_grouped_gemm import gate_up_kernel
+    from kernels.moe_grouped_tma import down_tma_kernel, gate_up_tma_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     E, H, I, k = 16, 256, 192, 4
@@ -160,12 +175,17 @@ def test_env_switch_and_moe_kernels_bit_for_bit(monkeypatch: pytest.MonkeyPatch)
         topw = torch.rand(T, k, device="cuda", generator=gen)
         # Per-slot stores in the down GEMM: no float32 atomics, so the sum order, and the bits, are fixed.
         tiles = (TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 8, 3, per_slot=True))
+        tma = (TileConfig(128, 128, 64, 8, 8, 3, tma=True),
+               TileConfig(128, 256, 64, 8, 8, 3, per_slot=True, tma=True, programs_per_sm=1, flatten=True))
         for mode in ("0", "1"):
             monkeypatch.setenv(launch.ENV, mode)
             for _ in range(3):
                 outs[(T, mode)] = fused_experts(x, w, topw, ids, configs=tiles)
+                outs[(T, mode, "tma")] = fused_experts(x, w, topw, ids, configs=tma, force_path="grouped")
         assert torch.equal(outs[(T, "0")], outs[(T, "1")]), T
+        assert torch.equal(outs[(T, "0", "tma")], outs[(T, "1", "tma")]), T
     assert fast(gate_up_gemv_kernel).hits > 0 and fast(gate_up_kernel).hits > 0
+    assert fast(gate_up_tma_kernel).hits > 0 and fast(down_tma_kernel).hits > 0
     monkeypatch.setenv(launch.ENV, "0")
     before = fast(gate_up_gemv_kernel).hits
     fused_experts(x[:2], w, topw[:2], ids[:2])
