@@ -109,7 +109,7 @@ def block_rows(shape: str, tokens: list[int], gpu: str, stamp: str) -> list[dict
             if tg is not None and ref_g is not None:
                 rows.append({**base, "provider": prov + "+cudagraph", "metric": "speedup_vs_grouped_mm",
                              "value": round(ref_g / tg, 3), "unit": "x"})
-        if T == tokens[0]:
+        if T in (tokens[0], 4096):  # the host cost of the decode (GEMV) and of the prefill (grouped) path
             for prov in ("fused_triton:triton_launch", "fused_triton"):
                 os.environ[launch.ENV] = PROVIDERS[prov][1]
                 set_provider(model, "fused_triton")

@@ -144,6 +144,17 @@ class FastKernel:
         self.hits += 1
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. triton.cdiv is a constexpr_function: called from the host it runs an import
+    and unwraps every argument, a few us per call, and a block makes a dozen such calls."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1), for block sizes; plain Python, like cdiv."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def fast(fn: Any) -> FastKernel:
     """The FastKernel of a `triton.jit` function (one per function, so every caller shares its compiled dict)."""
     wrapped = getattr(fn, "_distill_fast", None)

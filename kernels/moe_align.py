@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import fast
+from kernels.launch import cdiv, fast, next_pow2
 
 # Small routings (decode, small batches; launch count dominates there) are aligned by a single program in one
 # launch, which holds a [slots, experts] one-hot in registers: cap its size.
@@ -38,7 +38,7 @@ class Alignment(NamedTuple):
 
 def padded_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
     """Worst-case padded rows: every expert may need up to BLOCK_M-1 rows of padding."""
-    return triton.cdiv(num_slots + num_experts * (block_m - 1), block_m) * block_m
+    return cdiv(num_slots + num_experts * (block_m - 1), block_m) * block_m
 
 
 @triton.jit
@@ -93,29 +93,25 @@ def _histogram_kernel(ids_ptr, counts_ptr, sorted_ptr, N, P, per_prog, fill_per_
 
 
 @triton.jit
-def _prefix_kernel(counts_ptr, base_ptr, block_expert_ptr, num_padded_ptr, E, NP, NB,
+def _prefix_kernel(counts_ptr, base_ptr, starts_ptr, block_expert_ptr, num_padded_ptr, E, NP, NB,
                    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
-    # One program: expert totals, padded starts, each (program, expert)'s first row (the expert's start plus the
-    # counts of the programs before it), the row count in use and the expert of every tile.
+    # One program, one pass over counts[NP, E]: each (program, expert)'s first row within its expert (the counts
+    # of the programs before it), then the experts' padded starts, the row count in use and every tile's expert.
+    # A single program's loads wait on each other: one pass of big chunks keeps that chain short.
     e = tl.arange(0, BLOCK_E)
     r = tl.arange(0, BLOCK_R)
-    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for r0 in range(0, NP, BLOCK_R):
-        rows = r0 + r
-        total += tl.sum(tl.load(counts_ptr + rows[:, None] * BLOCK_E + e[None, :], mask=rows[:, None] < NP,
-                                other=0), axis=0)
-    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
-    running = starts
+    running = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for r0 in range(0, NP, BLOCK_R):
         rows = r0 + r
         c = tl.load(counts_ptr + rows[:, None] * BLOCK_E + e[None, :], mask=rows[:, None] < NP, other=0)
         tl.store(base_ptr + rows[:, None] * BLOCK_E + e[None, :], tl.cumsum(c, axis=0) - c + running[None, :],
                  mask=rows[:, None] < NP)
         running += tl.sum(c, axis=0)
+    padded = (running + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(starts_ptr + e, ends - padded)
     total_rows = tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, total_rows)
     for b0 in range(0, NB, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         row = b * BLOCK_M
@@ -124,12 +120,13 @@ def _prefix_kernel(counts_ptr, base_ptr, block_expert_ptr, num_padded_ptr, E, NP
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, base_ptr, sorted_ptr, N, per_prog, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
-    # Program p writes its slots at their expert's rows from base[p, :] on, in slot order (ranks by a cumsum
-    # over a one-hot tile): deterministic, and no atomics.
+def _scatter_kernel(ids_ptr, base_ptr, starts_ptr, sorted_ptr, N, per_prog, SUB: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
+    # Program p writes its slots at their expert's rows from starts[e] + base[p, e] on, in slot order (ranks by a
+    # cumsum over a one-hot tile): deterministic, and no atomics.
     pid = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
-    base = tl.load(base_ptr + pid * BLOCK_E + e)
+    base = tl.load(starts_ptr + e) + tl.load(base_ptr + pid * BLOCK_E + e)
     for s0 in range(0, per_prog, SUB):
         n = pid * per_prog + s0 + tl.arange(0, SUB)
         ids = tl.load(ids_ptr + n, mask=n < N, other=BLOCK_E)
@@ -153,27 +150,34 @@ def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Align
     p = padded_capacity(n, num_experts, block_m)
     nb = p // block_m
     dev = ids.device
-    sorted_slots = torch.empty(p, device=dev, dtype=torch.int32)
-    block_expert = torch.empty(nb, device=dev, dtype=torch.int32)
-    num_padded = torch.empty(1, device=dev, dtype=torch.int32)
-    block_e = max(16, triton.next_power_of_2(num_experts))
-    block_n = max(16, triton.next_power_of_2(n))
-    if block_n * block_e <= SINGLE_PROGRAM_MAX_ELEMENTS:
-        fast(_align_small_kernel)[(1,)](ids, sorted_slots, block_expert, num_padded, n, num_experts, p,
-                                        BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=64, num_warps=8)
-        return Alignment(sorted_slots, block_expert, num_padded, block_m)
+    block_e = max(16, next_pow2(num_experts))
+    block_n = max(16, next_pow2(n))
+    small = block_n * block_e <= SINGLE_PROGRAM_MAX_ELEMENTS
     # Larger routings: a histogram per program, one prefix program, a scatter per program (ranks from the
     # histogram, not from atomics). About two programs per SM, each taking SUB-slot steps over its share.
     sub = max(16, min(256, 8192 // block_e))
-    per_prog = sub * max(1, min(16, triton.cdiv(n, sub * TARGET_PROGRAMS)))
-    n_prog = triton.cdiv(n, per_prog)
-    counts = torch.empty(n_prog, block_e, device=dev, dtype=torch.int32)
-    base = torch.empty(n_prog, block_e, device=dev, dtype=torch.int32)
-    fill = triton.cdiv(p, n_prog)
+    per_prog = sub * max(1, min(16, cdiv(n, sub * TARGET_PROGRAMS)))
+    n_prog = cdiv(n, per_prog)
+    # One allocation for every buffer (each torch.empty costs host time at decode sizes): sorted slots, tile
+    # experts, the row count, and on the large path the per-program counts, first rows and the experts' starts.
+    # Offsets stay multiples of 4 elements (16 bytes), as the kernels' pointer specialisation prefers.
+    nb4 = cdiv(nb, 4) * 4
+    scratch = 0 if small else 2 * n_prog * block_e + block_e
+    buf = torch.empty(p + nb4 + 4 + scratch, device=dev, dtype=torch.int32)
+    sorted_slots, block_expert, num_padded = buf[:p], buf[p:p + nb], buf[p + nb4:p + nb4 + 1]
+    if small:
+        fast(_align_small_kernel)[(1,)](ids, sorted_slots, block_expert, num_padded, n, num_experts, p,
+                                        BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_P=64, num_warps=8)
+        return Alignment(sorted_slots, block_expert, num_padded, block_m)
+    o = p + nb4 + 4
+    counts, base = buf[o:o + n_prog * block_e], buf[o + n_prog * block_e:o + 2 * n_prog * block_e]
+    starts = buf[o + 2 * n_prog * block_e:]
+    fill = cdiv(p, n_prog)
     fast(_histogram_kernel)[(n_prog,)](ids, counts, sorted_slots, n, p, per_prog, fill,
                                        SUB=sub, BLOCK_E=block_e, FILL_BLOCK=1024, num_warps=4)
-    fast(_prefix_kernel)[(1,)](counts, base, block_expert, num_padded, num_experts, n_prog, nb,
-                               BLOCK_E=block_e, BLOCK_R=max(1, 4096 // block_e), BLOCK_M=block_m, BLOCK_B=64,
-                               num_warps=8)
-    fast(_scatter_kernel)[(n_prog,)](ids, base, sorted_slots, n, per_prog, SUB=sub, BLOCK_E=block_e, num_warps=4)
+    fast(_prefix_kernel)[(1,)](counts, base, starts, block_expert, num_padded, num_experts, n_prog, nb,
+                               BLOCK_E=block_e, BLOCK_R=max(1, 8192 // block_e), BLOCK_M=block_m, BLOCK_B=64,
+                               num_warps=16)
+    fast(_scatter_kernel)[(n_prog,)](ids, base, starts, sorted_slots, n, per_prog, SUB=sub, BLOCK_E=block_e,
+                                     num_warps=4)
     return Alignment(sorted_slots, block_expert, num_padded, block_m)

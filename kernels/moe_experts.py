@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
-from kernels.launch import fast
+from kernels.launch import cdiv, fast
 from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
 from kernels.moe_grouped_gemm import ACTIVATIONS, down_kernel, gate_up_kernel
@@ -170,12 +169,12 @@ def fused_experts(
         d_se, d_sn, d_sk = weights.down_strides()
         gu, gd = gemv or GEMV_TILES
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
-        fast(gate_up_gemv_kernel)[(T * k, triton.cdiv(I, gu.block_n))](
+        fast(gate_up_gemv_kernel)[(T * k, cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
             gate_off, up_off, row_mult, TOP_K=k, ACT=act, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
             num_warps=gu.num_warps)
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
-        fast(down_gemv_kernel)[(T, triton.cdiv(H, gd.block_n))](
+        fast(down_gemv_kernel)[(T, cdiv(H, gd.block_n))](
             inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
             TOP_K=k, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k, num_warps=gd.num_warps)
         return out
@@ -198,7 +197,7 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
     P = al.sorted_slots.numel()
     inter = torch.empty(P, I, device=x.device, dtype=x.dtype)
     if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
-        n = _programs(c, P // c.block_m * triton.cdiv(I, c.block_n), x.device)
+        n = _programs(c, P // c.block_m * cdiv(I, c.block_n), x.device)
         w_desc = TensorDescriptor(weights.gate_up.view(E * 2 * I, H), [E * 2 * I, H], [H, 1], [c.block_n, c.block_k])
         fast(gate_up_tma_kernel)[(n,)](
             x, w_desc, inter, al.sorted_slots, al.block_expert, al.num_padded,
@@ -208,7 +207,7 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
             num_warps=c.num_warps, num_stages=c.num_stages)
         return inter
     g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
-    fast(gate_up_kernel)[(P // c.block_m * triton.cdiv(I, c.block_n),)](
+    fast(gate_up_kernel)[(P // c.block_m * cdiv(I, c.block_n),)](
         x, weights.gate_up, inter, al.sorted_slots, al.block_expert, al.num_padded,
         T * k, P, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0), gate_off, up_off, row_mult,
         TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
@@ -230,7 +229,7 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
         acc = (torch.zeros(T, H, device=inter.device, dtype=torch.float32) if k > 1
                else torch.empty(T, H, device=inter.device, dtype=inter.dtype))
     if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
-        n = _programs(c, P // c.block_m * triton.cdiv(H, c.block_n), inter.device)
+        n = _programs(c, P // c.block_m * cdiv(H, c.block_n), inter.device)
         a_desc = TensorDescriptor(inter, [P, I], [inter.stride(0), 1], [c.block_m, c.block_k])
         w_desc = TensorDescriptor(weights.down.view(E * H, I), [E * H, I], [I, 1], [c.block_n, c.block_k])
         fast(down_tma_kernel)[(n,)](
@@ -241,7 +240,7 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
             num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         d_se, d_sn, d_sk = weights.down_strides()
-        fast(down_kernel)[(P // c.block_m * triton.cdiv(H, c.block_n),)](
+        fast(down_kernel)[(P // c.block_m * cdiv(H, c.block_n),)](
             inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
             T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
             TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,

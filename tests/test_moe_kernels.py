@@ -59,13 +59,18 @@ ROUTER_CASES = [
 @pytest.mark.parametrize("name,E,k,spec", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
 @pytest.mark.parametrize("T", [1, 37, 100])
 def test_router_matches_reference(name: str, E: int, k: int, spec: RouterSpec, T: int) -> None:
+    check_route(name, E, k, spec, T)
+
+
+def check_route(name: str, E: int, k: int, spec: RouterSpec, T: int,
+                tiles: tuple[int, int, int, int] | None = None) -> None:
     gen = torch.Generator().manual_seed(hash((name, T)) % 2**31)
     H = 72  # not a power of two, not a multiple of the K block
     dtype = torch.float32 if spec.fp32_logits else torch.bfloat16
     x = torch.randn(T, H, generator=gen).to(DEV, dtype)
     w = (torch.randn(E, H, generator=gen) * 0.2).to(DEV, dtype)
     bias = (torch.randn(E, generator=gen) * 0.05).to(DEV) if spec.scoring == "sigmoid" else None
-    logits, topw, topi = route(x, w, spec, bias=bias)
+    logits, topw, topi = route(x, w, spec, bias=bias, tiles=tiles)
     ref_logits = x.double() @ w.double().T
     assert rel_err(logits, ref_logits) < (1e-5 if spec.fp32_logits else 1e-2)
     # Selection and weights, judged on the kernel's own logits. bf16 logits tie often, so the test asks that
@@ -80,6 +85,13 @@ def test_router_matches_reference(name: str, E: int, k: int, spec: RouterSpec, T
     if spec.renormalize:
         wts = wts / wts.sum(-1, keepdim=True)
     assert rel_err(topw.cpu(), wts * spec.scaling) < 1e-5
+
+
+@pytest.mark.parametrize("tiles", [(64, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3)])
+def test_router_large_t_tiles(tiles: tuple[int, int, int, int]) -> None:
+    """The tiles route() picks at T >= 8192, on a T that leaves the last program partly empty."""
+    check_route("olmoe large-T tiles", 64, 8, RouterSpec(top_k=8, renormalize=False), 100, tiles)
+    check_route("qwen3 large-T tiles", 128, 8, RouterSpec(top_k=8), 100, tiles if tiles[0] <= 32 else None)
 
 
 def test_router_rejects_bad_groups() -> None:
