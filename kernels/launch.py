@@ -106,9 +106,10 @@ class FastKernel:
         # arg_key inline: this runs on every launch, and a call per argument costs more than the rest of the
         # short path.
         tensor = torch.Tensor
-        spec = tuple((bool, v) if type(v) is bool else v if c else (v.dtype, v.data_ptr() % 16 == 0)
-                     if isinstance(v, tensor) else float if type(v) is float else _desc_key(v)
-                     if type(v) is TensorDescriptor else v
+        # Ordered by how often each kind occurs in our launches: ints first (most arguments), then tensors.
+        spec = tuple(v if type(v) is int else (v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, tensor)
+                     else (bool, v) if type(v) is bool else v if c else float if type(v) is float
+                     else _desc_key(v) if type(v) is TensorDescriptor else v
                      for v, c in zip(full, self.is_constexpr))
         return (device, kwargs.get("num_warps"), kwargs.get("num_stages"), spec), full
 
