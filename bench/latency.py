@@ -1,6 +1,6 @@
 """Serving latency of the default teacher and student on one GPU, both decode paths, one run.
 
-    python -m bench.latency [--out bench/results/latency_h100.csv] [--layers 16]
+    python -m bench.latency [--out bench/results/latency_h100.csv] [--layers 16] [--no-compile]
 
 The models are the default pipeline's shapes with random weights (latency does not depend on the values;
 the device has no hub to fetch SmolLM2 from): the teacher is SmolLM2-135M upcycled by `teachers.upcycle` to
@@ -16,6 +16,7 @@ setting's median (and p20/p80), plus `speedup` rows (student over each teacher; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/latency_h100.csv"))
     ap.add_argument("--layers", type=int, default=16, help="student layers (the default keep_layers=top_16)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the static-cache + torch.compile decode rows")
     args = ap.parse_args(argv)
     run = start_run("latency")
     if run is None:
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher_cfg = upcycled_config(dense, num_experts=4, top_k=2)
     student_cfg = twin_config(teacher_cfg, list(range(args.layers)), teacher_cfg.intermediate_size)
     settings = LatencySettings.for_device("cuda")
+    if args.no_compile:
+        settings = dataclasses.replace(settings, static_compile=False)
     results: dict[str, dict] = {}
     for provider, cfg in (("student", student_cfg), ("teacher_stock", teacher_cfg), ("teacher_fused", teacher_cfg)):
         model = _build(cfg)
