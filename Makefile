@@ -90,6 +90,7 @@ GPU_TAG = $$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[
 bench-kernels: $(VENV)/.installed ## GPU: fused MoE kernels vs transformers eager/grouped_mm -> bench/results/
 	$(PY) -m bench.moe_layer --out bench/results/moe_layer_$(GPU_TAG).csv
 	$(PY) -m bench.launch_overhead --out bench/results/launch_overhead_$(GPU_TAG).csv
+	$(PY) -m bench.moe_gemm --out bench/results/moe_gemm_$(GPU_TAG).csv
 
 bench-latency: $(VENV)/.installed ## GPU: default teacher (stock, fused) vs student serving latency, both decode paths
 	$(PY) -m bench.latency --out bench/results/latency_$(GPU_TAG).csv
