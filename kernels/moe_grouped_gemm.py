@@ -60,6 +60,33 @@ def tile_rows(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, BLOCK_M:
 
 
 @triton.jit
+def store_gated(out_ptr, acc_g, acc_u, offs_m, offs_n, valid, n_ok, stride_ot, ACT: tl.constexpr):
+    # Gate/up epilogue: the gated activation in registers, one [BLOCK_M, BLOCK_N] store in the output's dtype.
+    h = gated_act(acc_g, acc_u, ACT)
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
+    tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def store_down(out_ptr, acc, topw_ptr, slots, valid, offs_n, n_ok, stride_ot, TOP_K: tl.constexpr,
+               PER_SLOT: tl.constexpr):
+    # Down epilogue: scale each row by its routing weight, then store it at its slot (PER_SLOT), store it at its
+    # token (k = 1), or add it into its token's float32 row (atomics).
+    weight = tl.load(topw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * weight[:, None]
+    mask = valid[:, None] & n_ok[None, :]
+    if PER_SLOT:
+        tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        o_ptrs = out_ptr + (slots // TOP_K).to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
+        if TOP_K == 1:
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_slots, P, K, N,
@@ -101,9 +128,7 @@ def gate_up_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
-    h = gated_act(acc_g, acc_u, ACT)
-    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
-    tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    store_gated(out_ptr, acc_g, acc_u, offs_m, offs_n, valid, n_ok, stride_ot, ACT)
 
 
 @triton.jit
@@ -142,16 +167,4 @@ def down_kernel(
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
-    weight = tl.load(topw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
-    acc = acc * weight[:, None]
-    mask = valid[:, None] & n_ok[None, :]
-    if PER_SLOT:
-        tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
-        return
-    tok = (slots // TOP_K).to(tl.int64)
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + offs_n[None, :]
-    if TOP_K == 1:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+    store_down(out_ptr, acc, topw_ptr, slots, valid, offs_n, n_ok, stride_ot, TOP_K, PER_SLOT)

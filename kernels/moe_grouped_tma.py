@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_grouped_gemm import gated_act, tile_ids, tile_rows
+from kernels.moe_grouped_gemm import store_down, store_gated, tile_ids, tile_rows
 
 
 def tma_layout_ok(gate_up: torch.Tensor, down: torch.Tensor, transposed: bool, concatenated: bool) -> bool:
@@ -76,9 +76,7 @@ def gate_up_tma_kernel(
             acc_g = tl.dot(a, bg.T, acc_g)
             acc_u = tl.dot(a, bu.T, acc_u)
             a_ptrs += BLOCK_K
-        h = gated_act(acc_g, acc_u, ACT)
-        o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
-        tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+        store_gated(out_ptr, acc_g, acc_u, offs_m, offs_n, valid, n_ok, stride_ot, ACT)
 
 
 @triton.jit
@@ -108,15 +106,4 @@ def down_tma_kernel(
             if DOT_F32:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b.T, acc)
-        weight = tl.load(topw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
-        acc = acc * weight[:, None]
-        mask = valid[:, None] & n_ok[None, :]
-        if PER_SLOT:
-            tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_ot + offs_n[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            o_ptrs = out_ptr + (slots // TOP_K).to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
-            if TOP_K == 1:
-                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-            else:
-                tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+        store_down(out_ptr, acc, topw_ptr, slots, valid, offs_n, n_ok, stride_ot, TOP_K, PER_SLOT)
