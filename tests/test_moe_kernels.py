@@ -265,3 +265,26 @@ def test_tma_layout_check_sends_other_layouts_to_the_pointer_kernels() -> None:
     odd = torch.zeros(4, 32, 20).bfloat16()  # 40-byte rows: not 16-byte aligned
     assert not tma_layout_ok(odd, torch.zeros(4, 20, 16).bfloat16(), False, True)
     assert not tma_layout_ok(gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, False, True)  # strided
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the descriptor path's unwritten padding rows, as above
+@pytest.mark.parametrize("T,E,k,H,I", [(3, 60, 4, 72, 40), (97, 8, 2, 96, 80)])
+def test_fp16_router_and_experts(T: int, E: int, k: int, H: int, I: int) -> None:
+    """fp16 end to end: the router, then the experts on the decode path, the pointer GEMMs and the descriptor
+    GEMMs, each against float64."""
+    gen = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, H, generator=gen).half()
+    w_router = (torch.randn(E, H, generator=gen) * 0.2).half()
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).half()
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).half()
+    logits, topw, topi = route(x.to(DEV), w_router.to(DEV), RouterSpec(top_k=k))
+    assert logits.dtype == torch.float16
+    assert rel_err(logits.cpu(), x.double() @ w_router.double().T) < 1e-2
+    ref = ref_experts(x, gate_up, down, topw.cpu(), topi.cpu())
+    w = ExpertWeights(gate_up.to(DEV), down.to(DEV))
+    tma = (TileConfig(16, 32, 32, 2, 4, 2, tma=True), TileConfig(16, 32, 32, 2, 4, 2, per_slot=True, tma=True,
+                                                                  programs_per_sm=1))
+    for path, configs in (("gemv", None), ("grouped", None), ("grouped", tma)):
+        out = fused_experts(x.to(DEV), w, topw, topi, configs=configs, force_path=path)
+        assert out.dtype == torch.float16
+        assert rel_err(out.cpu(), ref) < 1e-2, (path, configs is not None)
