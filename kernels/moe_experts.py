@@ -117,7 +117,7 @@ def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig,
     Up to 128 rows per expert: from the H100 sweep in bench/results/moe_sweep_h100.csv (`python -m bench.moe_layer
     --sweep`), the best config of each shape at T = 256 by mean rows per expert. Above: 128-row tiles through
     tensor descriptors, from the H200 runs of `python -m bench.moe_gemm` (bench/results/moe_gemm_h200*.csv): at
-    256 rows per expert (Qwen3 at T=4096, Mixtral at 1024) they beat the 64-row pointer tiles by 13-20% on both
+    256 rows per expert (Qwen3 at T=4096, Mixtral at 1024) they beat the 64-row pointer tiles by 13-25% on both
     GEMMs. Gate/up one program per tile with three stages; down persistent and flattened (its short K loop gains
     most from overlapping one tile's stores with the next tile's loads), per-slot stores and a sum over k."""
     rows_per_expert = tokens * top_k / num_experts
@@ -202,7 +202,8 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
     E, I = weights.num_experts, weights.intermediate
     P = al.sorted_slots.numel()
     inter = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
+    if (c.tma and x.dtype == weights.gate_up.dtype
+            and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated)):
         n = _programs(c, P // c.block_m * cdiv(I, c.block_n), x.device)
         w_desc = TensorDescriptor(weights.gate_up.view(E * 2 * I, H), [E * 2 * I, H], [H, 1], [c.block_n, c.block_k])
         fast(gate_up_tma_kernel)[(n,)](
@@ -234,7 +235,8 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
         # k == 1 stores each row once (no atomics), straight in the output dtype.
         acc = (torch.zeros(T, H, device=inter.device, dtype=torch.float32) if k > 1
                else torch.empty(T, H, device=inter.device, dtype=inter.dtype))
-    if c.tma and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated):
+    if (c.tma and inter.dtype == weights.down.dtype
+            and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated)):
         n = _programs(c, P // c.block_m * cdiv(H, c.block_n), inter.device)
         a_desc = TensorDescriptor(inter, [P, I], [inter.stride(0), 1], [c.block_m, c.block_k])
         w_desc = TensorDescriptor(weights.down.view(E * H, I), [E * H, I], [I, 1], [c.block_n, c.block_k])
