@@ -104,6 +104,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    # Tensor descriptors are bulk copies on Hopper and later (compute capability 9+); older GPUs take the pointer
+    # kernels, which were tuned there. The interpreter runs both.
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _programs(c: TileConfig, capacity_tiles: int, device: torch.device) -> int:
     """Grid size of a TMA kernel: persistent (programs_per_sm per SM) or one program per capacity tile."""
     if c.programs_per_sm <= 0:
@@ -202,7 +209,7 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
     E, I = weights.num_experts, weights.intermediate
     P = al.sorted_slots.numel()
     inter = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    if (c.tma and x.dtype == weights.gate_up.dtype
+    if (c.tma and x.dtype == weights.gate_up.dtype and _has_tma(x.device)
             and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated)):
         n = _programs(c, P // c.block_m * cdiv(I, c.block_n), x.device)
         w_desc = TensorDescriptor(weights.gate_up.view(E * 2 * I, H), [E * 2 * I, H], [H, 1], [c.block_n, c.block_k])
@@ -235,7 +242,7 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
         # k == 1 stores each row once (no atomics), straight in the output dtype.
         acc = (torch.zeros(T, H, device=inter.device, dtype=torch.float32) if k > 1
                else torch.empty(T, H, device=inter.device, dtype=inter.dtype))
-    if (c.tma and inter.dtype == weights.down.dtype
+    if (c.tma and inter.dtype == weights.down.dtype and _has_tma(inter.device)
             and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated)):
         n = _programs(c, P // c.block_m * cdiv(H, c.block_n), inter.device)
         a_desc = TensorDescriptor(inter, [P, I], [inter.stride(0), 1], [c.block_m, c.block_k])
