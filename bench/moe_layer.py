@@ -4,9 +4,10 @@
 
 For the OLMoE-1B-7B, Qwen3-30B-A3B, SmolLM2-MoE (our PRESET=h100 teacher) and Mixtral-8x7B layer shapes at
 T in {1, 16, 256, 4096, 16384}, with skewed routing (Zipf-like expert popularity, as trained routers show), it
-times one MoE block (router + experts) per provider and reports time, TFLOP/s and the share of the physical
-floor, where floor = max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both ceilings measured at the
-start of this run; bytes count the weights of the experts this routing actually hits, plus input and output.
+times one MoE block (router + experts) per provider, plain calls and CUDA-graph replays, and reports time,
+TFLOP/s and the share of the physical floor, where floor = max(FLOPs / measured bf16 matmul rate, bytes /
+measured copy bandwidth), both ceilings measured at the start of this run; bytes count the weights of the
+experts this routing actually hits, plus input and output.
 Then it times whole-model forward (8 x 2048 tokens, random weights) for each provider and a dense Llama twin
 with the same active FFN width. Every row goes to the CSV with columns
 kernel, provider, shape, tokens, metric, value, unit, gpu, timestamp.
