@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.latency import SMOLLM2_135M
-from pipelines.config import TeacherTuneConfig
+from teachers.config import TeacherTuneConfig
 from teachers.continued_training import tune_teacher
 from teachers.upcycle import upcycled_config
 

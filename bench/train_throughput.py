@@ -21,9 +21,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import start_run, write_rows
+from distill.config import DistillConfig
 from distill.throughput import flops_per_token, peak_flops
 from distill.trainer import train_student
-from pipelines.config import DistillConfig
 
 STUDENTS = {
     "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,

@@ -17,7 +17,7 @@ import torch
 
 from distill.fused_linear_kd import fused_linear_topk_kd
 from distill.kd_losses import KDLossSpec, full_kd_loss, topk_kd_loss
-from teachers.topk_logit_cache import topk_from_logits
+from logit_cache import topk_from_logits
 
 
 @dataclass

@@ -34,14 +34,24 @@ def _mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
 
 
+def check_divergence(name: str, beta: float, alpha: float) -> None:
+    """The divergence's arguments, checked once for every caller (the loss spec, the config, direct calls):
+    a known name, and the mixture weights in (0, 1), where at 0 or 1 jsd and the skews degenerate."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+    if name == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta} (at 0 or 1 it is identically zero)")
+    if name in ("skew_kl", "skew_reverse_kl") and not 0.0 < alpha < 1.0:
+        raise ValueError(f"{name} needs 0 < alpha < 1, got {alpha}")
+
+
 def divergence(name: str, lp: torch.Tensor, lq: torch.Tensor, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
     """Per-row divergence between teacher log-probs `lp` and student log-probs `lq`.
 
     lp, lq [..., B] (B: vocabulary or buckets, both normalised over B) -> [...] float32 or float64 (lq's dtype).
     `beta` is the JSD mixture weight on the teacher, `alpha` the skew weight, both in (0, 1).
     """
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+    check_divergence(name, beta, alpha)
     lp = lp.to(lq.dtype).clamp_min(_LOG_FLOOR)
     lq = lq.clamp_min(_LOG_FLOOR)
     if name == "forward_kl":
@@ -51,12 +61,8 @@ def divergence(name: str, lp: torch.Tensor, lq: torch.Tensor, beta: float = 0.5,
     if name == "tv":
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
     if name == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"jsd needs 0 < beta < 1, got {beta} (at 0 or 1 it is identically zero)")
         lm = _mix(lp, lq, beta)
         return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"{name} needs 0 < alpha < 1, got {alpha}")
     if name == "skew_kl":
         return _kl(lp, _mix(lp, lq, alpha))
     return _kl(lq, _mix(lq, lp, alpha))  # skew_reverse_kl

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from distill.divergences import DIVERGENCES, divergence
+from distill.divergences import check_divergence, divergence
 
 IGNORE_INDEX = -100
 
@@ -38,8 +38,7 @@ class KDLossSpec:
     alpha: float = 0.1  # skew_kl / skew_reverse_kl: weight of the skewed-towards side
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        check_divergence(self.divergence, self.beta, self.alpha)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:

@@ -1,48 +1,46 @@
 """Train a dense student against a teacher (cached top-k or online), on accelerate, resumable exactly.
 
-The loop reads top to bottom: order the data, then per optimizer step accumulate micro-batches, clip,
-step, log, and every `checkpoint_every` steps save everything needed to continue as if never stopped. The
-data order is a function of (seed, epoch) alone and the RNG state is in the checkpoint, so a run killed at
-any moment and started again reaches the same losses as one that never stopped.
+This file holds what is particular to the student: accelerate (device, bf16 autocast, backward), DDP or FSDP2
+over several processes, LoRA, torch.compile, the loss module with its online teacher targets, the
+out-of-memory guard and the MFU. The step loop itself (data order, checkpoints, exact resume, the NaN check,
+the time limit) is the training-loop core shared with the teacher's training (core/training_loop.py); this
+file gives it one step's micro-batch work.
 
-accelerate supplies the device, bf16 autocast on GPU and the backward; the loss is fused with the output
-layer (distill/batch_loss.py). LoRA students train adapters through peft and are merged at the end, so
-what leaves the trainer is always a plain dense model.
+The loss is fused with the output layer (distill/batch_loss.py). LoRA students train adapters through peft and
+are merged at the end, so what leaves the trainer is always a plain dense model.
 
 Launched on several processes (`accelerate launch`, GPUS=<n>), each process takes an equal slice of every
-step's sequences and accelerate wraps the loss module in DDP or FSDP2 (distill.parallel); the logged losses
-are averaged over the processes, so a step's numbers are those of one process given the whole step.
+step's sequences and accelerate wraps the loss module in DDP or FSDP2; the logged losses are averaged over the
+processes, so a step's numbers are those of one process given the whole step.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
+from core.checkpoint import list_checkpoints
+from core.training_loop import (
+    BatchTooLargeError,
+    LogFn,
+    LoopSettings,
+    NonFiniteLossError,
+    lr_lambda,
+    run_training,
+    steps_per_epoch,
+)
 from distill.batch_loss import BatchTargets, StudentParts, batch_loss, cached_targets, online_targets, student_parts
-from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from distill.config import DistillConfig
 from distill.kd_losses import KDLossSpec
 from distill.throughput import flops_per_token, peak_flops, peak_memory_gib
-from pipelines import deadline
-from pipelines.config import ConfigError, DistillConfig
 
-LogFn = Callable[[dict[str, float], int], None]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-class BatchTooLargeError(MemoryError):
-    """A micro-batch does not fit in the device's memory; the message names the setting to change."""
+# Re-exported: callers catch them as `from distill.trainer import BatchTooLargeError, NonFiniteLossError`.
+__all__ = ["BatchTooLargeError", "LogFn", "NonFiniteLossError", "total_steps", "train_student"]
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -76,35 +74,13 @@ def _too_large(e: BaseException, cfg: DistillConfig, seq_len: int, device: torch
         f"({type(e).__name__}: {str(e)[:200]})")
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine decay to 10% of it."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def _collate(items: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
 def total_steps(num_sequences: int, cfg: DistillConfig) -> int:
-    per_epoch = num_sequences // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"the data holds {num_sequences} sequences, fewer than distill.batch_size="
-                         f"{cfg.batch_size}: lower the batch size or raise data.train_tokens")
-    return cfg.max_steps or per_epoch * cfg.epochs
-
-
-def loss_spec(cfg: DistillConfig) -> KDLossSpec:
-    return KDLossSpec(cfg.loss, cfg.temperature, cfg.kd_weight, cfg.ce_weight, cfg.beta, cfg.alpha)
+    """Optimizer steps of the run: distill.max_steps, or `epochs` passes over the data."""
+    return cfg.max_steps or steps_per_epoch(num_sequences, cfg.batch_size, "distill") * cfg.epochs
 
 
 def _wrap_lora(student: torch.nn.Module, cfg: DistillConfig) -> torch.nn.Module:
@@ -174,12 +150,8 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     torch.manual_seed(cfg.seed)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     world = acc.num_processes
+    cfg.validate(processes=world)
     fsdp = cfg.parallel == "fsdp" and world > 1
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise ConfigError(f"distill.batch_size={cfg.batch_size} must be a multiple of {world} processes x "
-                          f"distill.micro_batch_size={cfg.micro_batch_size}")
-    if fsdp and cfg.lora_rank:
-        raise ConfigError("distill.parallel=fsdp does not take LoRA students: use distill.parallel=ddp")
     plain = student
     if fsdp:
         # FSDP2 turns the modules it shards into other classes in place; the caller's student stays a plain
@@ -204,12 +176,8 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
         # Only the decoder: the fused loss syncs once per call (the token count), which would break a graph.
         # It fuses norms, RoPE and activations: 1.16x tokens/s on a 1B student on an H100 (bench/results/).
         parts.decoder = torch.compile(parts.decoder)
-    module = _LossModule(trained, parts, loss_spec(cfg), vocab_size, cfg.hidden_weight)
-    n = len(dataset)
-    steps = total_steps(n, cfg)
-    per_epoch = n // cfg.batch_size
-    per_rank = cfg.batch_size // world
-    accum = per_rank // cfg.micro_batch_size
+    module = _LossModule(trained, parts, cfg.loss_spec(), vocab_size, cfg.hidden_weight)
+    steps = total_steps(len(dataset), cfg)
     if fsdp:
         _shard(module, student, acc.device)  # before the optimizer: sharding replaces the parameters
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
@@ -219,30 +187,17 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
         module, opt = acc.prepare(module, opt)  # DDP
     else:
         opt = acc.prepare(opt)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    start, tokens, seconds, last = 0, 0, 0.0, {}
-    ckpts = list_checkpoints(ckpt_dir)
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], trained, opt.optimizer, sched)
-        start, tokens, seconds, last = state["step"], state["tokens"], state["seconds"], state["last"]
     seq_len = len(dataset[0]["input_ids"]) - 1
     model_flops = flops_per_token(student.get_base_model() if cfg.lora_rank else student, seq_len)
     peak = peak_flops(acc.device)
-    bar = tqdm(range(start, steps), desc="distill", initial=start, total=steps, unit="step",
-               disable=not acc.is_main_process)
-    order_epoch, order = -1, []
-    for step in bar:
-        t0 = time.perf_counter()
-        epoch, pos = divmod(step, per_epoch)
-        if epoch != order_epoch:  # one permutation per epoch, not per step
-            order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
-        batch_ids = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-        mine = batch_ids[acc.process_index * per_rank:(acc.process_index + 1) * per_rank]
+
+    def step(micro_batches: list[list[int]]) -> tuple[dict[str, float], int]:
+        """Forward and backward of this process's micro-batches; the step's means over all processes."""
+        accum = len(micro_batches)
         sums: dict[str, float] = {}
         step_tokens = 0
-        for m in range(accum):
-            mb = _collate([dataset[i] for i in mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]],
-                          acc.device)
+        for m, items in enumerate(micro_batches):
+            mb = _collate([dataset[i] for i in items], acc.device)
             ids = mb["input_ids"]
             # Gradients are averaged over the processes once per step, at its last micro-batch.
             sync = (contextlib.nullcontext() if world == 1 or fsdp or m == accum - 1  # FSDP2 reduces every pass
@@ -254,11 +209,6 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
                     out = module(ids, targets)
                 # One host sync for all the logged values of this micro-batch, not one per value.
                 vals = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
-                if not math.isfinite(vals["loss"]):
-                    good = list_checkpoints(ckpt_dir)
-                    raise NonFiniteLossError(
-                        f"loss is {vals['loss']} at step {step} (kd {vals['kd']}, ce {vals['ce']}); last good "
-                        f"checkpoint: {good[-1] if good else 'none'}. Lower distill.lr or check the cache.")
                 acc.backward(out["loss"] / accum)
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
@@ -268,39 +218,28 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
             mean = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), reduction="mean")
             sums = dict(zip(keys, mean.tolist()))
             step_tokens *= world
-        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        tokens += step_tokens
-        seconds += dt
-        last = {**sums, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "tokens_per_s": step_tokens / dt,
-                "memory_gib": peak_memory_gib(acc.device)}
-        if peak:
-            last["mfu"] = step_tokens * model_flops / dt / (peak * world)
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", ce=f"{sums['ce']:.3f}")
-        if log_fn and acc.is_main_process:
-            log_fn(last, step + 1)
-        stop = step + 1 < steps and deadline.remaining() is not None and _agree(
-            deadline.training_should_stop(dt), acc)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps or stop:
-            save_checkpoint(ckpt_dir, step + 1, trained, opt.optimizer, sched,
-                            {"tokens": tokens, "seconds": seconds, "last": last})
-        if stop:
-            raise deadline.TimeLimitReached(f"training stopped at step {step + 1} of {steps} for the time limit; "
-                                            "its checkpoint is saved and a rerun resumes from it")
+        return sums, step_tokens
+
+    def extra(step_tokens: int, dt: float) -> dict[str, float]:
+        mfu = {"mfu": step_tokens * model_flops / dt / (peak * world)} if peak else {}
+        return {"memory_gib": peak_memory_gib(acc.device), **mfu}
+
+    loop = LoopSettings("distill", steps, cfg.batch_size, cfg.micro_batch_size, cfg.seed, cfg.grad_clip,
+                        cfg.checkpoint_every)
+    done = run_training(step, len(dataset), loop, trained, opt, sched, ckpt_dir, acc.clip_grad_norm_,
+                        log_fn=log_fn, rank=acc.process_index, processes=world, extra_metrics=extra,
+                        agree=lambda flag: _agree(flag, acc), shown=("loss", "kd", "ce"),
+                        nonfinite_hint=" or check the logit cache" if not online else "")
     if cfg.lora_rank:
         student.merge_and_unload()  # folds the adapters into the wrapped model's own weights, in place
     if fsdp:
         _gather_into(plain, student, acc)
     plain.eval()
-    summary = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-               "processes": world, "parallel": "fsdp2" if fsdp else "ddp" if world > 1 else "none",
-               **{f"final_{k}": v for k, v in last.items() if k in ("loss", "kd", "ce", "hidden")}}
+    summary = {**done.counters(), "processes": world,
+               "parallel": "fsdp2" if fsdp else "ddp" if world > 1 else "none",
+               **done.final(("loss", "kd", "ce", "hidden"))}
     if peak:
-        summary["mfu"] = tokens * model_flops / max(seconds, 1e-9) / (peak * world)
+        summary["mfu"] = done.tokens * model_flops / max(done.seconds, 1e-9) / (peak * world)
     return summary
 
 

@@ -10,115 +10,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from distill.divergences import DIVERGENCES
-from pipelines.distributed import world_size
-from students.expert_merge import METHODS
+from core.errors import ConfigError, require
+from distill.config import DistillConfig
+from eval.config import EvalConfig, LatencyConfig
+from pipelines.paths import CONFIG_DIR, REPO_ROOT
+from resources.config import DataConfig
+from students.config import StudentConfig
+from teachers.config import LogitsConfig, TeacherConfig, TeacherTuneConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+DEVICES = ("auto", "cpu", "cuda")
 
-
-class ConfigError(ValueError):
-    """A preset, key or value the pipeline cannot accept; the message says what would be valid."""
-
-
-@dataclass
-class TeacherConfig:
-    num_experts: int = 4  # experts per layer when upcycling a dense model (smollm2-moe)
-    top_k: int = 2  # experts each token is routed to
-    router_init_std: float = 0.02  # upcycled routers start near uniform; experts are identical copies anyway
-    allow_dense: bool = False  # dense-to-dense runs: accept a teacher without experts
-    trust_remote_code: bool = False  # never run model code from a checkpoint unless asked
-
-
-@dataclass
-class TeacherTuneConfig:
-    # Continued training of the teacher before it labels the data (teachers/continued_training.py): an
-    # upcycled teacher's experts are copies until trained; 0 steps uses the teacher as it is.
-    steps: int = 0  # optimizer steps
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    batch_size: int = 32  # sequences per optimizer step (after accumulation)
-    micro_batch_size: int = 8
-    aux_loss_coef: float = 0.01  # weight of the load-balancing loss
-    # "per_layer": the loss of each MoE layer, averaged; "pooled": transformers' form, tokens of all layers
-    # pooled, which balances only each expert's load summed over the layers.
-    balance: str = "per_layer"
-    router_jitter: float = 0.0  # multiplicative noise on the MoE input while training (Mixtral's jitter)
-    expert_noise: float = 0.0  # relative std of noise added to each expert copy before the first step
-    grad_clip: float = 1.0
-    # GPU: "bf16" runs the expert matmuls in bf16 from the fp32 masters (teachers/autocast_experts.py);
-    # "fp32" leaves transformers' grouped_mm path as it is, which runs them in fp32.
-    expert_matmul: str = "bf16"
-    checkpoint_every: int = 50
-    probe_sequences: int = 64  # training sequences the routing is measured on, before and after
-    seed: int = 0
-
-
-@dataclass
-class DataConfig:
-    sources: list[str] = field(default_factory=lambda: ["wiki", "news", "sotu", "moby_dick", "python_docs"])
-    seq_len: int = 256  # tokens per training sequence
-    train_tokens: int = 32768  # tokens of text the teacher labels and the student trains on
-    heldout_source: str = "wiki"  # the last documents of this source are kept out of training
-    heldout_docs: int = 40  # how many of them (perplexity on held-out text)
-    seed: int = 0
-
-
-@dataclass
-class LogitsConfig:
-    top_k: int = 64  # teacher log-probs kept per token; the rest is one tail bucket
-    batch_size: int = 4
-    sequences_per_shard: int = 32
-
-
-@dataclass
-class StudentConfig:
-    method: str = "uniform"  # how a derived student's FFN is built from the experts: uniform, frequency, select, svd
-    keep_layers: str = "every_2"  # "all", "every_<n>", "top_<n>" / "top_<p>%" (most influential), or indices
-    ffn_width: int = 0  # width of the merged routed experts, 0: one expert's (method=select may set any width)
-    svd_rank: int = 0  # method=svd: hidden-space rank kept, 0: full (= frequency)
-    calib_sequences: int = 8  # training sequences the teacher's routing and layer influence are measured on
-    seed: int = 0  # initialisation of a student built from a config.json (STUDENT=path/to/config.json)
-
-
-@dataclass
-class DistillConfig:
-    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv
-    kd_weight: float = 1.0
-    ce_weight: float = 0.5
-    temperature: float = 1.0  # KD at this temperature, scaled by T^2; CE stays at T = 1
-    beta: float = 0.5  # jsd: teacher's weight in the mixture
-    alpha: float = 0.1  # skew_kl / skew_reverse_kl: skew weight
-    teacher_mode: str = "cache"  # "cache": the logits stage's top-k cache; "online": teacher forward per batch
-    online_top_k: int = 64  # online: teacher ids kept per token (0: the whole vocabulary, unfused)
-    fused_loss: str = "auto"  # "auto" (fused when the output layer allows), "on", "off"
-    hidden_weight: float = 0.0  # online: weight of the MSE between (projected) student and teacher last hidden
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (merged into the weights at the end)
-    lora_alpha: float = 0.0  # 0: 2 x rank
-    gradient_checkpointing: bool = False
-    compile: str = "auto"  # torch.compile the student's decoder: "auto" (on GPU), "on", "off"
-    # With several processes (GPUS=<n>): "ddp", a full student per process, gradients averaged; or "fsdp"
-    # (FSDP2), parameters, gradients and optimizer state sharded over the processes, for students too large.
-    parallel: str = "ddp"
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
-    batch_size: int = 8  # sequences per optimizer step (after accumulation)
-    micro_batch_size: int = 4
-    epochs: int = 1
-    max_steps: int = 0  # 0: one pass over the cache times `epochs`
-    grad_clip: float = 1.0
-    checkpoint_every: int = 10  # optimizer steps between resumable checkpoints
-    seed: int = 0
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_overrides", "available_presets", "REPO_ROOT",
+           "DistillConfig", "EvalConfig", "LatencyConfig", "DataConfig", "StudentConfig", "LogitsConfig",
+           "TeacherConfig", "TeacherTuneConfig", "BaselineConfig"]
 
 
 @dataclass
@@ -127,25 +38,8 @@ class BaselineConfig:
     # steps: the report then shows `baseline` and `retained_gain` = (student - baseline) / (teacher - baseline).
     enabled: bool = False
 
-
-@dataclass
-class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: [
-        "local_hellaswag", "local_arc_easy", "local_piqa", "local_winogrande", "local_lambada_openai"])
-    limit: int = 40  # examples per task (0: all)
-    heldout: bool = True  # bits per byte on the held-out text
-    batch_size: int = 8
-
-
-@dataclass
-class LatencyConfig:
-    enabled: bool = True
-    repeats: int = 0  # timed repeats per setting (0: the benchmark's default for the device)
-    cpu_threads: int = 1  # CPU only: threads while timing (two threads on a busy 2-core box are noisy)
-    # GPU only: also time decode on a static cache with torch.compile ("auto": on, as the device default;
-    # compiling costs about a minute per model and batch size).
-    static_compile: str = "auto"
-    teacher_fused: bool = True  # GPU only: also time the teacher on our fused MoE kernels (kernels.hf_moe)
+    def validate(self) -> None:
+        pass
 
 
 @dataclass
@@ -277,63 +171,17 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def validate(cfg: PipelineConfig) -> None:
-    """Range and choice checks that types alone cannot express."""
-    checks = [
-        (cfg.teacher_options.num_experts >= 1, "teacher_options.num_experts must be >= 1"),
-        (1 <= cfg.teacher_options.top_k <= cfg.teacher_options.num_experts,
-         "teacher_options.top_k must be between 1 and teacher_options.num_experts"),
-        (cfg.teacher_tune.steps >= 0 and cfg.teacher_tune.lr > 0 and cfg.teacher_tune.checkpoint_every >= 1
-         and cfg.teacher_tune.aux_loss_coef >= 0 and cfg.teacher_tune.router_jitter >= 0
-         and cfg.teacher_tune.expert_noise >= 0 and cfg.teacher_tune.probe_sequences >= 0,
-         "teacher_tune: steps, aux_loss_coef, router_jitter, expert_noise and probe_sequences must be >= 0, "
-         "lr > 0 and checkpoint_every >= 1"),
-        (cfg.teacher_tune.balance in ("per_layer", "pooled"), "teacher_tune.balance must be one of: per_layer, pooled"),
-        (cfg.teacher_tune.expert_matmul in ("bf16", "fp32"), "teacher_tune.expert_matmul must be one of: bf16, fp32"),
-        (cfg.teacher_tune.batch_size >= cfg.teacher_tune.micro_batch_size >= 1
-         and cfg.teacher_tune.batch_size % cfg.teacher_tune.micro_batch_size == 0,
-         "teacher_tune.batch_size must be a positive multiple of teacher_tune.micro_batch_size"),
-        (cfg.data.seq_len >= 8, "data.seq_len must be >= 8"),
-        (cfg.data.train_tokens >= cfg.data.seq_len, "data.train_tokens must be >= data.seq_len"),
-        (cfg.logits.top_k >= 1, "logits.top_k must be >= 1"),
-        (cfg.logits.batch_size >= 1, "logits.batch_size must be >= 1"),
-        (cfg.distill.lr > 0, "distill.lr must be > 0"),
-        (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
-        (cfg.distill.batch_size >= cfg.distill.micro_batch_size >= 1
-         and cfg.distill.batch_size % cfg.distill.micro_batch_size == 0,
-         "distill.batch_size must be a positive multiple of distill.micro_batch_size"),
-        (cfg.distill.kd_weight >= 0 and cfg.distill.ce_weight >= 0
-         and cfg.distill.kd_weight + cfg.distill.ce_weight > 0, "distill.kd_weight/ce_weight must be >= 0, not both 0"),
-        (cfg.distill.checkpoint_every >= 1, "distill.checkpoint_every must be >= 1"),
-        (cfg.eval.limit >= 0, "eval.limit must be >= 0 (0 means all examples)"),
-        (cfg.latency.static_compile in ("auto", "on", "off"), "latency.static_compile must be one of: auto, on, off"),
-        (cfg.device in ("auto", "cpu", "cuda"), "device must be one of auto, cpu, cuda"),
-        (cfg.distill.loss in DIVERGENCES, f"distill.loss must be one of: {', '.join(DIVERGENCES)}"),
-        (0 < cfg.distill.beta < 1 and 0 < cfg.distill.alpha < 1, "distill.beta and distill.alpha must be in (0, 1)"),
-        (cfg.distill.teacher_mode in ("cache", "online"), "distill.teacher_mode must be one of: cache, online"),
-        (cfg.distill.fused_loss in ("auto", "on", "off"), "distill.fused_loss must be one of: auto, on, off"),
-        (cfg.distill.compile in ("auto", "on", "off"), "distill.compile must be one of: auto, on, off"),
-        (cfg.distill.parallel in ("ddp", "fsdp"), "distill.parallel must be one of: ddp, fsdp"),
-        (cfg.distill.parallel == "ddp" or cfg.distill.lora_rank == 0,
-         "distill.parallel=fsdp does not take LoRA students (distill.lora_rank > 0): use distill.parallel=ddp"),
-        # WORLD_SIZE is set by the launcher (GPUS=<n>) before Python starts: each process takes an equal part
-        # of every optimizer step's sequences, in whole micro-batches.
-        (cfg.distill.batch_size % (world_size() * cfg.distill.micro_batch_size) == 0,
-         f"distill.batch_size={cfg.distill.batch_size} must be a multiple of {world_size()} processes x "
-         f"distill.micro_batch_size={cfg.distill.micro_batch_size}"),
-        (cfg.distill.online_top_k >= 0 and cfg.distill.lora_rank >= 0 and cfg.distill.hidden_weight >= 0,
-         "distill.online_top_k, lora_rank and hidden_weight must be >= 0"),
-        (cfg.distill.hidden_weight == 0 or cfg.distill.teacher_mode == "online",
-         "distill.hidden_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)"),
-        (cfg.student_options.method in METHODS, f"student_options.method must be one of: {', '.join(METHODS)}"),
-        (cfg.student_options.ffn_width >= 0 and cfg.student_options.calib_sequences >= 1,
-         "student_options.ffn_width must be >= 0 and student_options.calib_sequences >= 1"),
-        (cfg.student_options.svd_rank >= 0 and (cfg.student_options.svd_rank == 0
-                                                or cfg.student_options.method == "svd"),
-         "student_options.svd_rank must be >= 0 and applies to student_options.method=svd only"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    """Each section checks its own rules (its `validate`, next to its definition); the top level checks the rest."""
+    require(cfg.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
+    # A run name is one folder under runs/: never a path that leaves it (RUN=.. would make the checkout the run).
+    require(not cfg.run_name or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.run_name) is not None
+                                 and ".." not in cfg.run_name),
+            f"RUN={cfg.run_name!r} is not a run name: use letters, digits, '_', '-' and '.', one folder under "
+            "runs/ (no '/', no '..')")
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            section.validate()
 
 
 def load_config(preset: str = "default", overrides: str | dict[str, Any] = "", **top: str) -> PipelineConfig:

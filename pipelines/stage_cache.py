@@ -7,49 +7,14 @@ reruns the stage (which resumes from its own partial work where it has any: shar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import REPO_ROOT
+from core.hashing import hash_files, hash_text  # noqa: F401 - re-exported for the stage runner
 
 STAGE_FILE = "stage.json"
-
-
-def hash_text(*parts: str) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def code_hash(*packages: str) -> str:
-    """Hash of the Python source of the named project packages or modules (e.g. "teachers", "pipelines/x.py")."""
-    h = hashlib.sha256()
-    for name in sorted(packages):
-        path = REPO_ROOT / name
-        files = sorted(f for f in path.rglob("*") if f.suffix in (".py", ".yaml")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(REPO_ROOT)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def hash_files(root: Path, skip: tuple[str, ...] = (STAGE_FILE,)) -> str:
-    """Content hash of every file under `root` (names and bytes), in a fixed order."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = str(f.relative_to(root))
-        if rel in skip or rel.split(os.sep)[0] in skip:
-            continue
-        h.update(rel.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def read_stage(stage_dir: Path) -> dict[str, Any] | None:

@@ -12,13 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipelines.config import REPO_ROOT
+from core.errors import UserError
+from pipelines.paths import REPO_ROOT
 
 EXPERIMENT = "distill"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
+    kind = "tracking"
+    exit_code = 2
 
 
 def tracking_uri() -> str:

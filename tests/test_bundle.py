@@ -39,7 +39,7 @@ def test_fetch_takes_the_resource_from_the_bundle_without_any_client(bundle_dir:
     def offline(*_: object) -> None:
         raise AssertionError("a registry client was run with DISTILL_BUNDLE set")
 
-    monkeypatch.setattr(fetch_mod, "_download", offline)
+    monkeypatch.setattr(fetch_mod, "download", offline)
     monkeypatch.setenv("DISTILL_BUNDLE", str(bundle_dir))
     target = fetch("wiki", cache_dir=tmp_path)
     rec = provenance("wiki", cache_dir=tmp_path)
@@ -84,7 +84,7 @@ def test_the_pipeline_names_a_folder_that_is_not_a_bundle(tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--preset", "ci", "--runs-dir", str(tmp_path / "runs")],
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3
-    assert "error (BundleError)" in proc.stderr and "make bundle" in proc.stderr
+    assert "error (bundle)" in proc.stderr and "make bundle" in proc.stderr
 
 
 def test_a_venv_made_from_a_venv_python_sees_its_packages(tmp_path: Path) -> None:

@@ -42,3 +42,37 @@ def test_bad_overrides_say_what_is_valid(overrides: str, message: str) -> None:
 def test_unknown_preset_lists_the_available_ones() -> None:
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available presets: .*default"):
         load_config("nope")
+
+
+def test_defaults_live_in_one_place():
+    """configs/default.yaml sets no key: the sections' dataclasses hold the defaults, and `PRESET=default`
+    is exactly them."""
+    import dataclasses
+
+    import yaml
+
+    from pipelines.config import CONFIG_DIR, PipelineConfig
+
+    assert not yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
+    assert dataclasses.asdict(load_config("default")) == dataclasses.asdict(PipelineConfig())
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "/tmp/x", ".hidden", "a..b"])
+def test_a_run_name_never_leaves_runs(name):
+    with pytest.raises(ConfigError, match="is not a run name"):
+        load_config("ci", run_name=name)
+    assert load_config("ci", run_name="my-run_1.2").run_name == "my-run_1.2"
+
+
+def test_a_stage_reading_an_undeclared_config_entry_fails_at_once(tmp_path):
+    """Each stage sees only the config entries its table row lists (those its identity hashes)."""
+    import torch
+
+    from pipelines.context import RunContext
+    from pipelines.stage_table import BY_NAME
+
+    ctx = RunContext(cfg=load_config("ci"), run_dir=tmp_path, device=torch.device("cpu"))
+    view = ctx.for_stage("distill", BY_NAME["distill"].config).cfg
+    assert view.distill.lr > 0
+    with pytest.raises(RuntimeError, match="reads config entry 'eval'.*stage_table.py"):
+        view.eval

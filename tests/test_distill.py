@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.checkpoint import list_checkpoints
+from core.checkpoint import list_checkpoints
 from distill.throughput import flops_per_token
 from distill.trainer import NonFiniteLossError, train_student
 from kernels import kd_loss
+from logit_cache import topk_from_logits
 from pipelines.config import REPO_ROOT, DistillConfig
-from teachers.topk_logit_cache import topk_from_logits
 from tests.distill_child import VOCAB, tiny_config, tiny_dataset, tiny_llama
 
 
@@ -73,7 +73,7 @@ def test_killed_training_resumes_to_the_same_losses(tmp_path: Path, lora_rank: i
 def test_time_limit_stops_after_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TIME_LIMIT: with too little time left for two more steps and a save, training saves a checkpoint and
     stops; the rerun continues from exactly there to the losses of an uninterrupted run."""
-    from pipelines import deadline
+    from core import deadline
 
     _, full = _run(tiny_config(), tmp_path / "full")
     monkeypatch.setenv(deadline.ENV, str(time.time() + 20))  # under the 30 s a checkpoint save is allowed

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from logit_cache import part_range
 from pipelines.config import REPO_ROOT
-from teachers.topk_logit_cache import part_range
 from tests.test_pipeline_e2e import tiny_moe_dir
 
 __all__ = ["tiny_moe_dir"]
@@ -120,7 +120,7 @@ def test_an_error_on_rank_0_stops_every_process_with_its_message(tiny_moe_dir: P
     env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = _run(tiny_moe_dir, tmp_path / "runs", "bad", env, 2, "student_options.keep_layers=top_16", ok=False)
     assert proc.returncode != 0
-    assert "error (ConfigError)" in proc.stderr and "keep_layers" in proc.stderr
+    assert "error (config)" in proc.stderr and "keep_layers" in proc.stderr
     assert json.loads((tmp_path / "runs" / "bad" / "logits" / "stage.json").read_text())["complete"]
 
 

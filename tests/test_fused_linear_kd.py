@@ -13,7 +13,7 @@ from distill.divergences import DIVERGENCES
 from distill.fused_linear_kd import fused_linear_topk_kd
 from distill.kd_losses import IGNORE_INDEX, KDLossSpec, topk_kd_loss
 from kernels.kd_loss import rest_grad_, row_lse
-from teachers.topk_logit_cache import topk_from_logits
+from logit_cache import topk_from_logits
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -7,7 +7,7 @@ import torch
 
 from distill.divergences import DIVERGENCES, divergence
 from distill.kd_losses import IGNORE_INDEX, KDLossSpec, full_kd_loss, topk_kd_loss
-from teachers.topk_logit_cache import topk_from_logits
+from logit_cache import topk_from_logits
 
 
 def _xlogy_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

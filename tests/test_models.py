@@ -126,7 +126,7 @@ def test_vocab_check_names_the_first_differing_tokens(tok_dir: Path) -> None:
 
 
 def test_an_moe_given_as_student_is_refused(tmp_path: Path, tok_dir: Path) -> None:
-    from pipelines.stages_models import check_student_source
+    from pipelines.stages.student import check_student_source
 
     teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
     moe_student = _save(upcycle_llama(tiny_llama(vocab=49152, seed=1), 4, 2), tok_dir, tmp_path / "student")
@@ -141,7 +141,7 @@ def test_a_student_from_a_config_json_is_randomly_initialised_and_checked(tmp_pa
 
     from pipelines.config import load_config as load_pipeline_config
     from pipelines.context import RunContext
-    from pipelines.stages_models import student_stage
+    from pipelines.stages.student import student_stage
     from students.from_config import random_student
 
     cfg = tiny_llama(vocab=49152).config.to_dict()
@@ -174,11 +174,11 @@ def test_a_layer_spec_the_teacher_cannot_take_is_a_config_error_before_calibrati
                                                                                   tok_dir: Path) -> None:
     from safetensors.torch import save_file
 
+    from core.errors import UserError
     from pipelines.config import ConfigError
     from pipelines.config import load_config as load_pipeline_config
     from pipelines.context import RunContext
-    from pipelines.run import user_errors
-    from pipelines.stages_models import student_stage
+    from pipelines.stages.student import student_stage
 
     teacher = _save(upcycle_llama(tiny_llama(vocab=49152), 4, 2), tok_dir, tmp_path / "teacher")
     save_file({"input_ids": torch.randint(0, 300, (4, 16), dtype=torch.int32)}, str(tmp_path / "seqs.safetensors"))
@@ -190,4 +190,4 @@ def test_a_layer_spec_the_teacher_cannot_take_is_a_config_error_before_calibrati
         ctx = RunContext(cfg=cfg, run_dir=tmp_path / "run", device=torch.device("cpu"), records=records)
         with pytest.raises(ConfigError, match=message) as info:
             student_stage(ctx, tmp_path / "run" / "student")
-        assert isinstance(info.value, user_errors())  # printed as a one-line error, not a traceback
+        assert isinstance(info.value, UserError)  # printed as a one-line error, not a traceback

@@ -10,17 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import checkpoint
-from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from core import checkpoint
+from core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from core.disk import DiskFullError
 from distill.trainer import BatchTooLargeError, train_student
 from kernels import kd_loss
+from logit_cache import MANIFEST_NAME, CacheIncompleteError, LogitCache
 from pipelines.config import DistillConfig, load_config
 from pipelines.run import run_pipeline
-from resources.disk import DiskFullError
-from teachers.topk_logit_cache import MANIFEST_NAME, CacheIncompleteError, LogitCache
 from tests.distill_child import VOCAB, tiny_dataset, tiny_llama
-from tests.test_topk_logit_cache import (RESUME_GEOMETRY, RESUME_SPS, RESUME_TOTAL, assert_matches_reference,
-                                         make_meta, reference_cache, write_sequences)
+from tests.test_logit_cache import (
+    RESUME_GEOMETRY,
+    RESUME_SPS,
+    RESUME_TOTAL,
+    assert_matches_reference,
+    make_meta,
+    reference_cache,
+    write_sequences,
+)
 
 __all__ = ["reference_cache"]  # the module-scoped fixture, shared with the cache tests
 
@@ -113,4 +120,4 @@ def test_a_wrong_teacher_path_is_a_clear_error_not_a_traceback(tmp_path: Path, m
     cfg = load_config("ci", teacher=str(tmp_path / "no-such-model"), run_name="wrong-path")
     assert run_pipeline(cfg, tmp_path / "runs") == 3
     err = capsys.readouterr().err
-    assert "error (ModelLoadError): teacher" in err and "does not exist as a local folder" in err
+    assert "error (model): teacher" in err and "does not exist as a local folder" in err

@@ -7,13 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, GptOssConfig, GraniteMoeConfig,
-                          MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    GptOssConfig,
+    GraniteMoeConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    PhimoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
+from logit_cache import CacheMeta, LogitCache, LogitCacheWriter, topk_from_logits
 from teachers.load import is_moe, load_teacher
 from teachers.logit_generation import generate_logit_cache
 from teachers.router_analytics import RouterRecorder, summarise, write_heatmaps
-from teachers.topk_logit_cache import CacheMeta, LogitCache, LogitCacheWriter, topk_from_logits
 
 V = 49152  # SmolLM2's tokenizer, so the folders are complete models our loader accepts
 _C = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

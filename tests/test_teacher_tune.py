@@ -10,10 +10,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines import deadline
+from core import deadline
 from pipelines.config import ConfigError, TeacherTuneConfig
-from teachers.continued_training import (add_expert_noise, expert_spread, measure_routing, set_router_jitter,
-                                         tune_teacher)
+from teachers.continued_training import (
+    add_expert_noise,
+    expert_spread,
+    measure_routing,
+    set_router_jitter,
+    tune_teacher,
+)
 from teachers.upcycle import upcycle_llama
 
 

@@ -1,4 +1,5 @@
-"""Stages `data` (tokenised training sequences + held-out text) and `logits` (the teacher's top-k cache)."""
+"""Stage `logits`: the teacher's top-k distribution over the training sequences, written to the logit cache,
+with router analytics on the way."""
 from __future__ import annotations
 
 import contextlib
@@ -9,80 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
+from safetensors.torch import load_file
 
-from pipelines import distributed as dist
+from core import distributed as dist
+from logit_cache import (
+    MANIFEST_NAME,
+    CacheMeta,
+    LogitCache,
+    LogitCacheWriter,
+    cache_fidelity_kl,
+    merge_parts,
+    part_range,
+)
 from pipelines.context import RunContext
-from pipelines.stage_cache import hash_files
-from resources.corpus import iter_documents
-from teachers.load import is_moe, load_teacher, load_tokenizer, needs_several_gpus
+from teachers.load import is_moe, load_teacher, needs_several_gpus
 from teachers.logit_generation import COUNTS_FILE, generate_logit_cache, save_counts
 from teachers.router_analytics import RouterRecorder, summarise, write_heatmaps
-from teachers.topk_logit_cache import (MANIFEST_NAME, CacheMeta, LogitCache, LogitCacheWriter, cache_fidelity_kl,
-                                       merge_parts, part_range)
-
-SEQUENCES_FILE = "sequences.safetensors"
-
-
-def tokenizer_hash(tok: Any) -> str:
-    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
-
-
-def data_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
-    """Tokenise the training text into fixed-length sequences; keep the held-out documents apart.
-
-    Sources are interleaved document by document (each document capped at two sequences' worth of tokens),
-    so even a small token budget sees every kind of text. Writes `sequences.safetensors` (input_ids
-    [N, S] int32), `sequence_sources.json` (majority source per sequence) and `heldout.jsonl`.
-    """
-    d = ctx.cfg.data
-    tok = load_tokenizer(ctx.output("teacher", "path"), "teacher", ctx.cfg.teacher_options.trust_remote_code)
-    if tok.eos_token_id is None:
-        raise ValueError("the teacher's tokenizer has no EOS token to separate documents")
-    docs = {s: list(iter_documents(s)) for s in dict.fromkeys(d.sources + [d.heldout_source])}
-    heldout = docs[d.heldout_source][-d.heldout_docs:] if d.heldout_docs else []
-    if d.heldout_docs:
-        docs[d.heldout_source] = docs[d.heldout_source][:-d.heldout_docs]
-    need = (d.train_tokens // d.seq_len) * d.seq_len
-    cap = 2 * d.seq_len
-    stream: list[int] = []
-    origin: list[int] = []
-    names = list(d.sources)
-    cursors = {s: 0 for s in names}
-    bar = tqdm(total=need, desc="tokenise", unit="tok")
-    while len(stream) < need and names:
-        for s in list(names):
-            if cursors[s] >= len(docs[s]):
-                names.remove(s)
-                continue
-            ids = tok(docs[s][cursors[s]].text, add_special_tokens=False)["input_ids"][:cap] + [tok.eos_token_id]
-            cursors[s] += 1
-            stream += ids
-            origin += [d.sources.index(s)] * len(ids)
-            bar.update(len(ids))
-            if len(stream) >= need:
-                break
-    bar.close()
-    if len(stream) < need:
-        raise ValueError(f"the sources {d.sources} hold only {len(stream)} tokens, fewer than data.train_tokens="
-                         f"{d.train_tokens}")
-    seqs = torch.tensor(stream[:need], dtype=torch.int32).view(-1, d.seq_len)
-    org = torch.tensor(origin[:need]).view(-1, d.seq_len)
-    majority = [d.sources[int(torch.bincount(row).argmax())] for row in org]
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": seqs}, str(out / SEQUENCES_FILE))
-    (out / "sequence_sources.json").write_text(json.dumps(majority))
-    with open(out / "heldout.jsonl", "w") as fh:
-        for doc in heldout:
-            fh.write(json.dumps({"text": doc.text, "source": doc.source, "id": doc.doc_id}) + "\n")
-    per_source = {s: majority.count(s) for s in d.sources}
-    return {"outputs": {"sequences": str(out / SEQUENCES_FILE), "heldout": str(out / "heldout.jsonl"),
-                        "num_sequences": len(seqs), "tokens": seqs.numel(), "sequences_per_source": per_source,
-                        "tokenizer_hash": tokenizer_hash(tok)},
-            "output_hash": hash_files(out),
-            "metrics": {"data/tokens": seqs.numel(), "data/sequences": len(seqs),
-                        "data/heldout_docs": len(heldout)}}
 
 
 def _cache_complete(root: Path) -> bool:

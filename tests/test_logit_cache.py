@@ -1,4 +1,4 @@
-"""Tests for teachers/topk_logit_cache.py: codec fidelity, size, crash-safety, resume."""
+"""Tests for logit_cache/: codec fidelity, size, crash-safety, resume."""
 from __future__ import annotations
 
 import hashlib
@@ -15,9 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from teachers.topk_logit_cache import (
-    MANIFEST_NAME, CacheCorruptError, CacheIncompleteError, CacheMeta, CacheMismatchError, LogitCache,
-    LogitCacheWriter, PackLayout, _decode_range, cache_fidelity_kl, quantize_logprobs, reconstruct_logprobs,
+from logit_cache import (
+    MANIFEST_NAME,
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheMeta,
+    CacheMismatchError,
+    LogitCache,
+    LogitCacheWriter,
+    PackLayout,
+    _decode_range,
+    cache_fidelity_kl,
+    quantize_logprobs,
+    reconstruct_logprobs,
     topk_from_logits,
 )
 
@@ -169,7 +179,7 @@ def test_resume_after_sigkill(tmp_path: Path, reference_cache: Path) -> None:
     root = tmp_path / "cache"
     args = [root, RESUME_GEOMETRY, RESUME_TOTAL, RESUME_SPS]
     script = ("import sys; from pathlib import Path\n"
-              "from tests.test_topk_logit_cache import make_meta, write_sequences\n"
+              "from tests.test_logit_cache import make_meta, write_sequences\n"
               "root, geom, total, sps = eval(sys.argv[1])\n"
               "write_sequences(Path(root), make_meta(**geom), total, sps, batch=1, delay_s=0.15)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -12,11 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from core.errors import UserError
+
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """No space left (or quota exceeded) while writing pipeline output."""
+    kind = "disk"
 
 
 def free_mib(path: Path) -> float:

@@ -1,32 +1,32 @@
-"""Stage `distill`: train the student on the teacher's cached top-k distribution, or on the teacher itself;
-stage `baseline`: the same student, data and steps on plain cross-entropy (baseline.enabled).
+"""Stage `distill`: train the student on the teacher's cached top-k distribution, or on the teacher itself.
 
 distill.teacher_mode=online runs the teacher inside the training loop on the same sequences the cache was
 built from (no cached logits used; needed for hidden-state alignment). LoRA students (distill.lora_rank)
-leave this stage merged, as plain dense models.
+leave this stage merged, as plain dense models. `train_student_stage` is shared with the `baseline` stage.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from core import distributed as dist
+from core.hashing import hash_files
 from distill.trainer import train_student
-from pipelines import distributed as dist
-from pipelines.config import DistillConfig
+from logit_cache import LogitCache
 from pipelines.context import RunContext
-from pipelines.stage_cache import hash_files
 from pipelines.tracking import log_metrics
 from teachers.load import load_causal_lm, load_teacher, load_tokenizer
-from teachers.topk_logit_cache import LogitCache
 
-# What the logged MLflow model needs to be loaded again (without it MLflow probes for torchvision).
+if TYPE_CHECKING:
+    from distill.config import DistillConfig
+
+
 MODEL_PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 
 
-def _train(ctx: RunContext, out: Path, dcfg: DistillConfig, step_prefix: str, summary_prefix: str,
+def train_student_stage(ctx: RunContext, out: Path, dcfg: DistillConfig, step_prefix: str, summary_prefix: str,
            log_model: bool) -> dict[str, Any]:
     """Train the student stage's model with `dcfg`, save it under out/model; metrics per step as
     `<step_prefix>/<name>`, the summary as `<summary_prefix>/<name>`."""
@@ -62,11 +62,4 @@ def _train(ctx: RunContext, out: Path, dcfg: DistillConfig, step_prefix: str, su
 
 
 def distill_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
-    return _train(ctx, out, ctx.cfg.distill, "train", "distill", log_model=True)
-
-
-def baseline_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
-    """The distill stage's run with the teacher taken out: cross-entropy only, cached data order and budget."""
-    dcfg = dataclasses.replace(ctx.cfg.distill, kd_weight=0.0, ce_weight=1.0, teacher_mode="cache",
-                               hidden_weight=0.0)
-    return _train(ctx, out, dcfg, "baseline_train", "baseline", log_model=False)
+    return train_student_stage(ctx, out, ctx.cfg.distill, "train", "distill", log_model=True)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from resources.disk import disk_full_guard
+from core.disk import disk_full_guard
 
 _DONE = "checkpoint.json"
 

@@ -18,14 +18,17 @@ from typing import Any
 
 import torch
 
+from core.errors import UserError
+
 # How long a rank waits for rank 0 to finish a stage it runs alone (evaluations of a large teacher).
 HANDOFF_TIMEOUT = timedelta(hours=int(os.environ.get("DISTILL_HANDOFF_TIMEOUT_H", "12")))
 
 _handoff_group: Any = None
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(UserError, RuntimeError):
     """Another process of the same run failed; its message is in its own output (rank 0 prints the cause)."""
+    kind = "processes"
 
 
 def world_size() -> int:

@@ -1,0 +1,77 @@
+"""The `distill` config section: the KD loss, the teacher's form (cache or online), the optimiser and the
+parallel layout. Defaults are the default preset's; `validate` holds every rule of the section, the only place
+each is checked (the loss's own rules through `KDLossSpec`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.distributed import world_size
+from core.errors import ConfigError, require
+from distill.kd_losses import KDLossSpec
+
+TEACHER_MODES = ("cache", "online")
+SWITCH = ("auto", "on", "off")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv
+    kd_weight: float = 1.0
+    ce_weight: float = 0.5
+    temperature: float = 1.0  # KD at this temperature, scaled by T^2; CE stays at T = 1
+    beta: float = 0.5  # jsd: teacher's weight in the mixture
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl: skew weight
+    teacher_mode: str = "cache"  # "cache": the logits stage's top-k cache; "online": teacher forward per batch
+    online_top_k: int = 64  # online: teacher ids kept per token (0: the whole vocabulary, unfused)
+    fused_loss: str = "auto"  # "auto" (fused when the output layer allows), "on", "off"
+    hidden_weight: float = 0.0  # online: weight of the MSE between (projected) student and teacher last hidden
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (merged into the weights at the end)
+    lora_alpha: float = 0.0  # 0: 2 x rank
+    gradient_checkpointing: bool = False
+    compile: str = "auto"  # torch.compile the student's decoder: "auto" (on GPU), "on", "off"
+    # With several processes (GPUS=<n>): "ddp", a full student per process, gradients averaged; or "fsdp"
+    # (FSDP2), parameters, gradients and optimizer state sharded over the processes, for students too large.
+    parallel: str = "ddp"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    batch_size: int = 8  # sequences per optimizer step (after accumulation)
+    micro_batch_size: int = 4
+    epochs: int = 1
+    max_steps: int = 0  # 0: one pass over the cache times `epochs`
+    grad_clip: float = 1.0
+    checkpoint_every: int = 4  # optimizer steps between resumable checkpoints
+    seed: int = 0
+
+    def loss_spec(self) -> KDLossSpec:
+        """What the loss computes; raises ConfigError naming the setting if the section cannot make one."""
+        try:
+            return KDLossSpec(self.loss, self.temperature, self.kd_weight, self.ce_weight, self.beta, self.alpha)
+        except ValueError as e:
+            raise ConfigError(f"distill: {e} (distill.loss, temperature, kd_weight, ce_weight, beta, alpha)") from e
+
+    def validate(self, processes: int | None = None) -> None:
+        """Every rule of the section. `processes`: how many share each optimizer step (default: the launcher's
+        WORLD_SIZE, set before Python starts)."""
+        world = world_size() if processes is None else processes
+        self.loss_spec()
+        require(self.lr > 0, "distill.lr must be > 0")
+        require(self.batch_size >= self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+                "distill.batch_size must be a positive multiple of distill.micro_batch_size")
+        # Each process takes an equal part of every optimizer step's sequences, in whole micro-batches.
+        require(self.batch_size % (world * self.micro_batch_size) == 0,
+                f"distill.batch_size={self.batch_size} must be a multiple of {world} processes x "
+                f"distill.micro_batch_size={self.micro_batch_size}")
+        require(self.checkpoint_every >= 1, "distill.checkpoint_every must be >= 1")
+        require(self.epochs >= 1 and self.max_steps >= 0, "distill.epochs must be >= 1 and distill.max_steps >= 0")
+        require(self.teacher_mode in TEACHER_MODES, f"distill.teacher_mode must be one of: {', '.join(TEACHER_MODES)}")
+        require(self.fused_loss in SWITCH, f"distill.fused_loss must be one of: {', '.join(SWITCH)}")
+        require(self.compile in SWITCH, f"distill.compile must be one of: {', '.join(SWITCH)}")
+        require(self.parallel in PARALLEL, f"distill.parallel must be one of: {', '.join(PARALLEL)}")
+        require(self.parallel == "ddp" or self.lora_rank == 0,
+                "distill.parallel=fsdp does not take LoRA students (distill.lora_rank > 0): use distill.parallel=ddp")
+        require(self.online_top_k >= 0 and self.lora_rank >= 0 and self.hidden_weight >= 0,
+                "distill.online_top_k, lora_rank and hidden_weight must be >= 0")
+        require(self.hidden_weight == 0 or self.teacher_mode == "online",
+                "distill.hidden_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)")

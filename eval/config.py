@@ -1,0 +1,36 @@
+"""The `eval` and `latency` config sections. Defaults are the default preset's; `validate` holds each
+section's rules, the only place they are checked."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.errors import require
+
+SWITCH = ("auto", "on", "off")
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: [
+        "local_hellaswag", "local_arc_easy", "local_piqa", "local_winogrande", "local_lambada_openai"])
+    limit: int = 25  # examples per task (0: all)
+    heldout: bool = True  # bits per byte on the held-out text
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        require(self.limit >= 0, "eval.limit must be >= 0 (0 means all examples)")
+        require(self.batch_size >= 1, "eval.batch_size must be >= 1")
+
+
+@dataclass
+class LatencyConfig:
+    enabled: bool = True
+    repeats: int = 0  # timed repeats per setting (0: the benchmark's default for the device)
+    cpu_threads: int = 1  # CPU only: threads while timing (two threads on a busy 2-core box are noisy)
+    # GPU only: also time decode on a static cache with torch.compile ("auto": on, as the device default;
+    # compiling costs about a minute per model and batch size).
+    static_compile: str = "auto"
+    teacher_fused: bool = True  # GPU only: also time the teacher on our fused MoE kernels (kernels.hf_moe)
+
+    def validate(self) -> None:
+        require(self.static_compile in SWITCH, f"latency.static_compile must be one of: {', '.join(SWITCH)}")

@@ -1,0 +1,49 @@
+"""Top-k selection of a teacher's logits and the fidelity of the cached top-k reconstruction.
+
+What the teacher keeps per token (top-k ids, their log-probs and the tail mass) and how far the
+reconstruction from those is from the full distribution; pure tensor math, independent of the file format.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [..., V] -> (ids [..., k] int64, logprobs [..., k] f32, tail_logmass [...] f32).
+
+    Float32 math regardless of input dtype. The tail is logsumexp over the
+    non-top-k logits (not log1p(-sum p)), so it stays accurate when the top-k
+    holds nearly all the mass; it is -inf when k == V.
+    """
+    x = logits.to(torch.float32)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    vals, ids = torch.topk(x, k, dim=-1)
+    rest = x.scatter(-1, ids, float("-inf"))
+    tail = torch.logsumexp(rest, dim=-1) - lse.squeeze(-1)
+    return ids, vals - lse, tail
+
+
+def cache_fidelity_kl(full_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                      tail: torch.Tensor, chunk: int = 256) -> float:
+    """Mean over N of KL(teacher_full || reconstructed), in nats.
+
+    full_logits [N, V], ids [N, k], logprobs [N, k], tail [N]. The
+    reconstruction puts exp(logprobs) on ids and exp(tail) spread uniformly
+    over the other V-k ids, then renormalizes (quantization leaves the total
+    a hair off 1; a proper distribution keeps KL >= 0).
+    """
+    n, v = full_logits.shape
+    k = ids.shape[-1]
+    total = 0.0
+    for s in range(0, n, chunk):
+        p = torch.log_softmax(full_logits[s:s + chunk].to(torch.float64), dim=-1)
+        t = tail[s:s + chunk].to(torch.float64)
+        fill = t - math.log(v - k) if v > k else torch.full_like(t, float("-inf"))
+        logq = fill.unsqueeze(-1).expand_as(p).clone()
+        logq.scatter_(-1, ids[s:s + chunk].long(), logprobs[s:s + chunk].to(torch.float64))
+        logq = torch.log_softmax(logq, dim=-1)
+        pe = p.exp()
+        total += torch.where(pe > 0, pe * (p - logq), 0.0).sum().item()
+    return total / n

@@ -1,0 +1,167 @@
+"""Run one stage, or reuse its output: the decision, the MLflow run around it, and the hand-offs between ranks.
+
+A stage reruns exactly when its input hash changes (`input_hash`: config entries, code identity, upstream
+output hashes, device). `plan` tells which stages a run would redo, and why, without running anything.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from core import deadline
+from core import distributed as dist
+from core.deadline import TimeLimitReached
+from core.hashing import hash_text
+from pipelines.code_identity import code_identity
+from pipelines.paths import REPO_ROOT
+from pipelines.stage_cache import is_fresh, read_stage, write_stage
+from pipelines.stage_table import STAGES, Stage
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+
+
+def active_stages(cfg: PipelineConfig) -> Iterator[Stage]:
+    """The stages this configuration runs, in order."""
+    return (s for s in STAGES if s.enabled(cfg))
+
+
+def stand_in_records(cfg: PipelineConfig, records: dict[str, dict]) -> None:
+    """Records for the switched-off stages the report reads, so it can say they are off."""
+    if not cfg.latency.enabled:
+        records.setdefault("latency", {"outputs": {"compare": {}}, "output_hash": "disabled"})
+    if not cfg.baseline.enabled:
+        records.setdefault("eval_baseline", {"outputs": {"metrics": None}, "output_hash": "disabled"})
+
+
+def remove_stage_dir(out: Path, run_dir: Path) -> None:
+    """Delete a stage's folder, which must lie inside the run folder: never anything outside it."""
+    out, run_dir = out.resolve(), run_dir.resolve()
+    if run_dir not in out.parents:
+        raise RuntimeError(f"refusing to delete {out}: it is not inside the run folder {run_dir}")
+    shutil.rmtree(out)
+
+
+def plan(cfg: PipelineConfig, run_dir: Path, device: str, root: Path = REPO_ROOT) -> dict[str, str]:
+    """What a run of `cfg` in `run_dir` would do with each stage: "reuse", or "run: <why>". A stage whose
+    upstream reruns is counted as rerunning too (its inputs will change unless the upstream output comes
+    out byte-identical, in which case the real run reuses it after all)."""
+    records: dict[str, dict] = {}
+    stand_in_records(cfg, records)
+    out: dict[str, str] = {}
+    for stage in active_stages(cfg):
+        rerun_ups = [u for u in stage.upstream if out.get(u, "reuse") != "reuse"]
+        rec = read_stage(run_dir / stage.name)
+        if rerun_ups:
+            out[stage.name] = f"run: upstream {', '.join(rerun_ups)} reruns"
+        elif rec is None or not rec.get("complete"):
+            out[stage.name] = "run: no finished output"
+        elif rec.get("input_hash") != input_hash(stage, cfg, records, device, root):
+            out[stage.name] = "run: its config, code or inputs changed"
+        else:
+            out[stage.name] = "reuse"
+        records[stage.name] = rec or {"output_hash": "pending"}
+    return out
+
+
+def input_hash(stage: Stage, cfg: PipelineConfig, records: dict[str, dict], device: str,
+               root: Path = REPO_ROOT) -> str:
+    """Everything the stage's output depends on: its name, its config entries, its code (the import closure of
+    its module under `root`), its upstream stages' output hashes and, for device stages, the device type."""
+    ups = [f"{u}={records[u]['output_hash']}" for u in stage.upstream]
+    return hash_text(stage.name, cfg.section_hash(*stage.config) if stage.config else "",
+                     code_identity(stage.module, root), *ups, device if stage.uses_device else "")
+
+
+def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, Any]:
+    """Reuse the stage's output if its inputs are unchanged, else (re)run it; log either way to MLflow.
+
+    Rank 0 of a multi-process launch (see `pipelines.distributed`); the other ranks call `follow_stage`.
+    """
+    import mlflow
+
+    from pipelines.tracking import flat_params, log_metrics, stage_run
+
+    out = ctx.stage_dir(stage.name)
+    h = input_hash(stage, ctx.cfg, ctx.records, ctx.device.type)
+    rec = is_fresh(out, h)
+    cfg_part = {s: ctx.cfg.to_dict()[s] for s in stage.config}
+    # Whether the other ranks are waiting for a hand-off from here: whatever fails while they are (MLflow, a
+    # full disk in the bookkeeping) is handed to them as an error instead of leaving them waiting.
+    handoff_due = True
+    try:
+        if rec is None:  # before the stage's MLflow run opens or anything of its folder changes
+            deadline.check_stage_start(stage.name)
+        with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
+            mlflow.log_params(flat_params(cfg_part))
+            if rec is not None:
+                handoff_due = False
+                dist.share(("reuse", rec))
+                print(f"[{stage.name}] inputs unchanged ({h}); reusing {out}", flush=True)
+                mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
+                log_metrics(rec.get("metrics", {}))
+                return rec
+            old = read_stage(out)
+            if old and old.get("input_hash") != h and out.exists():
+                # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.
+                remove_stage_dir(out, ctx.run_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_stage(out, {"input_hash": h, "complete": False, "stage": stage.name})
+            handoff_due = False
+            dist.share(("run", None))
+            print(f"[{stage.name}] running (inputs {h})", flush=True)
+            t0 = time.perf_counter()
+            result, error = _call_stage(stage, ctx, out)
+            if stage.distributed:
+                dist.check_all(error)  # raises on every rank at once if any rank failed
+            handoff_due = True  # the others now wait for the stage's record
+            if error is not None:
+                raise error
+            seconds = time.perf_counter() - t0
+            rec = {"stage": stage.name, "input_hash": h, "complete": True, "seconds": seconds,
+                   "mlflow_run_id": run.info.run_id, **result}
+            rec["metrics"] = {**result.get("metrics", {}), f"{stage.name}/seconds": seconds}
+            log_metrics(rec["metrics"])
+            mlflow.log_dict(rec, "stage.json")
+            write_stage(out, rec)
+            handoff_due = False
+            dist.share(("done", rec))
+            print(f"[{stage.name}] done in {seconds:.1f} s", flush=True)
+            return rec
+    except BaseException as e:
+        if handoff_due:
+            dist.share(("error", f"{type(e).__name__}: {e}"))
+        raise
+
+
+def follow_stage(stage: Stage, ctx: Any) -> dict[str, Any]:
+    """A rank other than 0: take rank 0's decision for `stage`, do this rank's share of a distributed stage,
+    and return the stage's record as rank 0 wrote it."""
+    kind, rec = dist.share()
+    if kind == "error":
+        raise _rank0_error(stage, rec)
+    if kind == "reuse":
+        return rec
+    if stage.distributed:
+        _, error = _call_stage(stage, ctx, ctx.stage_dir(stage.name))
+        dist.check_all(error)
+    kind, rec = dist.share()
+    if kind == "error":
+        raise _rank0_error(stage, rec)
+    return rec
+
+
+def _rank0_error(stage: Stage, message: str) -> Exception:
+    if message.startswith(f"{TimeLimitReached.__name__}:"):  # not a failure: every rank stops and resumes later
+        return TimeLimitReached(message)
+    return dist.RankFailedError(f"rank 0 failed in stage {stage.name}: {message}")
+
+
+def _call_stage(stage: Stage, ctx: Any, out: Path) -> tuple[dict[str, Any], BaseException | None]:
+    # Caught rather than raised so that every rank reaches the hand-off that tells the others.
+    try:
+        return stage.fn(ctx.for_stage(stage.name, stage.config), out), None
+    except Exception as e:  # noqa: BLE001 - re-raised by the caller after the hand-off
+        return {}, e

@@ -1,0 +1,92 @@
+"""The pipeline's stages, in order: the function each runs, the config sections and upstream stages it reads.
+
+A stage's code is not listed here: its identity is computed from the imports of the module that defines its
+function (`pipelines.code_identity`), so it cannot drift from what actually runs. Config sections are listed
+because a function reads them through `ctx.cfg` at run time, which no import shows; `RunContext` hands each
+stage a view of the config that refuses any section the stage did not list, so the list cannot drift either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pipelines.stages import (
+    baseline,
+    data,
+    distill,
+    eval_model,
+    latency,
+    logits,
+    report,
+    student,
+    teacher,
+    teacher_tune,
+)
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
+    from pipelines.context import RunContext
+
+StageFn = Callable[["RunContext", Path], dict[str, Any]]
+
+
+def _always(cfg: PipelineConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: StageFn
+    config: tuple[str, ...]  # config entries (sections or top-level keys) the output depends on
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    uses_device: bool = False  # its output depends on the device type (cpu / cuda)
+    # Runs on every process of a multi-process launch (each its share of the data); others run on rank 0.
+    distributed: bool = False
+    enabled: Callable[[PipelineConfig], bool] = _always  # a switched-off stage is left out of the run
+
+    @property
+    def module(self) -> str:
+        """The module whose import closure is this stage's code."""
+        return self.fn.__module__
+
+
+def _baseline_on(cfg: PipelineConfig) -> bool:
+    return cfg.baseline.enabled
+
+
+def _latency_on(cfg: PipelineConfig) -> bool:
+    return cfg.latency.enabled
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", teacher.teacher_stage, ("teacher", "teacher_options"), ()),
+    Stage("data", data.data_stage, ("data", "teacher_options"), ("teacher",)),
+    # From here on "the teacher" is this stage's model: the teacher stage's own when teacher_tune.steps=0.
+    Stage("teacher_tune", teacher_tune.teacher_tune_stage, ("teacher_tune", "teacher_options", "data"),
+          ("teacher", "data"), uses_device=True),
+    Stage("logits", logits.logits_stage, ("logits", "teacher_options", "data"), ("teacher_tune", "data"),
+          uses_device=True, distributed=True),
+    Stage("student", student.student_stage, ("student", "student_options", "teacher_options"), ("teacher_tune", "data")),
+    Stage("distill", distill.distill_stage, ("distill", "teacher_options"), ("student", "logits"),
+          uses_device=True, distributed=True),
+    Stage("baseline", baseline.baseline_stage, ("distill", "baseline", "teacher_options"), ("student", "logits"),
+          uses_device=True, distributed=True, enabled=_baseline_on),
+    Stage("eval_teacher", eval_model.eval_teacher, ("eval", "teacher_options"), ("teacher_tune", "data"),
+          uses_device=True),
+    Stage("eval_student_init", eval_model.eval_student_init, ("eval", "teacher_options"), ("student", "data"),
+          uses_device=True),
+    Stage("eval_student", eval_model.eval_student, ("eval", "teacher_options"), ("distill", "data"),
+          uses_device=True),
+    Stage("eval_baseline", eval_model.eval_baseline, ("eval", "teacher_options"), ("baseline", "data"),
+          uses_device=True, enabled=_baseline_on),
+    Stage("latency", latency.latency_stage, ("latency", "teacher_options"), ("teacher_tune", "distill"),
+          uses_device=True, enabled=_latency_on),
+    Stage("report", report.report_stage, ("teacher", "student", "preset", "run_name", "overrides", "eval", "latency",
+                                          "baseline", "logits"),
+          ("teacher", "teacher_tune", "logits", "student", "distill", "eval_teacher", "eval_student_init",
+           "eval_student", "latency", "eval_baseline")),
+)
+
+BY_NAME = {s.name: s for s in STAGES}

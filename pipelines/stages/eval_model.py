@@ -1,0 +1,56 @@
+"""Stages `eval_teacher`, `eval_student_init`, `eval_student`, `eval_baseline`: lm-eval scores of one model each.
+
+One stage applied to four models: each scores the model of one upstream stage (the teacher is teacher_tune's
+model, trained further or not) on the configured tasks and the held-out text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from core.hashing import hash_files
+from eval.lm_eval_runner import flatten_metrics, run_lm_eval
+from pipelines.context import RunContext
+from teachers.load import load_causal_lm, load_tokenizer
+
+# The name an eval stage's metrics carry (eval/<role>/<task>...), as they did before teacher_tune existed.
+ROLES = {"teacher_tune": "teacher"}
+
+
+def evaluate(ctx: RunContext, out: Path, target: str) -> dict[str, Any]:
+    """lm-eval on the model of stage `target`; metrics as eval/<role>/<task>/<metric>."""
+    cfg = ctx.cfg
+    path = ctx.output(target, "path")
+    trust = cfg.teacher_options.trust_remote_code
+    role = ROLES.get(target, target)
+    model = load_causal_lm(path, role, ctx.device, ctx.dtype, trust)
+    tok = load_tokenizer(path, role, trust)
+    tasks = list(cfg.eval.tasks) + (["local_heldout_text"] if cfg.eval.heldout else [])
+    raw = run_lm_eval(model, tok, tasks, limit=cfg.eval.limit or None, batch_size=cfg.eval.batch_size,
+                      metadata={"heldout_path": ctx.output("data", "heldout")})
+    flat = flatten_metrics(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_eval_results.json").write_text(json.dumps(
+        {k: raw.get(k) for k in ("results", "versions", "n-samples", "higher_is_better", "configs")},
+        indent=1, default=str))
+    (out / "metrics.json").write_text(json.dumps(flat, indent=1))
+    metrics = {f"eval/{role}/{k}": v["value"] for k, v in flat.items() if v.get("value") is not None}
+    return {"outputs": {"metrics": flat, "results_file": str(out / "lm_eval_results.json"),
+                        "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size},
+            "output_hash": hash_files(out), "metrics": metrics}
+
+
+def eval_teacher(ctx: RunContext, out: Path) -> dict[str, Any]:
+    return evaluate(ctx, out, "teacher_tune")
+
+
+def eval_student_init(ctx: RunContext, out: Path) -> dict[str, Any]:
+    return evaluate(ctx, out, "student")
+
+
+def eval_student(ctx: RunContext, out: Path) -> dict[str, Any]:
+    return evaluate(ctx, out, "distill")
+
+
+def eval_baseline(ctx: RunContext, out: Path) -> dict[str, Any]:
+    return evaluate(ctx, out, "baseline")

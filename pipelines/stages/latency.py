@@ -1,0 +1,78 @@
+"""Stage `latency`: teacher and student timed in one process (and on GPU the teacher on our fused kernels too)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.hashing import hash_files
+from eval.latency import LatencySettings, compare_latency, measure_latency
+from pipelines.context import RunContext
+from teachers.load import load_causal_lm, load_tokenizer
+
+
+def latency_settings(ctx: RunContext) -> LatencySettings:
+    s = LatencySettings.for_device(ctx.device)
+    lc = ctx.cfg.latency
+    if lc.repeats:
+        s.repeats = lc.repeats
+    if lc.static_compile != "auto":
+        s.static_compile = lc.static_compile == "on"
+    return s
+
+
+def _fused_copy(model: torch.nn.Module) -> dict[str, Any]:
+    """Switch a loaded teacher to our fused MoE kernels (GPU); {"experts_implementation": ...} either way."""
+    from kernels.hf_moe import enable_fused_moe
+
+    try:
+        return enable_fused_moe(model)
+    except ValueError as e:  # an unsupported model keeps transformers' own path; say why
+        return {"experts_implementation": "stock", "reason": str(e)}
+
+
+def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    cfg = ctx.cfg
+    trust = cfg.teacher_options.trust_remote_code
+    settings = latency_settings(ctx)
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu" and cfg.latency.cpu_threads:
+        # Two threads on a shared 2-core box swing by 10x with the neighbours' load; one thread is steadier.
+        torch.set_num_threads(cfg.latency.cpu_threads)
+    # On GPU the teacher is also timed on our fused kernels: what serving it would cost at its best.
+    roles = [("teacher", "teacher_tune"), ("student", "distill")]
+    if ctx.device.type == "cuda" and cfg.latency.teacher_fused:
+        roles.insert(1, ("teacher_fused", "teacher_tune"))
+    fused: dict[str, Any] = {}
+    try:
+        results = {}
+        for role, stage in roles:
+            model = load_causal_lm(ctx.output(stage, "path"), role, ctx.device, ctx.dtype, trust)
+            if role == "teacher_fused":
+                fused = _fused_copy(model)
+            results[role] = measure_latency(model, len(load_tokenizer(ctx.output(stage, "path"), role, trust)),
+                                            settings, ctx.device)
+            del model
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        torch.set_num_threads(threads)
+    table = compare_latency(results["teacher"], results["student"])
+    # The fused teacher against the stock one: the "student" side of the comparison is the fused teacher.
+    fused_table = compare_latency(results["teacher"], results["teacher_fused"]) if "teacher_fused" in results else {}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps({"raw": results, "compare": table, "teacher_fused": fused_table,
+                                                  "fused": fused}, indent=1, default=str))
+    metrics = {}
+    for key, row in table.items():
+        for who in ("teacher", "student", "speedup"):
+            if isinstance(row.get(who), (int, float)):
+                metrics[f"latency/{key}/{who}"] = row[who]
+    for key, row in fused_table.items():
+        if isinstance(row.get("speedup"), (int, float)):
+            metrics[f"latency/{key}/fused_teacher_speedup"] = row["speedup"]
+    return {"outputs": {"compare": table, "teacher_fused": fused_table, "fused": fused, "raw": results,
+                        "threads": cfg.latency.cpu_threads if ctx.device.type == "cpu" else None},
+            "output_hash": hash_files(out), "metrics": metrics}
