@@ -35,7 +35,8 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     import mlflow
 
     from pipelines.config import load_config
-    from pipelines.run import STAGES, run_pipeline
+    from pipelines.run import run_pipeline
+    from pipelines.stage_table import STAGES
 
     from kernels import kd_loss
 
