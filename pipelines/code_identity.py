@@ -10,7 +10,8 @@ the Python they load by path, whose imports are followed too), counts for a modu
 
 Each Python file enters the hash as its syntax tree without docstrings, so a change to a comment, a docstring
 or the layout changes nothing, while any change to what the code does changes the identity of exactly the
-stages whose closure holds the file. Markdown (notes, READMEs) never counts.
+stages whose closure holds the file. Markdown (notes, READMEs) never counts. Imports by name at run time
+(`importlib.import_module`) are not followed: the project has none, and a stage must not start using them.
 """
 from __future__ import annotations
 

@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from core.hashing import hash_files, hash_text  # noqa: F401 - re-exported for the stage runner
-
 STAGE_FILE = "stage.json"
 
 

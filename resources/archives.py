@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
-from core.hashing import file_sha256  # noqa: F401 - fetch and bundle take it from here
+from core.hashing import file_sha256
 from resources.catalog import Source
 
 log = logging.getLogger(__name__)

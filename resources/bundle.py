@@ -30,7 +30,8 @@ from pathlib import Path
 
 # Bundle (the reader fetch uses too), BundleError, FORMAT and MANIFEST live in resources.archives; they stay
 # importable from here.
-from resources.archives import FORMAT, MANIFEST, Bundle, BundleError, download, file_sha256
+from core.hashing import file_sha256
+from resources.archives import FORMAT, MANIFEST, Bundle, BundleError, download
 from resources.catalog import CATALOG, get_source
 
 CHUNK_MIB = 60

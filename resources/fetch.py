@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # FetchError lives with the archive helpers that raise it; it stays importable from here.
-from resources.archives import FetchError, bundle_from_env, download, extract, file_sha256
+from core.hashing import file_sha256
+from resources.archives import FetchError, bundle_from_env, download, extract
 from resources.catalog import Source, get_source
 
 log = logging.getLogger(__name__)
