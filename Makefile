@@ -9,6 +9,7 @@ STUDENT ?= derived
 PRESET ?= default
 SET ?=
 RUN ?=
+RUNS_DIR ?= $(CURDIR)/runs
 PYTEST_ARGS ?=
 PORT ?= 5000
 GPUS ?= 1
@@ -30,7 +31,8 @@ help: ## this list
 	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a config.json (random init), a local dense folder, or a hub id"
 	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
-	@echo "  RUN=<name>           run folder name under runs/ (default: teacher--student--preset)"
+	@echo "  RUN=<name>           run folder name under RUNS_DIR (default: teacher--student--preset)"
+	@echo "  RUNS_DIR=$(RUNS_DIR)"
 	@echo "  GPUS=$(GPUS)               processes (accelerate launch): logits and distill data-parallel, the rest on rank 0"
 	@echo "  TIME_LIMIT=<s>       stop cleanly before this many seconds (exit 75); the same command resumes"
 	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
@@ -68,9 +70,16 @@ LAUNCH = $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(GPUS) --num
 	--mixed_precision no --dynamo_backend no -m pipelines.run
 endif
 
+# GNU make exits 2 whatever a recipe's code was (Ctrl-C excepted: make dies of SIGINT and the shell sees 130), so
+# the pipeline's own code is printed here, and `moe-distill run` (same options) returns it for scripts.
 distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, RUN, GPUS)
-	$(LAUNCH) --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
-		--set "$(SET)" --run-name "$(RUN)" --time-limit "$(TIME_LIMIT)"
+	@$(LAUNCH) --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
+		--set "$(SET)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" --time-limit "$(TIME_LIMIT)"; rc=$$?; \
+	case $$rc in 0) ;; 3) echo "pipeline exit code 3: fix the input named above, then rerun" >&2 ;; \
+	  75) echo "pipeline exit code 75: time limit reached; run the same command again to continue" >&2 ;; \
+	  *) echo "pipeline exit code $$rc" >&2 ;; esac; \
+	[ $$rc -eq 0 ] || echo "(make reports every failure as exit 2; scripts get the code above from: $(VENV)/bin/moe-distill run ...)" >&2; \
+	exit $$rc
 
 test: $(VENV)/.installed ## unit tests + end-to-end test on tiny models
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -12,7 +12,9 @@ class UserError(Exception):
     """An input or resource problem with a fix the message names; finished work is kept and a rerun resumes."""
 
     kind = "input"  # the word in `error (<kind>): ...`
-    exit_code = 3  # 3: fix your input and rerun; 2: the run could not start (config, tracking store)
+    # 3: fix your input (config, model, data) and rerun; 2 is kept for the environment (tracking store down,
+    # run folder busy) and for command-line usage errors.
+    exit_code = 3
 
     def describe(self) -> str:
         """The one line the user sees: `error (<kind>): <message>`."""
@@ -23,7 +25,6 @@ class ConfigError(UserError, ValueError):
     """A preset, key or value the pipeline cannot accept; the message says what would be valid."""
 
     kind = "config"
-    exit_code = 2
 
 
 class UnsupportedModelError(UserError, NotImplementedError):

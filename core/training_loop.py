@@ -209,7 +209,13 @@ def run_training(step_fn: StepFn, num_sequences: int, settings: LoopSettings, mo
 def _non_finite(numbers: dict[str, float], step: int, section: str, ckpt_dir: Path, hint: str) -> None:
     good = list_checkpoints(ckpt_dir)
     others = ", ".join(f"{k} {v}" for k, v in numbers.items() if k != "loss")
+    where = f"{section}: loss is {numbers['loss']} at step {step}" + (f" ({others})" if others else "")
+    if step == 1:
+        # The first step's loss comes before any update, so the learning rate cannot be the cause: the model
+        # or its data is.
+        raise NonFiniteLossError(
+            f"{where}, before any update: the model's output is already NaN or infinite. Its weights may hold "
+            "NaN/inf (a diverged or damaged checkpoint) or it overflows in this dtype; check the model you gave.")
     raise NonFiniteLossError(
-        f"{section}: loss is {numbers['loss']} at step {step}" + (f" ({others})" if others else "")
-        + f"; last good checkpoint: {good[-1] if good else 'none'}, a rerun resumes from it. "
+        f"{where}; last good checkpoint: {good[-1] if good else 'none'}, a rerun resumes from it. "
         f"Lower {section}.lr{hint}.")

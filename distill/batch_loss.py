@@ -18,6 +18,7 @@ import torch
 from distill.fused_linear_kd import fused_linear_topk_kd
 from distill.kd_losses import KDLossSpec, full_kd_loss, topk_kd_loss
 from logit_cache import topk_from_logits
+from teachers.moe_layout import decoder_module
 
 
 @dataclass
@@ -49,7 +50,7 @@ def student_parts(model: torch.nn.Module, fused: str = "auto") -> StudentParts:
     if fused == "on" and why_not:
         raise ValueError(f"distill.fused_loss=on, but the student cannot use the fused loss: {why_not}; "
                          "use distill.fused_loss=auto or off")
-    return StudentParts(model, base.get_decoder(), head, fused != "off" and why_not is None)
+    return StudentParts(model, decoder_module(base), head, fused != "off" and why_not is None)
 
 
 @dataclass

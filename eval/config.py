@@ -2,11 +2,23 @@
 section's rules, the only place they are checked."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from core.errors import require
 
 SWITCH = ("auto", "on", "off")
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def known_tasks() -> list[str]:
+    """The task and group names this project's lm-eval task folder defines (read from the YAMLs' `task:` and
+    `group:` lines: parsing them whole would need lm-eval's own YAML tags)."""
+    names = set()
+    for f in TASKS_DIR.glob("*.yaml"):
+        names.update(re.findall(r"^(?:task|group):[ \t]*([A-Za-z0-9_.-]+)[ \t]*$", f.read_text(), re.M))
+    return sorted(names)
 
 
 @dataclass
@@ -19,6 +31,10 @@ class EvalConfig:
 
     def validate(self) -> None:
         require(self.limit >= 0, "eval.limit must be >= 0 (0 means all examples)")
+        known = known_tasks()
+        unknown = [t for t in self.tasks if t not in known]
+        require(not unknown, f"eval.tasks: unknown task {', '.join(map(repr, unknown))}; available: "
+                f"{', '.join(known)}")
         require(self.batch_size >= 1, "eval.batch_size must be >= 1")
 
 

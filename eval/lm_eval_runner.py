@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 # Before lm_eval / datasets / transformers are imported anywhere below.
@@ -19,7 +18,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from eval.config import TASKS_DIR  # noqa: E402
+
 TASK_PREFIX = "local_"
 # >0 so that lm-eval computes a bootstrap stderr for acc-style metrics;
 # small because 2 CPU cores pay for every resample.

@@ -31,6 +31,17 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto}img{max-width:100%;border:1p
 """
 
 
+# Why a report number can be undefined: written beside it as `<key>_null_reason` in report.json (strict JSON).
+NULL_REASONS = {
+    "retained": "undefined: the teacher's score is 0 or a score is missing",
+    "retained_gain": "undefined: the teacher is not better than the baseline here, so there is no gain to recover",
+    "retained_mean": "no metric has a defined retained value",
+    "retained_gain_mean": "no metric where the teacher is better than the baseline",
+    "speedup": "latency was not measured",
+    "expert_spread": "no MoE layer was measured",
+}
+
+
 def retained_value(teacher: float, student: float, higher_is_better: bool) -> float:
     """Share of the teacher's quality the student keeps: student/teacher, or teacher/student when lower is
     better (perplexity, bits per byte), so 1.0 = parity and > 1 = the student is better. NaN if undefined."""

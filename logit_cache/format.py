@@ -68,6 +68,12 @@ class CacheMismatchError(UserError, ValueError):
     kind = "cache"
 
 
+class NonFiniteLogitsError(UserError, ValueError):
+    """The teacher produced NaN log-probabilities: nothing worth caching, and no setting here fixes it."""
+
+    kind = "teacher"
+
+
 class CacheIncompleteError(RuntimeError):
     """Cache was never finalized (writer died or is still running)."""
 
@@ -171,7 +177,9 @@ def quantize_logprobs(logprobs: torch.Tensor, code_bits: int) -> tuple[torch.Ten
     """
     lp = logprobs.to(torch.float32)
     if torch.isnan(lp).any():
-        raise ValueError("NaN in topk_logprobs")
+        raise NonFiniteLogitsError(
+            "the teacher's log-probabilities hold NaN: its weights hold NaN/inf, or its activations overflow in "
+            "this dtype (float16 overflows where bfloat16 does not); check the teacher checkpoint")
     top1 = lp.amax(-1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
     hi = top1.to(torch.float32)
     # Quantize against the *stored* top1/range so decode is exactly the inverse grid.

@@ -5,8 +5,11 @@ Each stage runs only if its inputs changed (its config entries, its code's ident
 rerun: finished stages are reused, and the two long ones (logits, distill) resume from their last shard or
 checkpoint. `--plan` says which stages a run would redo, and why, without running anything.
 
-Every error the user can fix is a `core.errors.UserError`: it is printed as one line,
-`error (<kind>): <what and how to fix it>`, with exit code 3 (2 when the run could not start).
+Before the first stage, `pipelines.preflight` checks what can be checked without running anything (models,
+weights, settings against the models, writable folders). Every error the user can fix is a
+`core.errors.UserError`: it is printed as one line, `error (<kind>): <what and how to fix it>`, with exit code 3
+(2 when the MLflow store is unreachable or another run holds the folder). Ctrl-C prints one line and exits 130;
+the time limit exits 75. `make` turns every failure into 2: `moe-distill run` keeps these codes.
 
     python -m pipelines.run --teacher smollm2-moe --student derived --preset default --set "eval.limit=20"
 """
@@ -17,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,13 +31,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from core.errors import UserError  # noqa: E402
+from core.hashing import hash_text  # noqa: E402
 from pipelines.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.paths import RUNS_DIR  # noqa: E402
 
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+
 
 def slug(text: str) -> str:
-    base = Path(text).name if Path(text).exists() else text
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-")[:40] or "model"
+    """A model's part of the default run name: readable, one path component. A local path is named by its
+    folder plus a short hash of its absolute location, so `a/model` and `b/model` never share a run folder;
+    a hub id keeps its owner (`org/name` -> `org-name`)."""
+    p = Path(text).expanduser()
+    if p.exists():
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.name).strip("-.")[:32] or "model"
+        return f"{base}-{hash_text(str(p.resolve()))[:6]}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:40] or "model"
 
 
 def run_name(cfg: PipelineConfig) -> str:
@@ -44,20 +57,32 @@ def publish_report(ctx: Any, mlflow_info: dict[str, str]) -> Path:
     """Copy the report to the run folder with this invocation's MLflow ids, and log it to the parent run."""
     import mlflow
 
-    from eval.report import write_report
+    from core.strict_json import dumps_strict
+    from eval.report import NULL_REASONS, write_report
 
     report = json.loads(Path(ctx.output("report", "report_json")).read_text())
     report["mlflow"] = mlflow_info
     path = ctx.run_dir / "report.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
+    path.write_text(dumps_strict(report, NULL_REASONS))
     files = write_report(report, ctx.run_dir)
     for f in [path, *files.values()]:
         mlflow.log_artifact(str(f))
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="make distill", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "make distill") -> int:
+    """The entry point: `_main`, with Ctrl-C turned into one line and exit code 130 (finished stages, shards
+    and checkpoints are on disk; the same command resumes)."""
+    try:
+        return _main(argv, prog)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting must not print a trace
+        print("\ninterrupted; run the same command to resume", file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="")
     ap.add_argument("--student", default="")
@@ -119,26 +144,30 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
 def _lead(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
     from core import distributed as dist
     from pipelines.context import RunContext
-    from pipelines.tracking import TrackingError, git_commit, setup_tracking
+    from pipelines.preflight import check_writable, local_artifact_dir, preflight
+    from pipelines.tracking import artifact_location, git_commit, setup_tracking
 
     run_dir = runs_dir / run_name(cfg)
-    problem, exp_id = None, ""
+    problem, code, exp_id, notes = None, 2, "", []
     try:
         exp_id = setup_tracking()
-    except TrackingError as e:
-        problem = e.describe()
-    if problem is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir, "run folder")
         lock = open(run_dir / ".lock", "w")  # held until this process exits
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             problem = (f"error (busy): another `make distill` is running in {run_dir}; wait for it or pass "
                        "RUN=<other name>")
+        if problem is None:
+            notes = preflight(cfg, run_dir, local_artifact_dir(artifact_location(exp_id)))
+    except UserError as e:  # before any stage: nothing of this run is written yet but the lock file
+        problem, code = e.describe(), e.exit_code
     dist.share(problem)  # the other ranks stop too
     if problem is not None:
         print(problem, file=sys.stderr)
-        return 2
+        return code
+    for note in notes:
+        print(f"note: {note}", flush=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
     tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit(),
@@ -214,4 +243,8 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while Python was still importing, before main() could catch it
+        print("\ninterrupted; run the same command to resume", file=sys.stderr)
+        sys.exit(INTERRUPTED)

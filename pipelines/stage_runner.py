@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from core import deadline
 from core import distributed as dist
 from core.deadline import TimeLimitReached
+from core.errors import UserError
 from core.hashing import hash_text
 from pipelines.code_identity import code_identity
 from pipelines.paths import REPO_ROOT
@@ -38,10 +39,12 @@ def stand_in_records(cfg: PipelineConfig, records: dict[str, dict]) -> None:
 
 def remove_stage_dir(out: Path, run_dir: Path) -> None:
     """Delete a stage's folder, which must lie inside the run folder: never anything outside it."""
-    out, run_dir = out.resolve(), run_dir.resolve()
-    if run_dir not in out.parents:
-        raise RuntimeError(f"refusing to delete {out}: it is not inside the run folder {run_dir}")
-    shutil.rmtree(out)
+    real, run_dir = out.resolve(), run_dir.resolve()
+    if out.is_symlink() or run_dir not in real.parents:
+        # A link (or a run folder moved under a link) would make rmtree delete what the link points to.
+        raise UserError(f"refusing to delete {out}: it resolves to {real}, outside the run folder {run_dir}; "
+                        "remove that link by hand, or pass RUN=<new name>")
+    shutil.rmtree(real)
 
 
 def plan(cfg: PipelineConfig, run_dir: Path, device: str, root: Path = REPO_ROOT) -> dict[str, str]:
@@ -69,10 +72,12 @@ def plan(cfg: PipelineConfig, run_dir: Path, device: str, root: Path = REPO_ROOT
 def input_hash(stage: Stage, cfg: PipelineConfig, records: dict[str, dict], device: str,
                root: Path = REPO_ROOT) -> str:
     """Everything the stage's output depends on: its name, its config entries, its code (the import closure of
-    its module under `root`), its upstream stages' output hashes and, for device stages, the device type."""
+    its module under `root`), the content of the files it reads from outside (a user's model), its upstream
+    stages' output hashes and, for device stages, the device type."""
     ups = [f"{u}={records[u]['output_hash']}" for u in stage.upstream]
     return hash_text(stage.name, cfg.section_hash(*stage.config) if stage.config else "",
-                     code_identity(stage.module, root), *ups, device if stage.uses_device else "")
+                     code_identity(stage.module, root), *stage.external(cfg), *ups,
+                     device if stage.uses_device else "")
 
 
 def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from pipelines.model_records import external_identity
 from pipelines.stages import (
     baseline,
     data,
@@ -35,6 +36,19 @@ def _always(cfg: PipelineConfig) -> bool:
     return True
 
 
+def _no_files(cfg: PipelineConfig) -> tuple[str, ...]:
+    return ()
+
+
+def _teacher_files(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The user's teacher by content, so replacing its weights in place reruns what depends on it."""
+    return () if cfg.teacher in teacher.BUILTIN_TEACHERS else (external_identity(cfg.teacher),)
+
+
+def _student_files(cfg: PipelineConfig) -> tuple[str, ...]:
+    return () if cfg.student == "derived" else (external_identity(cfg.student),)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -45,6 +59,9 @@ class Stage:
     # Runs on every process of a multi-process launch (each its share of the data); others run on rank 0.
     distributed: bool = False
     enabled: Callable[[PipelineConfig], bool] = _always  # a switched-off stage is left out of the run
+    # Content identities of what it reads from outside the repo and the run folder (a user's model folder):
+    # config entries name such files, but only their content says whether the output is still valid.
+    external: Callable[[PipelineConfig], tuple[str, ...]] = _no_files
 
     @property
     def module(self) -> str:
@@ -61,14 +78,15 @@ def _latency_on(cfg: PipelineConfig) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("teacher", teacher.teacher_stage, ("teacher", "teacher_options"), ()),
+    Stage("teacher", teacher.teacher_stage, ("teacher", "teacher_options"), (), external=_teacher_files),
     Stage("data", data.data_stage, ("data", "teacher_options"), ("teacher",)),
     # From here on "the teacher" is this stage's model: the teacher stage's own when teacher_tune.steps=0.
     Stage("teacher_tune", teacher_tune.teacher_tune_stage, ("teacher_tune", "teacher_options", "data"),
           ("teacher", "data"), uses_device=True),
     Stage("logits", logits.logits_stage, ("logits", "teacher_options", "data"), ("teacher_tune", "data"),
           uses_device=True, distributed=True),
-    Stage("student", student.student_stage, ("student", "student_options", "teacher_options"), ("teacher_tune", "data")),
+    Stage("student", student.student_stage, ("student", "student_options", "teacher_options"), ("teacher_tune", "data"),
+          external=_student_files),
     Stage("distill", distill.distill_stage, ("distill", "teacher_options"), ("student", "logits"),
           uses_device=True, distributed=True),
     Stage("baseline", baseline.baseline_stage, ("distill", "baseline", "teacher_options"), ("student", "logits"),

@@ -91,6 +91,14 @@ def _experiment_id(uri: str) -> str:
     return exp_id
 
 
+def artifact_location(exp_id: str) -> str | None:
+    """Where the experiment keeps its artifacts (a URI), or None if the store does not say."""
+    import mlflow
+
+    exp = mlflow.get_experiment(exp_id) if exp_id else None
+    return exp.artifact_location if exp is not None else None
+
+
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"a.b": "value"} (MLflow params are flat strings of at most 6000 chars)."""
     out: dict[str, str] = {}

@@ -1,11 +1,13 @@
-"""Derive a dense student from an MoE teacher (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 families).
+"""Derive a dense student from an MoE teacher (any family `dense_twin.check_derivable` accepts).
 
-Embeddings, attention and norms are copied into the teacher's dense twin architecture (dense_twin.py); each
-kept layer's dense FFN is
+Embeddings, attention and norms are copied into the teacher's dense twin architecture (dense_twin.py: a dense
+relative, or the teacher's own family with every layer dense); the FFN weights of both are found by
+structure (ffn_layout.py), not by name. Each kept layer's dense FFN is
 - the layer's routed experts merged by one of the methods of expert_merge.py, weighted by the routing mass
   measured on calibration text (routing_stats.py) and scaled by the mean total routed weight,
 - with the shared experts, if any, folded in side by side (scaled by their gate's mean value),
 - or, for a layer the teacher already runs dense (DeepSeek's first layers), that layer's FFN.
+Experts with biases or a non-SiLU activation are refused (ffn_layout.py).
 Every layer of the student has one width: a dense layer whose width differs is zero-padded (exact) or cut
 to its most important neurons.
 Dropping layers is what makes the student measurably faster than the teacher (merging experts alone keeps
@@ -16,13 +18,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from students.dense_twin import twin_config, twin_model_type
+from students.dense_twin import check_derivable, twin_config
 from students.expert_merge import METHODS, merge_experts, top_neurons
+from students.ffn_layout import Ffn, LayerFfn, check_student_layer, layer_ffn
 from students.layer_importance import most_influential
 from students.routing_stats import RoutingStats
-
-Ffn = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [W, H], up [W, H], down [H, W]
-_SHARED_PREFIXES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSeek
+from teachers.moe_layout import decoder_layers
 
 
 def parse_keep_layers(spec: str, num_layers: int, influence: torch.Tensor | None = None) -> list[int]:
@@ -81,33 +82,39 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
     stats: routing mass [L, E] and shared-expert gate [L] measured on calibration text (routing_stats);
     None assumes routing weights that sum to 1 (Mixtral) and is refused for a gated shared expert;
     influence [L]: block influence per teacher layer, for keep_layers="top_<n>"; svd_rank: for method=svd.
+    The FFN weights are found by structure (students/ffn_layout.py), in any family check_derivable accepts.
     """
-    twin_model_type(teacher.config)  # unsupported family: say so before any work
+    check_derivable(teacher.config)  # unsupported family or unreadable experts: say so before any work
     if method not in METHODS:
         raise ValueError(f"unknown derivation method '{method}' (available: {', '.join(METHODS)})")
     tc = teacher.config
-    num_layers = tc.num_hidden_layers
-    keep = parse_keep_layers(keep_layers, num_layers, influence)
-    if stats is not None and stats.mass.shape[0] != num_layers:
-        raise ValueError(f"routing stats cover {stats.mass.shape[0]} layers, the teacher has {num_layers}")
-    src = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-    ffns = [_layer_ffn(src, f"model.layers.{i}.mlp", i, method, ffn_width, stats, svd_rank) for i in keep]
+    hidden = tc.hidden_size
+    t_prefix, t_layers = decoder_layers(teacher)
+    n_layers = len(t_layers)
+    keep = parse_keep_layers(keep_layers, n_layers, influence)
+    if stats is not None and stats.mass.shape[0] != n_layers:
+        raise ValueError(f"routing stats cover {stats.mass.shape[0]} layers, the teacher has {n_layers}")
+    layouts = [layer_ffn(t_layers[i], hidden, f"{t_prefix}.{i}") for i in keep]
+    ffns = [_layer_ffn(t_layers[i].get_submodule(lay.path), lay, i, method, ffn_width, stats, svd_rank)
+            for i, lay in zip(keep, layouts)]
     # One width for all layers: that of the derived MoE layers (kept dense layers are fitted to it).
-    width = max(_routed_width(src, f"model.layers.{i}.mlp", ffn_width) for i in keep)
+    width = max(_routed_width(lay, ffn_width) for lay in layouts)
     width = width or max(f[0].shape[0] for f in ffns)  # only dense layers kept: the widest of them
     ffns = [fit_width(f, width) for f in ffns]
     cfg = twin_config(tc, keep, width)
     dtype = next(teacher.parameters()).dtype
     student = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    s_prefix, s_layers = decoder_layers(student)
+    s_ffn = [check_student_layer(layer, hidden, f"{s_prefix}.{j}") for j, layer in enumerate(s_layers)]
+    src = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for name, param in student.state_dict().items():
-        if name.startswith("model.layers."):
-            parts = name.split(".")
-            if parts[3] == "mlp":
-                continue
-            name_t = f"model.layers.{keep[int(parts[2])]}.{'.'.join(parts[3:])}"
-        else:
-            name_t = name
+        name_t = name
+        if name.startswith(f"{s_prefix}."):
+            j, rest = name[len(s_prefix) + 1:].split(".", 1)
+            if rest.startswith(f"{s_ffn[int(j)][0]}."):
+                continue  # the FFN: derived below
+            name_t = f"{t_prefix}.{keep[int(j)]}.{rest}"
         if name_t not in src or src[name_t].shape != param.shape:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
@@ -116,51 +123,54 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
                              f"{tuple(param.shape)}, the teacher has {got}")
         out[name] = src[name_t]
     for j, (gate, up, down) in enumerate(ffns):
-        out[f"model.layers.{j}.mlp.gate_proj.weight"] = gate.to(dtype)
-        out[f"model.layers.{j}.mlp.up_proj.weight"] = up.to(dtype)
-        out[f"model.layers.{j}.mlp.down_proj.weight"] = down.to(dtype)
+        path, names = s_ffn[j][0], s_ffn[j][1].weight_names()
+        base = f"{s_prefix}.{j}.{path}"
+        if "gate_up" in names:
+            out[f"{base}.{names['gate_up']}"] = torch.cat([gate, up]).to(dtype)
+        else:
+            out[f"{base}.{names['gate']}"] = gate.to(dtype)
+            out[f"{base}.{names['up']}"] = up.to(dtype)
+        out[f"{base}.{names['down']}"] = down.to(dtype)
     student.load_state_dict(out, strict=not cfg.tie_word_embeddings)
     if cfg.tie_word_embeddings:
         student.tie_weights()
     return student.eval()
 
 
-def _routed_width(src: dict[str, torch.Tensor], mlp: str, ffn_width: int) -> int:
+def _routed_width(layout: LayerFfn, ffn_width: int) -> int:
     """Width of a layer's derived FFN before fitting: merged routed experts plus shared experts (0: dense layer)."""
-    if f"{mlp}.experts.gate_up_proj" not in src:
+    if layout.experts is None:
         return 0
-    width = ffn_width or src[f"{mlp}.experts.down_proj"].shape[-1]
-    for p in _SHARED_PREFIXES:
-        if f"{mlp}.{p}.down_proj.weight" in src:
-            width += src[f"{mlp}.{p}.down_proj.weight"].shape[-1]
-    return width
+    return (ffn_width or layout.experts.width) + sum(g.width for g in layout.shared.values())
 
 
-def _layer_ffn(src: dict[str, torch.Tensor], mlp: str, layer: int, method: str, ffn_width: int,
+def _layer_ffn(block: torch.nn.Module, layout: LayerFfn, layer: int, method: str, ffn_width: int,
                stats: RoutingStats | None, svd_rank: int) -> Ffn:
-    """The dense FFN of one teacher layer (float32), before fitting to the student's width."""
-    if f"{mlp}.experts.gate_up_proj" not in src:
-        if f"{mlp}.gate_proj.weight" not in src:
-            raise ValueError(f"{mlp}: neither fused experts (experts.gate_up_proj, transformers 5 layout) nor a "
-                             "gated dense FFN (gate_proj/up_proj/down_proj) found")
-        return tuple(src[f"{mlp}.{n}_proj.weight"].float() for n in ("gate", "up", "down"))  # type: ignore[return-value]
+    """The dense FFN of one teacher layer (float32), before fitting to the student's width.
+
+    block: the layer's FFN module (dense FFN or MoE block) described by `layout`."""
+    if layout.experts is None:
+        assert layout.dense is not None
+        return layout.dense.read(block)
     mass = None if stats is None else stats.mass[layer]
-    gate, up, down = merge_experts(src[f"{mlp}.experts.gate_up_proj"], src[f"{mlp}.experts.down_proj"], method,
-                                   mass, ffn_width, svd_rank)
+    if mass is not None and mass.shape[0] != layout.experts.num:
+        mass = mass[:layout.experts.num]  # stats padded to the widest layer of the teacher
+    gate_up, down = layout.experts.read(block)
+    gate, up, down = merge_experts(gate_up, down, method, mass, ffn_width, svd_rank)
     # merge_experts averages (weights summing to 1); the MoE block adds its experts with weights summing to
     # the mean total routed weight (1 when renormalised, routed_scaling_factor for DeepSeek, < 1 otherwise).
     total = 1.0 if mass is None else float(mass.sum())
     parts = [(gate, up, down * total)]
-    for p in _SHARED_PREFIXES:
-        if f"{mlp}.{p}.down_proj.weight" not in src:
-            continue
-        gated = f"{mlp}.shared_expert_gate.weight" in src
-        if gated and stats is None:
-            raise ValueError(f"{mlp} has a gated shared expert: deriving needs its gate's mean value measured "
-                             "on calibration text (pass stats=routing_stats(teacher, batches))")
-        g = float(stats.shared_gate[layer]) if stats is not None else 1.0
-        parts.append((src[f"{mlp}.{p}.gate_proj.weight"].float(), src[f"{mlp}.{p}.up_proj.weight"].float(),
-                      src[f"{mlp}.{p}.down_proj.weight"].float() * g))
+    if layout.shared_gate is not None and stats is None:
+        raise ValueError(f"layer {layer} has a gated shared expert: deriving needs its gate's mean value "
+                         "measured on calibration text (pass stats=routing_stats(teacher, batches))")
+    g = float(stats.shared_gate[layer]) if stats is not None and layout.shared_gate is not None else 1.0
+    if layout.shared_gate is not None and g >= 1.0:  # a sigmoid's mean is < 1: the stats never saw this gate
+        raise ValueError(f"layer {layer}: the routing stats hold no measured value for the shared-expert gate "
+                         f"'{layout.shared_gate}'")
+    for path, ffn in layout.shared.items():
+        sg, su, sd = ffn.read(block.get_submodule(path))
+        parts.append((sg, su, sd * g))
     return torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]), torch.cat([q[2] for q in parts], 1)
 
 

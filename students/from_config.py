@@ -10,7 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from students.vocab import VocabMismatchError
 from teachers.load import ModelLoadError, is_moe
@@ -22,6 +27,14 @@ def random_student(config_file: Path, tokenizer_size: int, seed: int = 0) -> Pre
     tokenizer_size: tokens in the teacher's tokenizer; the config's vocab_size must be at least that (extra
     rows are padding that is never a target).
     """
+    cfg = student_config(config_file, tokenizer_size)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def student_config(config_file: Path, tokenizer_size: int) -> PretrainedConfig:
+    """The dense config a student config.json describes, checked (no model built: cheap enough to run before
+    any stage). Raises ModelLoadError / VocabMismatchError with the fix."""
     path = Path(config_file).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"student config '{config_file}' does not exist")
@@ -45,5 +58,4 @@ def random_student(config_file: Path, tokenizer_size: int, seed: int = 0) -> Pre
     if cfg.vocab_size < tokenizer_size:
         raise VocabMismatchError(f"student config '{config_file}' has vocab_size={cfg.vocab_size}, fewer than the "
                                  f"teacher's {tokenizer_size} tokens: set vocab_size >= {tokenizer_size}")
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return cfg

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import torch
 
 from students.calibration import run_with_hooks
+from teachers.moe_layout import decoder_layers
 
 
 def _hidden(x: Any) -> torch.Tensor:
@@ -20,7 +21,7 @@ def _hidden(x: Any) -> torch.Tensor:
 @torch.no_grad()
 def block_influence(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Influence per decoder layer over every token of `batches` (each input_ids [B, S]) -> [L] float32."""
-    layers = model.get_decoder().layers
+    _, layers = decoder_layers(model)
     sums = torch.zeros(len(layers))
     hooks = []
 

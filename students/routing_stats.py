@@ -6,19 +6,21 @@ architecture's own renormalisation and scaling. So a layer's masses sum to the m
 1 for Mixtral (renormalised top-k), less for Qwen2-MoE without renormalisation, `routed_scaling_factor`
 for DeepSeek-V3. Merging methods weight experts by the masses and scale the merged FFN by their sum.
 
-The numbers are read from the routers themselves (teachers/routers.py: every transformers 5 router returns
-(logits, top-k weights, top-k indices)), one mechanism for every architecture that follows the interface.
+The numbers are read from the routers themselves, found and read by structure (teachers/moe_layout.py:
+(logits, weights, indices) tuples, Llama 4's sparse scores, ...), one mechanism for every architecture.
 A Qwen2-MoE-style sigmoid gate on the shared expert is measured the same way (its mean value per layer).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
+from core.errors import UnsupportedModelError
 from students.calibration import run_with_hooks
-from teachers.routers import find_routers, router_experts
+from teachers.moe_layout import decoder_layers
+from teachers.routing_tap import Routing, RoutingTap
 
 
 @dataclass(frozen=True)
@@ -32,24 +34,37 @@ class RoutingStats:
 
 @torch.no_grad()
 def routing_stats(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> RoutingStats:
-    """Routing mass and shared-expert gate per layer over every token of `batches` (each input_ids [B, S])."""
-    layers = teacher.get_decoder().layers
-    routers = find_routers(teacher)
-    num_experts = max((router_experts(r) for _, r in routers), default=0)
-    if not num_experts:
-        raise ValueError(f"no router modules found in the {teacher.config.model_type} teacher: routing-weighted "
-                         "derivation needs a transformers 5 MoE whose routers return (logits, weights, indices)")
-    mass = torch.zeros(len(layers), num_experts, dtype=torch.float64)
+    """Routing mass and shared-expert gate per layer over every token of `batches` (each input_ids [B, S]).
+
+    Raises UnsupportedModelError when the teacher's routing weights cannot be read exactly (no router found,
+    or one whose output gives no weights: bare logits, an unknown form).
+    """
+    model_type = teacher.config.model_type
+    _, layers = decoder_layers(teacher)
+
+    def unreadable(reason: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"cannot read the routing weights of this {model_type} teacher ({reason}), which deriving a student "
+            "from its experts needs; pass STUDENT=<dense model> or student_options.method=uniform")
+
+    def on_skip(reason: str) -> None:
+        raise unreadable(reason)
+
+    def on_routing(j: int, routing: Routing) -> None:
+        layer = tap.layers[j]
+        if routing.approximate:  # weights recomputed from logits need not be those the block applies
+            raise unreadable(f"the router {layer.router_paths[tap.chosen[j]]} returns logits but no weights")
+        idx, w = routing.indices.reshape(-1).cpu(), routing.weights.reshape(-1).double().cpu()
+        real = idx < layer.num_experts  # 'null' experts carry no FFN to merge
+        mass[layer.index].index_add_(0, idx[real], w[real])
+
+    tap = RoutingTap(teacher, on_routing, on_skip)
+    problem = tap.static_problem()
+    if problem is not None:
+        raise unreadable(problem)
+    mass = torch.zeros(len(layers), max(m.num_experts for m in tap.layers), dtype=torch.float64)
     gate = torch.zeros(len(layers), dtype=torch.float64)
     gated = torch.zeros(len(layers), dtype=torch.bool)
-
-    def on_router(i: int):
-        def fn(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
-            if not (isinstance(out, tuple) and len(out) == 3):
-                raise ValueError(f"router of layer {i} returns {type(out).__name__}, not (logits, weights, indices)")
-            _, w, idx = out
-            mass[i].index_add_(0, idx.reshape(-1).cpu(), w.reshape(-1).double().cpu())
-        return fn
 
     def on_gate(i: int):
         def fn(_mod: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
@@ -57,12 +72,13 @@ def routing_stats(teacher: torch.nn.Module, batches: Iterable[torch.Tensor]) -> 
             gated[i] = True
         return fn
 
-    hooks = [r.register_forward_hook(on_router(i)) for i, r in routers]
-    for i, layer in enumerate(layers):
-        shared_gate = getattr(getattr(layer, "mlp", None), "shared_expert_gate", None)
+    hooks = []
+    for m in tap.layers:
+        shared_gate = getattr(m.block, "shared_expert_gate", None)
         if shared_gate is not None:
-            hooks.append(shared_gate.register_forward_hook(on_gate(i)))
-    tokens = run_with_hooks(teacher, batches, hooks, "routing_stats")
+            hooks.append(shared_gate.register_forward_hook(on_gate(m.index)))
+    with tap:
+        tokens = run_with_hooks(teacher, batches, hooks, "routing_stats")
     shared = torch.where(gated, gate / tokens, torch.ones_like(gate))
     return RoutingStats(mass=(mass / tokens).float(), shared_gate=shared.float())
 

@@ -19,9 +19,8 @@ from transformers import (
 )
 
 from core.errors import UserError
-
-# Config attributes by which transformers' MoE families declare their experts.
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+from teachers.moe_config import config_num_experts
+from teachers.moe_layout import moe_layers
 
 
 class ModelLoadError(UserError, ValueError):
@@ -30,15 +29,9 @@ class ModelLoadError(UserError, ValueError):
 
 
 def expert_count(config: PretrainedConfig) -> int:
-    """Routed experts per MoE layer declared by `config` (0 for a dense model)."""
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is None:
-            continue
-        for key in _EXPERT_COUNT_KEYS:
-            n = getattr(cfg, key, None)
-            if isinstance(n, int) and n > 1:
-                return n
-    return 0
+    """Routed experts per MoE layer declared by `config` (0 for a dense model); see
+    `teachers.moe_config.config_num_experts` for the keys, per-layer lists and MoE switches it reads."""
+    return config_num_experts(config)
 
 
 def is_moe(config: PretrainedConfig) -> bool:
@@ -146,29 +139,39 @@ def load_tokenizer(name_or_path: str, role: str, trust_remote_code: bool = False
         raise ModelLoadError(f"cannot load the tokenizer of {role} '{name_or_path}': {e}") from e
 
 
+def check_teacher_config(cfg: PretrainedConfig, name: str, allow_dense: bool = False) -> None:
+    """Refuse a dense teacher unless `allow_dense` (ModelLoadError with the setting that allows it)."""
+    if not is_moe(cfg) and not allow_dense:
+        raise ModelLoadError(
+            f"teacher '{name}' is a dense model ({type(cfg).__name__}, no experts). This pipeline "
+            "distils Mixture-of-Experts teachers; for a dense-to-dense run set "
+            "SET=\"teacher_options.allow_dense=true\".")
+
+
+def vocab_size(cfg: PretrainedConfig) -> int:
+    """Rows of the model's output layer declared by its config (or its text_config); 0 if it declares none."""
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        n = getattr(c, "vocab_size", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return 0
+
+
 def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype, allow_dense: bool = False,
                  trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an MoE teacher and its tokenizer; a dense model is refused unless `allow_dense`."""
-    cfg = load_config(name_or_path, "teacher", trust_remote_code)
-    if not is_moe(cfg) and not allow_dense:
-        raise ModelLoadError(
-            f"teacher '{name_or_path}' is a dense model ({type(cfg).__name__}, no experts). This pipeline "
-            "distils Mixture-of-Experts teachers; for a dense-to-dense run set "
-            "SET=\"teacher_options.allow_dense=true\".")
+    check_teacher_config(load_config(name_or_path, "teacher", trust_remote_code), name_or_path, allow_dense)
     model = load_causal_lm(name_or_path, "teacher", device, dtype, trust_remote_code)
     return model, load_tokenizer(name_or_path, "teacher", trust_remote_code)
 
 
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
-    """(total, active per token) parameters; active counts top-k of the routed experts per MoE layer."""
+    """(total, active per token) parameters; active counts top-k of the routed experts of each MoE layer
+    (found by structure, `teachers.moe_layout.moe_layers`; all of them where the config declares no top-k)."""
     total = sum(p.numel() for p in model.parameters())
-    n_exp = expert_count(model.config)
-    if not n_exp:
-        return total, total
-    cfg = getattr(model.config, "text_config", None) or model.config
-    k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "top_k", None) or n_exp
-    expert_params = 0
-    for name, p in model.named_parameters():
-        if ".experts." in name and p.dim() >= 1 and p.shape[0] == n_exp:
-            expert_params += p.numel()
-    return total, total - expert_params + expert_params * k // n_exp
+    inactive = 0
+    for layer in moe_layers(model):
+        held = sum(p.numel() for m in layer.experts for p in m.parameters())
+        k = layer.top_k or layer.num_experts
+        inactive += held - held * min(k, layer.num_experts) // layer.num_experts
+    return total, total - inactive

@@ -1,6 +1,6 @@
 """What the teacher's routers do: tokens per expert per layer, load balance, and specialisation by text source.
 
-`RouterRecorder` hooks every router (teachers/routers.py) while the teacher generates its logit cache and
+`RouterRecorder` hooks every router (teachers/moe_layout.py) while the teacher generates its logit cache and
 counts, per MoE layer, text source and expert, the tokens routed there (each token counts once for each of
 its top-k experts). Counting happens on the model's device, so it costs no host synchronisation per batch.
 
@@ -14,31 +14,49 @@ at each layer and expert.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from teachers.routers import find_routers, router_experts
+from teachers.routing_tap import Routing, RoutingTap
+
+log = logging.getLogger(__name__)
 
 
 class RouterRecorder:
-    """Context manager counting routed tokens per (MoE layer, source, expert) -> `counts` [L, S, E] int64."""
+    """Context manager counting routed tokens per (MoE layer, source, expert) -> `counts` [L, S, E] int64.
+
+    Routers are found and read by structure (`routing_tap.RoutingTap`), whatever form their output takes.
+    When the routing of this model cannot be read (no router found, or an output form `read_routing` does not
+    know), analytics are skipped: one warning is logged, `skipped` says why, and the model runs untouched.
+    """
 
     def __init__(self, model: torch.nn.Module, sources: list[str]) -> None:
-        self.routers = find_routers(model)
-        if not self.routers:
-            raise ValueError(f"no routers found in the {model.config.model_type} model (modules named *Router "
-                             "returning (logits, weights, indices)); router analytics needs an MoE")
-        self.layers = [i for i, _ in self.routers]
         self.sources = list(sources)
-        self.num_experts = max(router_experts(r) for _, r in self.routers)
+        self.skipped: str | None = None
+        self._tap = RoutingTap(model, self._count, self._skip)
+        self.layers = [m.index for m in self._tap.layers]
+        self.num_experts = max((m.num_experts for m in self._tap.layers), default=1)
         device = next(model.parameters()).device
-        self.counts = torch.zeros(len(self.routers), len(self.sources), self.num_experts, dtype=torch.int64,
+        self.counts = torch.zeros(len(self.layers), len(self.sources), self.num_experts, dtype=torch.int64,
                                   device=device)
         self._token_source: torch.Tensor | None = None
-        self._hooks: list[Any] = []
+        problem = self._tap.static_problem()
+        if problem is not None:
+            self._skip(problem)
+
+    @property
+    def approximate(self) -> bool:
+        """Whether some layer's routing was read from bare logits (indices exact for top-k routing)."""
+        return self._tap.approximate
+
+    def _skip(self, reason: str) -> None:
+        if self.skipped is None:
+            self.skipped = reason
+            log.warning("router analytics skipped: %s", reason)
 
     def set_batch(self, source_ids: torch.Tensor, seq_len: int) -> None:
         """The source index [B] of each sequence of the next forward, whose sequences have `seq_len` tokens."""
@@ -50,25 +68,24 @@ class RouterRecorder:
             raise ValueError(f"saved router counts {tuple(counts.shape)} do not fit {tuple(self.counts.shape)}")
         self.counts.copy_(counts)
 
-    def _hook(self, j: int):
-        def fn(_mod: torch.nn.Module, _args: tuple, out: Any) -> None:
-            idx = out[2].reshape(-1, out[2].shape[-1])  # [T, k]
-            src = self._token_source
-            if src is None or src.numel() != idx.shape[0]:
-                raise RuntimeError(f"router of layer {self.layers[j]} saw {idx.shape[0]} tokens; set_batch() "
-                                   f"announced {0 if src is None else src.numel()}")
-            rows = src[:, None].expand_as(idx).reshape(-1)
-            self.counts[j].index_put_((rows, idx.reshape(-1)), torch.ones_like(rows), accumulate=True)
-        return fn
+    def _count(self, j: int, routing: Routing) -> None:
+        idx = routing.indices.to(self.counts.device)  # [T, k]
+        src = self._token_source
+        if src is None or src.numel() != idx.shape[0]:
+            raise RuntimeError(f"router of layer {self.layers[j]} saw {idx.shape[0]} tokens; set_batch() "
+                               f"announced {0 if src is None else src.numel()}")
+        rows = src[:, None].expand_as(idx).reshape(-1)
+        # 'Null' experts (LongCat's zero-computation ones) add 0; masking them out instead would sync the host.
+        real = (idx < self.num_experts).reshape(-1).long()
+        self.counts[j].index_put_((rows, idx.clamp_max(self.num_experts - 1).reshape(-1)), real, accumulate=True)
 
     def __enter__(self) -> "RouterRecorder":
-        self._hooks = [r.register_forward_hook(self._hook(j)) for j, (_, r) in enumerate(self.routers)]
+        if self.skipped is None:
+            self._tap.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._tap.__exit__(*exc)
 
 
 def _js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

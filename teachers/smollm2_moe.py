@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from resources.fetch import fetch
 from teachers.upcycle import upcycle_llama
 
+# Rows of SmolLM2's output layer (its tokenizer's size): what the pipeline checks settings against before the
+# teacher is built. The pinned resource fixes it; build_smollm2_moe checks the built model agrees.
+VOCAB_SIZE = 49152
 UNTRAINED_NOTE = ("The teacher is SmolLM2-135M-Instruct sparse-upcycled to a Mixtral-class MoE; its experts were "
                   "NOT trained after upcycling in this run, so they are identical copies and the teacher computes "
                   "the dense SmolLM2 function (quality and routing say nothing about expert specialisation).")
@@ -75,6 +78,8 @@ def build_smollm2_moe(out_dir: Path, num_experts: int, top_k: int, router_init_s
     """Write the upcycled teacher to `out_dir` (safetensors + tokenizer) and return it."""
     dense, tok = load_smollm2_dense(cache_dir)
     moe = upcycle_llama(dense, num_experts=num_experts, top_k=top_k, router_init_std=router_init_std)
+    if moe.config.vocab_size != VOCAB_SIZE:
+        raise RuntimeError(f"SmolLM2 has {moe.config.vocab_size} vocabulary rows, not {VOCAB_SIZE}: update VOCAB_SIZE")
     out_dir.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)

@@ -165,3 +165,13 @@ def test_nan_loss_stops_with_a_diagnostic(tmp_path: Path) -> None:
     cfg = DistillConfig(batch_size=2, micro_batch_size=2, epochs=1, checkpoint_every=1, seed=0)
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
         train_student(tiny_llama(), data, cfg, tmp_path, VOCAB, torch.device("cpu"))
+
+
+def test_nan_at_the_first_step_blames_the_model_not_the_learning_rate(tmp_path: Path) -> None:
+    data = tiny_dataset(4, 8, 4)
+    for d in data:
+        d["topk_logprobs"][:] = float("nan")
+    cfg = DistillConfig(batch_size=2, micro_batch_size=2, epochs=1, checkpoint_every=1, seed=0)
+    with pytest.raises(NonFiniteLossError, match="before any update") as e:
+        train_student(tiny_llama(), data, cfg, tmp_path, VOCAB, torch.device("cpu"))
+    assert ".lr" not in str(e.value)

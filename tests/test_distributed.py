@@ -128,7 +128,7 @@ def test_a_batch_the_processes_cannot_share_is_a_config_error(tmp_path: Path) ->
     env = {**os.environ, "WORLD_SIZE": "3"}
     proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--preset", "ci", "--runs-dir", str(tmp_path)],
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert "must be a multiple of 3 processes" in proc.stderr
 
 

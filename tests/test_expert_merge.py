@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    OlmoeConfig,
+    PretrainedConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
-from transformers import (AutoModelForCausalLM, DeepseekV3Config, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
-                          PretrainedConfig)
-
+from core.errors import UnsupportedModelError
 from students.derive import derive_dense_student, fit_width
 from students.expert_merge import METHODS, merge_experts
 from students.layer_importance import block_influence, most_influential
@@ -215,7 +221,7 @@ def test_dense_layers_are_fitted_to_the_student_width() -> None:
     assert student.config.intermediate_size == 32 and student.model.layers[0].mlp.up_proj.weight.shape == (32, 32)
 
 
-def test_a_family_without_a_dense_twin_is_refused_with_the_supported_list() -> None:
+def test_a_family_without_a_dense_twin_is_refused_with_the_fix() -> None:
     olmoe = _tiny(OlmoeConfig(**_COMMON, num_experts=4, intermediate_size=16))
-    with pytest.raises(NotImplementedError, match="deepseek_v3, mixtral, qwen2_moe, qwen3_moe"):
+    with pytest.raises(UnsupportedModelError, match="'olmoe' teacher.*STUDENT=<dense model"):
         derive_dense_student(olmoe, keep_layers="all")

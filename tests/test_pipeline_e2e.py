@@ -31,14 +31,17 @@ def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir
     return out
 
 
+def _refuse_constant(token: str) -> None:
+    raise AssertionError(f"report.json holds the non-standard JSON constant {token}")
+
+
 def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
+    from kernels import kd_loss
     from pipelines.config import load_config
     from pipelines.run import run_pipeline
     from pipelines.stage_table import STAGES
-
-    from kernels import kd_loss
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -50,7 +53,8 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert run_pipeline(cfg, runs) == 0
 
     run_dir = runs / "e2e"
-    report = json.loads((run_dir / "report.json").read_text())
+    # Strict JSON (no bare NaN, which the standard lacks): any reader can parse it.
+    report = json.loads((run_dir / "report.json").read_text(), parse_constant=_refuse_constant)
     for f in ("report.md", "report.html", "quality_vs_speedup.png"):
         assert (run_dir / f).is_file(), f
     assert report["teacher"]["params_active"] < report["teacher"]["params_total"]

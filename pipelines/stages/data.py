@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from core.hashing import hash_files
 from pipelines.context import RunContext
+from resources.config import DataError
 from resources.corpus import iter_documents
 from teachers.load import load_tokenizer
 
@@ -32,11 +33,15 @@ def data_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     d = ctx.cfg.data
     tok = load_tokenizer(ctx.output("teacher", "path"), "teacher", ctx.cfg.teacher_options.trust_remote_code)
     if tok.eos_token_id is None:
-        raise ValueError("the teacher's tokenizer has no EOS token to separate documents")
+        raise DataError("the teacher's tokenizer has no EOS token to separate documents; give the teacher folder a "
+                        "tokenizer with an eos_token")
     docs = {s: list(iter_documents(s)) for s in dict.fromkeys(d.sources + [d.heldout_source])}
-    heldout = docs[d.heldout_source][-d.heldout_docs:] if d.heldout_docs else []
-    if d.heldout_docs:
-        docs[d.heldout_source] = docs[d.heldout_source][:-d.heldout_docs]
+    available = len(docs[d.heldout_source])
+    if d.heldout_docs >= available:
+        raise DataError(f"data.heldout_docs={d.heldout_docs} would hold out every document of "
+                        f"'{d.heldout_source}', which has {available}; set it below {available}")
+    heldout = docs[d.heldout_source][-d.heldout_docs:]
+    docs[d.heldout_source] = docs[d.heldout_source][:-d.heldout_docs]
     need = (d.train_tokens // d.seq_len) * d.seq_len
     cap = 2 * d.seq_len
     stream: list[int] = []
@@ -58,8 +63,8 @@ def data_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                 break
     bar.close()
     if len(stream) < need:
-        raise ValueError(f"the sources {d.sources} hold only {len(stream)} tokens, fewer than data.train_tokens="
-                         f"{d.train_tokens}")
+        raise DataError(f"the sources {d.sources} hold only {len(stream)} tokens, fewer than data.train_tokens="
+                        f"{d.train_tokens}; lower it or add sources")
     seqs = torch.tensor(stream[:need], dtype=torch.int32).view(-1, d.seq_len)
     org = torch.tensor(origin[:need]).view(-1, d.seq_len)
     majority = [d.sources[int(torch.bincount(row).argmax())] for row in org]

@@ -134,7 +134,10 @@ def _summarise_cache(ctx: RunContext, out: Path, teacher: torch.nn.Module, vocab
     router: dict[str, Any] = {}
     metrics = {"logits/tokens_per_s": gen["tokens_per_s"], "logits/bytes_per_token": nbytes / ntok,
                "logits/fidelity_kl": kl, "logits/topk_mass": mass, "logits/tokens": ntok}
-    if recorder is not None:
+    if recorder is not None and recorder.skipped is not None:
+        # Routing this model's way could not be read: the cache stands, the report shows no router section.
+        router = {"skipped": recorder.skipped}
+    elif recorder is not None:
         sources = list(ctx.cfg.data.sources)
         router = summarise(counts, recorder.layers, sources)
         router["sequences"] = gen["analytics_sequences"]

@@ -1,7 +1,6 @@
 """Stage `report`: report.json/md/html and plots from the records of every stage before it."""
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shlex
@@ -13,7 +12,8 @@ from typing import Any
 import torch
 
 from core.hashing import hash_files
-from eval.report import retained_gain, retained_value, write_report
+from core.strict_json import dumps_strict
+from eval.report import NULL_REASONS, retained_gain, retained_value, write_report
 from pipelines.context import RunContext
 from pipelines.tracking import git_commit
 
@@ -131,7 +131,7 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         "argv": shlex.join(sys.argv),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.json").write_text(dumps_strict(report, NULL_REASONS))
     paths = write_report(report, out)
     return {"outputs": {"report_json": str(out / "report.json"), "files": {k: str(v) for k, v in paths.items()},
                         "summary": report["summary"]},

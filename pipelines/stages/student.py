@@ -2,22 +2,26 @@
 user's dense model."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from core.errors import ConfigError
+from core.errors import ConfigError, UnsupportedModelError
 from core.hashing import hash_files
 from pipelines.context import RunContext
 from pipelines.model_records import external_identity, model_summary
+from students.dense_twin import check_derivable
 from students.derive import derive_dense_student, parse_keep_layers
 from students.from_config import random_student
 from students.layer_importance import block_influence
-from students.routing_stats import routing_stats
+from students.routing_stats import RoutingStats, routing_stats
 from students.vocab import shared_vocab_size
 from teachers.load import ModelLoadError, is_moe, load_config, load_teacher, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
 
 
 def check_student_source(name_or_path: str, teacher_path: str, trust_remote_code: bool) -> str:
@@ -34,6 +38,21 @@ def check_student_source(name_or_path: str, teacher_path: str, trust_remote_code
     return path
 
 
+def _routing_stats_for(teacher: Any, seqs: torch.Tensor, method: str) -> RoutingStats | None:
+    """Routing mass per layer and expert on the calibration sequences [N, S]; None for a dense teacher, or for
+    method=uniform on a teacher whose routing weights cannot be read exactly (the plain average then assumes
+    weights summing to 1, and derive refuses what needs the measured numbers)."""
+    if not is_moe(teacher.config):
+        return None
+    try:
+        return routing_stats(teacher, seqs.split(4))
+    except UnsupportedModelError as e:
+        if method != "uniform":
+            raise
+        log.warning("routing weights unreadable (%s); the uniform merge assumes they sum to 1", e)
+        return None
+
+
 def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     """Derive the dense student from the teacher, initialise one from a config.json, or check and reference the
     user's dense model."""
@@ -44,6 +63,7 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         teacher, tok = load_teacher(teacher_path, device="cpu", dtype=ctx.dtype,
                                     allow_dense=cfg.teacher_options.allow_dense, trust_remote_code=trust)
         so = cfg.student_options
+        check_derivable(teacher.config)  # a family no dense architecture fits: refused before calibration
         n_layers = teacher.config.num_hidden_layers
         try:  # the layer spec against this teacher, before calibration spends any time
             parse_keep_layers(so.keep_layers, n_layers, torch.zeros(n_layers))
@@ -52,7 +72,7 @@ def student_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         # Calibration on the first training sequences, a few at a time: even the uniform average needs the
         # total routed weight and the shared-expert gate (they scale the merged FFN), and it takes seconds.
         seqs = load_file(ctx.output("data", "sequences"))["input_ids"][:so.calib_sequences].long()
-        stats = routing_stats(teacher, seqs.split(4)) if is_moe(teacher.config) else None
+        stats = _routing_stats_for(teacher, seqs, so.method)
         influence = block_influence(teacher, seqs.split(4)) if so.keep_layers.startswith("top_") else None
         try:
             student = derive_dense_student(teacher, keep_layers=so.keep_layers, method=so.method,

@@ -7,7 +7,8 @@ from typing import Any
 from core.hashing import hash_files
 from pipelines.context import RunContext
 from pipelines.model_records import external_identity, model_summary
-from teachers.load import load_teacher, resolve_model_path
+from teachers.load import expert_count, load_teacher, resolve_model_path
+from teachers.moe_config import experts_per_token
 from teachers.smollm2_moe import UNTRAINED_NOTE, build_smollm2_moe
 
 BUILTIN_TEACHERS = ("smollm2-moe",)
@@ -28,9 +29,8 @@ def teacher_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     model, tok = load_teacher(path_str, device="cpu", dtype=ctx.dtype, allow_dense=opts.allow_dense,
                               trust_remote_code=opts.trust_remote_code)
     summary = model_summary(model, cfg.teacher, path_str)
-    summary["num_experts"] = getattr(model.config, "num_local_experts", None) or getattr(
-        model.config, "num_experts", None)
-    summary["top_k"] = getattr(model.config, "num_experts_per_tok", None)
+    summary["num_experts"] = expert_count(model.config) or None
+    summary["top_k"] = experts_per_token(model.config) or None
     return {"outputs": {"path": path_str, "summary": summary, "notes": notes, "vocab": len(tok)},
             "output_hash": identity,
             "metrics": {"teacher/params_total": summary["params_total"],
