@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from core.errors import UnsupportedModelError
+from teachers.moe_layout import holds_experts
 
 Ffn = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [W, H], up [W, H], down [H, W]
 
@@ -128,12 +129,6 @@ def _role(name: str) -> str | None:
     return None
 
 
-def _holds_experts(module: nn.Module) -> bool:
-    """Whether `module` keeps 3-d weights [E, ., .] of its own: stacked experts (a convolution's are not)."""
-    return not isinstance(module, nn.modules.conv._ConvNd) and any(
-        p.dim() == 3 for p in module.parameters(recurse=False))
-
-
 def _is_activation(module: nn.Module) -> bool:
     return not any(True for _ in module.parameters()) and not any(True for _ in module.children())
 
@@ -165,7 +160,7 @@ def layer_ffn(layer: nn.Module, hidden: int, where: str = "layer") -> LayerFfn:
     """The FFN of one decoder layer, by structure; raises UnsupportedModelError when it cannot be read."""
     found = []
     for name, child in layer.named_children():
-        if any(_holds_experts(m) for m in child.modules()):
+        if any(holds_experts(m) for m in child.modules()):
             found.append(_moe_block(name, child, hidden, f"{where}.{name}"))
         elif (ffn := gated_ffn(child, hidden)) is not None:
             _check_plain(child, f"{where}.{name}")
@@ -178,7 +173,7 @@ def layer_ffn(layer: nn.Module, hidden: int, where: str = "layer") -> LayerFfn:
 
 
 def _moe_block(path: str, block: nn.Module, hidden: int, where: str) -> LayerFfn:
-    holders = {n for n, m in block.named_modules() if _holds_experts(m)}
+    holders = {n for n, m in block.named_modules() if holds_experts(m)}
     if len(holders) != 1:
         raise UnsupportedModelError(f"{where}: routed experts spread over {len(holders)} modules "
                                     f"({', '.join(sorted(holders))}), not one fused gate_up/down pair")
@@ -233,8 +228,8 @@ def _experts(path: str, mod: nn.Module, hidden: int, where: str) -> Experts:
 
 
 def check_student_layer(layer: nn.Module, hidden: int, where: str = "layer") -> tuple[str, GatedFfn]:
-    """(child path, GatedFfn) of a dense layer: exactly one gated FFN, no experts and no router."""
-    if any(_holds_experts(m) or type(m).__name__.lower().endswith("router") for m in layer.modules()):
+    """(child path, GatedFfn) of a dense layer: exactly one gated FFN and no experts."""
+    if any(holds_experts(m) for m in layer.modules()):
         raise UnsupportedModelError(f"{where} still holds experts")
     ffn = layer_ffn(layer, hidden, where)
     assert ffn.dense is not None

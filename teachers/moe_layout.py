@@ -87,13 +87,17 @@ class MoeLayer:
         return self.router_paths[0] if self.router_paths else None
 
 
-def _holds_experts(module: torch.nn.Module, num_experts: int) -> bool:
-    """Whether `module` itself holds E experts' weights: a direct [E, ...] parameter of >= 3 dims (transformers
-    5's fused layout), or E entries of one type with parameters (a ModuleList of experts)."""
+def holds_experts(module: torch.nn.Module, num_experts: int | None = None) -> bool:
+    """Whether `module` itself holds the experts' weights: a direct [E, ...] parameter of >= 3 dims
+    (transformers 5's fused layout; a convolution's weight is not one), or E entries of one type with
+    parameters (a ModuleList of experts). `num_experts` None: any E (the fused form only)."""
     if isinstance(module, torch.nn.ModuleList):
-        return (len(module) == num_experts and len({type(m) for m in module}) == 1
+        return (num_experts is not None and len(module) == num_experts and len({type(m) for m in module}) == 1
                 and any(True for _ in module[0].parameters()))
-    return any(p.dim() >= 3 and p.shape[0] == num_experts for p in module.parameters(recurse=False))
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return False
+    return any(p.dim() >= 3 and (num_experts is None or p.shape[0] == num_experts)
+               for p in module.parameters(recurse=False))
 
 
 def _within(path: str, prefix: str) -> bool:
@@ -119,7 +123,7 @@ def _layer_moe(model_config: object, index: int, prefix: str, layer: torch.nn.Mo
     num_experts = experts_at_layer(model_config, index)
     if num_experts <= 1:
         return None
-    holders = [(n, m) for n, m in layer.named_modules() if _holds_experts(m, num_experts)]
+    holders = [(n, m) for n, m in layer.named_modules() if holds_experts(m, num_experts)]
     holders = [(n, m) for n, m in holders if not any(o != n and _within(n, o) for o, _ in holders)]  # outermost
     if not holders:
         return None
