@@ -8,6 +8,7 @@ TEACHER ?= smollm2-moe
 STUDENT ?= derived
 PRESET ?= default
 SET ?=
+DATA ?=
 RUN ?=
 RUNS_DIR ?= $(CURDIR)/runs
 PYTEST_ARGS ?=
@@ -21,7 +22,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
+.PHONY: help install distill show-config test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
 
 help: ## this list
 	@echo "Targets:"
@@ -31,6 +32,7 @@ help: ## this list
 	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a config.json (random init), a local dense folder, or a hub id"
 	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')"
 	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
+	@echo "  DATA=<path>          your own text: JSONL / chat JSONL / Parquet / .txt,.md file or folder / datasets folder"
 	@echo "  RUN=<name>           run folder name under RUNS_DIR (default: teacher--student--preset)"
 	@echo "  RUNS_DIR=$(RUNS_DIR)"
 	@echo "  GPUS=$(GPUS)               processes (accelerate launch): logits and distill data-parallel, the rest on rank 0"
@@ -45,7 +47,7 @@ ifdef DISTILL_BUNDLE
 # A GPU machine without registries (make bundle): its own torch and triton stay (system site packages); every
 # other package comes from the bundle, and resources.fetch reads the resources from it.
 export DISTILL_BUNDLE
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PYTHON) -m resources.bundle link-site $(VENV)
 	$(PYTHON) -m resources.bundle wheels "$(DISTILL_BUNDLE)" $(VENV)/bundle-wheels
@@ -53,10 +55,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
 	@touch $@
 else
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every transitive package (resources/lockfile.py); pyproject.toml decides which.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
 	@touch $@
 endif
 
@@ -64,7 +67,7 @@ install: $(VENV)/.installed ## create .venv and install the pinned dependencies
 
 # GPUS=<n> > 1: accelerate launch, one process per GPU (on a machine without GPUs: n CPU processes on gloo).
 ifeq ($(GPUS),1)
-LAUNCH = $(PY) -m pipelines.run
+LAUNCH = $(VENV)/bin/moe-distill run
 else
 LAUNCH = $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(GPUS) --num_machines 1 \
 	--mixed_precision no --dynamo_backend no -m pipelines.run
@@ -72,23 +75,28 @@ endif
 
 # GNU make exits 2 whatever a recipe's code was (Ctrl-C excepted: make dies of SIGINT and the shell sees 130), so
 # the pipeline's own code is printed here, and `moe-distill run` (same options) returns it for scripts.
-distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, RUN, GPUS)
+distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET, SET, DATA, RUN, GPUS)
 	@$(LAUNCH) --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
-		--set "$(SET)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" --time-limit "$(TIME_LIMIT)"; rc=$$?; \
+		--set "$(SET)" --data "$(DATA)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" --time-limit "$(TIME_LIMIT)"; \
+		rc=$$?; \
 	case $$rc in 0) ;; 3) echo "pipeline exit code 3: fix the input named above, then rerun" >&2 ;; \
 	  75) echo "pipeline exit code 75: time limit reached; run the same command again to continue" >&2 ;; \
 	  *) echo "pipeline exit code $$rc" >&2 ;; esac; \
 	[ $$rc -eq 0 ] || echo "(make reports every failure as exit 2; scripts get the code above from: $(VENV)/bin/moe-distill run ...)" >&2; \
 	exit $$rc
 
+show-config: $(VENV)/.installed ## every config key of a run (TEACHER, STUDENT, PRESET, SET, RUN) and where it came from
+	@$(VENV)/bin/moe-distill show-config --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
+		--set "$(SET)" --run-name "$(RUN)"
+
 test: $(VENV)/.installed ## unit tests + end-to-end test on tiny models
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ui: $(VENV)/.installed ## MLflow UI on http://127.0.0.1 (PORT=5000)
-	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)
+	$(VENV)/bin/moe-distill ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --port $(PORT)
 
 compare: $(VENV)/.installed ## Pareto plot of quality vs speedup over every distill run in MLflow
-	$(PY) -m eval.compare --out runs/compare
+	$(VENV)/bin/moe-distill compare --out runs/compare
 
 compare-derivations: $(VENV)/.installed ## derivation methods, same KD budget each -> docs/results/derivation_methods.md
 	$(PY) -m pipelines.derivation_study --preset "$(PRESET)" --set "$(SET)"

@@ -1,4 +1,4 @@
-"""Compare every pipeline run in the MLflow experiment `distill`: a quality-vs-speedup Pareto plot and a table.
+"""Compare every pipeline run in the MLflow experiment (`$MLFLOW_EXPERIMENT_NAME`, else `distill`): a quality-vs-speedup Pareto plot and a table.
 
     MLFLOW_TRACKING_URI=sqlite:///.../mlflow.db python -m eval.compare --out DIR
 
@@ -24,16 +24,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-EXPERIMENT = "distill"
+from core.experiment import experiment_name  # noqa: E402
+
 COLUMNS = ["run", "teacher", "student", "preset", "retained_mean", "speedup", "student params"]
 
 
-def load_pipeline_reports(experiment: str = EXPERIMENT, tracking_uri: str | None = None) -> list[dict]:
+def load_pipeline_reports(experiment: str | None = None, tracking_uri: str | None = None) -> list[dict]:
     """Every parent pipeline run of `experiment` that has a report.json, oldest first.
 
     Returns [{"run_id", "run_name", "report": dict}]. Runs without the artifact are skipped with a warning
     (a pipeline that crashed before writing it)."""
     client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = experiment or experiment_name()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -144,8 +146,9 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(out_dir: Path, experiment: str = EXPERIMENT, tracking_uri: str | None = None) -> dict[str, Path] | None:
+def compare(out_dir: Path, experiment: str | None = None, tracking_uri: str | None = None) -> dict[str, Path] | None:
     """Write out_dir/pareto.png and out_dir/compare.md, print the table. None when there is no run."""
+    experiment = experiment or experiment_name()
     runs = load_pipeline_reports(experiment, tracking_uri)
     if not runs:
         uri = tracking_uri or mlflow.get_tracking_uri()
@@ -169,7 +172,7 @@ def compare(out_dir: Path, experiment: str = EXPERIMENT, tracking_uri: str | Non
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for pareto.png and compare.md")
-    ap.add_argument("--experiment", default=EXPERIMENT)
+    ap.add_argument("--experiment", default=None, help="default: $MLFLOW_EXPERIMENT_NAME or distill")
     args = ap.parse_args(argv)
     # One progress bar per downloaded report.json only buries the table on the terminal.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import psutil
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 # Direction of each metric; compare_latency turns it into a speedup that is > 1 when the student is better.
@@ -326,14 +327,20 @@ def measure_latency(
     was_training = model.training
     model.eval()
     out: dict[str, dict] = {}
+    phases = 2 + len(settings.decode_batches) * (2 if settings.static_compile else 1)
+    bar = tqdm(total=phases, desc="latency", unit="phase", leave=False)
     try:
         with torch.inference_mode():
             _measure_prefill(model, vocab_size, settings, timer, out)
+            bar.update()
             _measure_ttft(model, vocab_size, settings, timer, out)
+            bar.update()
             for batch in settings.decode_batches:
                 out[f"decode_b{batch}"] = _measure_decode(model, vocab_size, settings, timer, batch, static=False)
+                bar.update()
             if settings.static_compile:
                 for batch in settings.decode_batches:
+                    bar.update()
                     key = f"decode_static_b{batch}"
                     try:
                         out[key] = _measure_decode(model, vocab_size, settings, timer, batch, static=True)
@@ -342,6 +349,7 @@ def measure_latency(
                         out[key] = _failed("ms_per_token", "static_compile", batch, settings.decode_prompt_len, reason)
     finally:
         model.train(was_training)
+        bar.close()
 
     # A CPU figure means little without its thread count: on a shared 2-core box, 2 OpenMP threads next to
     # another busy process ran a tiny model 20x slower than 1 thread did.

@@ -1,23 +1,24 @@
-"""Turns a run's report.json content into report.md, a self-contained report.html and two PNG plots.
+"""Turns a run's report.json content into report.md, a self-contained report.html and PNG plots.
 
 The document is built once as a list of blocks (heading, paragraph, list, table, image, code) and rendered
-twice, to Markdown and to HTML, so the two never drift apart. Every optional part of the report may be
-missing: its section is then left out rather than failing the run that produced it.
+twice, to Markdown and to HTML, so the two never drift apart. Every number is written by core.number_format,
+as on the plots (eval/report_plots.py). Every optional part of the report may be missing: its section is then
+left out rather than failing the run that produced it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+from core.number_format import MISSING, num, pct, ratio, score_with_err, si_bytes, si_params
+from eval.headline_metrics import headline_metrics
+from eval.report_plots import PLOTS
+from eval.retained import retained_gain, retained_value
 
-matplotlib.use("Agg")  # headless: the pipeline runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
+__all__ = ["NULL_REASONS", "retained_gain", "retained_value", "write_report"]
 
 Block = tuple  # ("h1"|"h2"|"p"|"ul"|"table"|"img"|"code", payload...)
 
@@ -25,7 +26,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #ccc;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+th{background:#f2f2f2}td{white-space:nowrap}td:first-child,th:first-child{text-align:left}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto}img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
 .missing{color:#a00}
 """
@@ -42,156 +43,14 @@ NULL_REASONS = {
 }
 
 
-def retained_value(teacher: float, student: float, higher_is_better: bool) -> float:
-    """Share of the teacher's quality the student keeps: student/teacher, or teacher/student when lower is
-    better (perplexity, bits per byte), so 1.0 = parity and > 1 = the student is better. NaN if undefined."""
-    num, den = (student, teacher) if higher_is_better else (teacher, student)
-    if den is None or num is None or den == 0:
-        return float("nan")
-    return float(num) / float(den)
-
-
-def retained_gain(teacher: float, student: float, baseline: float, higher_is_better: bool = True) -> float:
-    """How much of the teacher's advantage over the baseline (the same student trained without the teacher)
-    the distilled student recovers: (student - baseline) / (teacher - baseline). 1.0 = all of it, 0 = none,
-    < 0 = distillation hurt; the same formula holds for lower-is-better metrics. NaN when the teacher has
-    no advantage to recover (it is not better than the baseline), where the ratio would mislead."""
-    if teacher is None or student is None or baseline is None:
-        return float("nan")
-    edge = (float(teacher) - float(baseline)) * (1 if higher_is_better else -1)
-    if edge <= 0:
-        return float("nan")
-    return (float(student) - float(baseline)) / (float(teacher) - float(baseline))
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _num(x: Any, digits: int = 4) -> str:
-    """Number for a table cell; '—' for missing or NaN."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e6 else f"{x:,.0f}"
-    return str(x)
-
-
-def _params(n: Any) -> str:
-    """Parameter count as 1.23B / 135M / 12.3K."""
-    if not isinstance(n, (int, float)):
-        return "?"
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return str(int(n))
-
-
-def _bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "—"
-    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if abs(n) >= div:
-            return f"{n / div:.3g} {unit}"
-    return f"{int(n)} B"
-
-
-def _pct(x: Any) -> str:
-    return "—" if not isinstance(x, (int, float)) or math.isnan(x) else f"{100 * x:.1f}%"
-
-
-def _with_err(value: Any, err: Any) -> str:
-    """'0.512 ± 0.013'; the stderr is dropped when lm-eval gave none (None or 'N/A')."""
-    if isinstance(err, (int, float)) and not math.isnan(err):
-        return f"{_num(value)} ± {_num(err, 2)}"
-    return _num(value)
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _plot_quality_vs_speedup(report: dict, path: Path) -> bool:
-    """x: speedup (student over teacher, > 1 = faster); y: retained quality. Per-task points and their mean
-    sit at the headline speedup; the mean is repeated, hollow, at every other timed setting's speedup."""
-    quality = report.get("quality") or {}
-    summary = report.get("summary") or {}
-    headline = summary.get("speedup")
-    if not quality or not isinstance(headline, (int, float)):
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    retained = {k: v.get("retained") for k, v in quality.items()}
-    finite = {k: r for k, r in retained.items() if isinstance(r, (int, float)) and math.isfinite(r)}
-    for i, (task, r) in enumerate(sorted(finite.items())):
-        ax.scatter([headline], [r], s=30, color=plt.cm.tab10(i % 10), label=task, zorder=3)
-    mean = summary.get("retained_mean")
-    if not isinstance(mean, (int, float)) and finite:
-        mean = sum(finite.values()) / len(finite)
-    if isinstance(mean, (int, float)):
-        ax.scatter([headline], [mean], s=220, marker="*", color="black", zorder=4,
-                   label=f"mean @ {summary.get('speedup_setting', 'headline')}")
-        for key, entry in sorted((report.get("latency") or {}).items()):
-            sp = entry.get("speedup")
-            if key == summary.get("speedup_setting") or entry.get("metric") == "bytes":
-                continue
-            if isinstance(sp, (int, float)) and math.isfinite(sp):
-                ax.scatter([sp], [mean], s=60, facecolors="none", edgecolors="gray", zorder=2)
-                ax.annotate(key, (sp, mean), textcoords="offset points", xytext=(4, 4), fontsize=7, color="gray")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("speedup of student over teacher (×)")
-    ax.set_ylabel("retained quality (student / teacher)")
-    ax.set_title("Quality kept vs speed gained")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _plot_quality_per_task(report: dict, path: Path) -> bool:
-    """One small panel per task metric (their scales differ: accuracy vs perplexity), three bars each."""
-    quality = report.get("quality") or {}
-    if not quality:
-        return False
-    names = sorted(quality)
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    roles = (("teacher", "#4c72b0"), ("student_init", "#bbbbbb"), ("student", "#dd8452"))
-    for ax, name in zip(axes.flat, names):
-        q = quality[name]
-        stderr = q.get("stderr") or {}
-        vals = [q.get(r) if isinstance(q.get(r), (int, float)) else 0.0 for r, _ in roles]
-        # NaN draws no error bar at all, where 0 would draw a misleading flat cap.
-        errs = [stderr.get(r) if isinstance(stderr.get(r), (int, float)) else math.nan for r, _ in roles]
-        ax.bar(range(3), vals, yerr=errs, color=[c for _, c in roles], capsize=3)
-        positive = [v for v in vals if v > 0]
-        if positive and max(positive) / min(positive) > 20:
-            ax.set_yscale("log")  # an untrained init's perplexity would flatten the two bars that matter
-        ax.set_xticks(range(3), ["teacher", "init", "student"], fontsize=8)
-        arrow = "↑" if q.get("higher_is_better", True) else "↓"
-        ax.set_title(f"{name} {arrow}", fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # ---------------------------------------------------------------- document
 
 
 def _summary_paragraph(report: dict) -> str:
     t, s = report.get("teacher") or {}, report.get("student") or {}
     summ, run = report.get("summary") or {}, report.get("run") or {}
-    t_params = f"{_params(t.get('params_total'))} total / {_params(t.get('params_active'))} active"
-    s_params = f"{_params(s.get('params_total'))}"
+    t_params = f"{si_params(t.get('params_total'))} total / {si_params(t.get('params_active'))} active"
+    s_params = f"{si_params(s.get('params_total'))}"
     text = (
         f"Teacher **{t.get('name', '?')}** ({t.get('architecture', '?')}, {t_params} parameters) was distilled "
         f"into student **{s.get('name', '?')}** ({s.get('architecture', '?')}, {s_params} parameters, "
@@ -199,16 +58,16 @@ def _summary_paragraph(report: dict) -> str:
     )
     n = len(report.get("quality") or {})
     if isinstance(summ.get("retained_mean"), (int, float)):
-        text += f"The student keeps **{_pct(summ['retained_mean'])}** of the teacher's quality on average over {n} task metrics"
+        text += f"The student keeps **{pct(summ['retained_mean'])}** of the teacher's quality on average over {n} task metrics"
     else:
         text += "No retained-quality figure was recorded"
     if isinstance(summ.get("speedup"), (int, float)):
-        text += f" and is **{summ['speedup']:.2f}×** the teacher's speed at `{summ.get('speedup_setting', '?')}`."
+        text += f" and is **{ratio(summ['speedup'])}** the teacher's speed at `{summ.get('speedup_setting', '?')}`."
     else:
         text += "; no speedup was recorded."
     if isinstance(summ.get("retained_gain_mean"), (int, float)):
         text += (f" Against a baseline (the same student trained on cross-entropy alone, same tokens and steps) it"
-                 f" recovers **{_pct(summ['retained_gain_mean'])}** of the teacher's advantage on average.")
+                 f" recovers **{pct(summ['retained_gain_mean'])}** of the teacher's advantage on average.")
     if run:
         text += (f" Run `{run.get('name', '?')}`, preset `{run.get('preset', '?')}`, created {run.get('created', '?')}"
                  f" on {run.get('device', '?')}, commit `{run.get('git_commit', '?')}`.")
@@ -217,6 +76,7 @@ def _summary_paragraph(report: dict) -> str:
 
 def _quality_table(quality: dict) -> Block:
     with_baseline = any("baseline" in q for q in quality.values())
+    with_chance = any("chance" in q for q in quality.values())
     rows = []
     for name in sorted(quality):
         q = quality[name]
@@ -224,19 +84,23 @@ def _quality_table(quality: dict) -> Block:
         row = [
             name,
             "↑" if q.get("higher_is_better", True) else "↓",
-            _with_err(q.get("teacher"), err.get("teacher")),
-            _with_err(q.get("student_init"), err.get("student_init")),
-            _with_err(q.get("student"), err.get("student")),
-            _pct(q.get("retained")),
+            score_with_err(q.get("teacher"), err.get("teacher"), name),
+            score_with_err(q.get("student_init"), err.get("student_init"), name),
+            score_with_err(q.get("student"), err.get("student"), name),
+            pct(q.get("retained")),
         ]
         if with_baseline:
-            row[5:5] = [_with_err(q.get("baseline"), err.get("baseline"))]
-            row.append(_pct(q.get("retained_gain")))
+            row[5:5] = [score_with_err(q.get("baseline"), err.get("baseline"), name)]
+            row.append(pct(q.get("retained_gain")))
+        if with_chance:
+            row[2:2] = [pct(q.get("chance"))]
         rows.append(row)
     head = ["task/metric", "better", "teacher", "student before", "student after", "retained"]
     if with_baseline:
         head[5:5] = ["baseline (CE only)"]
         head.append("retained gain")
+    if with_chance:
+        head[2:2] = ["chance"]
     return ("table", head, rows)
 
 
@@ -244,9 +108,9 @@ def _latency_table(latency: dict) -> Block:
     rows = []
     for key in sorted(latency):
         e = latency[key]
-        fmt = _bytes if e.get("metric") == "bytes" else _num
+        fmt = si_bytes if e.get("metric") == "bytes" else num
         rows.append([key, e.get("metric", "?"), str(e.get("path") or ""), fmt(e.get("teacher")),
-                     fmt(e.get("student")), f"{_num(e.get('speedup'), 3)}×"])
+                     fmt(e.get("student")), ratio(e.get("speedup"))])
     return ("table", ["setting", "metric", "path", "teacher", "student", "speedup (>1: student better)"], rows)
 
 
@@ -258,10 +122,16 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
     if report.get("quality"):
         blocks += [("h2", "Quality per task"), _quality_table(report["quality"])]
         blocks.append(("p", "Retained = student / teacher (teacher / student where lower is better); "
-                            "± is lm-eval's standard error where it gave one."))
-        for key in ("quality_per_task", "quality_vs_speedup"):
-            if key in images:
-                blocks.append(("img", images[key].name, key.replace("_", " ")))
+                            "± is lm-eval's standard error where it gave one; chance = the accuracy of guessing "
+                            "among a multiple-choice task's answers (dashed red line on the plot)."))
+        if "quality_per_task" in images:
+            blocks.append(("img", images["quality_per_task"].name, "quality per task"))
+        if "quality_vs_speedup" in images:
+            keys = ", ".join(f"`{k}`" for k in headline_metrics(report["quality"]))
+            blocks += [("img", images["quality_vs_speedup"].name, "quality vs speedup"),
+                       ("p", f"One point per model: retained quality averaged over one headline metric per task "
+                             f"({keys}), ± one standard error from lm-eval's per-task standard errors (the "
+                             f"teacher's scores as the reference), against the speedup at the headline setting.")]
     if report.get("latency"):
         blocks += [("h2", "Latency"), _latency_table(report["latency"])]
         blocks.append(("p", "Speedup = student/teacher for throughput, teacher/student for times and bytes. "
@@ -269,8 +139,8 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
                             "with the decode step compiled."))
     fused = report.get("teacher_fused") or {}
     if fused:
-        rows = [[key, e.get("metric", "?"), str(e.get("path") or ""), _num(e.get("teacher")), _num(e.get("student")),
-                 f"{_num(e.get('speedup'), 3)}×"] for key, e in sorted(fused.items()) if e.get("metric") != "bytes"]
+        rows = [[key, e.get("metric", "?"), str(e.get("path") or ""), num(e.get("teacher")), num(e.get("student")),
+                 ratio(e.get("speedup"))] for key, e in sorted(fused.items()) if e.get("metric") != "bytes"]
         blocks += [("h2", "Teacher on our fused MoE kernels"),
                    ("table", ["setting", "metric", "path", "teacher, stock", "teacher, fused",
                               "speedup (>1: fused better)"], rows)]
@@ -281,30 +151,32 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
         keys = [("expert_spread", "expert spread (0 = copies)"), ("routing_entropy", "routing entropy (1 = even)"),
                 ("load_cv", "load CV"), ("specialisation_js_bits", "specialisation by source (JS bits, mean)")]
         blocks += [("h2", "Teacher's continued training"),
-                   ("p", f"{_num(tr.get('steps'))} steps, {_num(tr.get('tokens'))} tokens at "
-                         f"{_num(tr.get('tokens_per_s'))} tokens/s; final cross-entropy {_num(tr.get('final_ce'))}, "
-                         f"load-balancing loss {_num(tr.get('final_aux'))} (top-k = perfectly even)."),
+                   ("p", f"{num(tr.get('steps'))} steps, {num(tr.get('tokens'))} tokens at "
+                         f"{num(tr.get('tokens_per_s'))} tokens/s; final cross-entropy {num(tr.get('final_ce'))}, "
+                         f"load-balancing loss {num(tr.get('final_aux'))} (top-k = perfectly even)."),
                    ("table", ["measure", "before", "after"],
-                    [[label, _num(before.get(k)), _num(after.get(k))] for k, label in keys])]
+                    [[label, num(before.get(k)), num(after.get(k))] for k, label in keys])]
         spec = tune.get("specialisation_by_source") or {}
         names = sorted(set(spec.get("before") or {}) | set(spec.get("after") or {}))
         if names:
             blocks.append(("table", ["source", "specialisation before (bits)", "after (bits)"],
-                           [[n, _num((spec.get("before") or {}).get(n)), _num((spec.get("after") or {}).get(n))]
+                           [[n, num((spec.get("before") or {}).get(n)), num((spec.get("after") or {}).get(n))]
                             for n in names]))
     cache = report.get("cache")
     if cache:
         blocks += [("h2", "Teacher logit cache"), ("table", ["path", "tokens", "top-k", "bytes", "bytes/token"],
-                   [[str(cache.get("path", "—")), _num(cache.get("tokens")), _num(cache.get("k")),
-                     _bytes(cache.get("bytes")), _num(cache.get("bytes_per_token"))]])]
+                   [[str(cache.get("path", MISSING)), num(cache.get("tokens")), num(cache.get("k")),
+                     si_bytes(cache.get("bytes")), si_bytes(cache.get("bytes_per_token"))]])]
     tr = report.get("training")
     if tr:
         secs, toks = tr.get("seconds"), tr.get("tokens")
         rate = toks / secs if isinstance(secs, (int, float)) and secs and isinstance(toks, (int, float)) else None
         blocks += [("h2", "Training"), ("table", ["steps", "tokens", "final loss", "final KD", "final CE", "seconds",
                                                   "tokens/s"],
-                   [[_num(tr.get("steps")), _num(toks), _num(tr.get("final_loss")), _num(tr.get("final_kd")),
-                     _num(tr.get("final_ce")), _num(secs), _num(rate)]])]
+                   [[num(tr.get("steps")), num(toks), num(tr.get("final_loss")), num(tr.get("final_kd")),
+                     num(tr.get("final_ce")), num(secs), num(rate)]])]
+        if "training_curves" in images:
+            blocks.append(("img", images["training_curves"].name, "training curves"))
     router = report.get("router") or {}
     heatmaps = router.get("heatmaps") or []
     if heatmaps:
@@ -312,13 +184,13 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
         mean = router.get("mean") or {}
         blocks.append(("table", ["MoE layers", "experts", "sequences", "load max/mean", "load CV",
                                  "routing entropy (1 = even)"],
-                       [[_num(len(router.get("layers") or [])), _num(router.get("experts")),
-                         _num(router.get("sequences")), _num(mean.get("load_max_over_mean")),
-                         _num(mean.get("load_cv")), _num(mean.get("routing_entropy"))]]))
+                       [[num(len(router.get("layers") or [])), num(router.get("experts")),
+                         num(router.get("sequences")), ratio(mean.get("load_max_over_mean")),
+                         num(mean.get("load_cv")), num(mean.get("routing_entropy"))]]))
         spec = router.get("specialisation_js_bits") or {}
         if spec:
             blocks.append(("table", ["source", "specialisation (JS divergence from all text, bits)"],
-                           [[s, _num(v)] for s, v in sorted(spec.items(), key=lambda kv: -kv[1])]))
+                           [[s, num(v)] for s, v in sorted(spec.items(), key=lambda kv: -kv[1])]))
         # Relative to the report where they sit under it, so the report folder can be moved or committed.
         # Both sides resolved: a run folder reached through a symbolic link still gets relative links.
         root = run_dir.resolve()
@@ -391,20 +263,24 @@ def _to_html(blocks: list[Block], run_dir: Path, title: str) -> str:
                 body.append(f'<p class="missing">missing image: {html.escape(b[1])}</p>')
         elif kind == "code":
             body.append(f"<pre><code>{html.escape(b[1])}</code></pre>")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    # The empty icon keeps a browser from asking for /favicon.ico (a 404 in the console when served by MLflow).
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><link rel='icon' href='data:,'>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
 
 
 def write_report(report: dict, run_dir: Path) -> dict[str, Path]:
-    """Write report.md, report.html, quality_vs_speedup.png and quality_per_task.png into run_dir.
+    """Write report.md, report.html (images embedded, so the one file opens anywhere) and the PNG plots that
+    have data (quality_vs_speedup.png, quality_per_task.png, training_curves.png) into run_dir.
 
-    Returns {"md", "html", and each plot that had data: "quality_vs_speedup", "quality_per_task"} -> path.
-    Router heatmaps are read from report["router"]["heatmaps"], paths relative to run_dir.
+    Returns {"md", "html", and each plot written: "quality_vs_speedup", "quality_per_task", "training_curves"}
+    -> path. Router heatmaps are read from report["router"]["heatmaps"] (absolute or relative to run_dir).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for key, plot in (("quality_vs_speedup", _plot_quality_vs_speedup), ("quality_per_task", _plot_quality_per_task)):
+    for key, plot in PLOTS:
         path = run_dir / f"{key}.png"
         if plot(report, path):
             written[key] = path

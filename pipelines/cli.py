@@ -1,31 +1,161 @@
-"""`moe-distill`: the command line. `moe-distill run` is `make distill` with the pipeline's exit code intact
-(0 done, 2 cannot start, 3 fix the input, 75 time limit: run again, 130 interrupted), for scripts that act on it.
+"""`moe-distill`: the command line. Each command is a thin front over the code `make` runs.
 
     moe-distill run --teacher smollm2-moe --student derived --preset ci --set "eval.limit=20"
-    moe-distill run --plan ...      which stages would run and why, without running them
+    moe-distill run --plan ...                   which stages would run and why, without running them
+    moe-distill eval runs/<run>/distill/model --tasks local_arc_easy,local_piqa --limit 50 --out runs/eval-x
+    moe-distill compare                          quality against speedup for every run in the MLflow store
+    moe-distill show-config --preset smoke --set "distill.lr=1e-4"   every key, its value and where it came from
+    moe-distill ui                               the MLflow UI on http://127.0.0.1:5000
+
+`run` keeps the pipeline's exit codes (0 done, 2 cannot start or a command-line mistake, 3 fix the input named
+on the `error (<kind>): ...` line, 75 time limit: run again, 130 interrupted), for scripts that act on them;
+the other commands exit 3 on bad input too, with the same one line.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+# As in pipelines.run: the hub is off unless the user says otherwise (HF_HUB_OFFLINE=0 moe-distill eval <hub id>).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from core.errors import UserError  # noqa: E402
+
+PROG = "moe-distill"
+
+
+class MissingToolError(UserError):
+    """A program this command starts is not installed where expected."""
+
+    kind = "install"
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from eval.config import EvalConfig
+    from pipelines.paths import RUNS_DIR
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="<command>")
+    sub.add_parser("run", add_help=False, help="run the pipeline (the options of `make distill`; run --help)")
+    defaults = EvalConfig()
+    ev = sub.add_parser("eval", help="lm-eval tasks and latency on one model, no pipeline",
+                        description="lm-eval tasks and latency of one model (a local folder or, with "
+                        "HF_HUB_OFFLINE=0, a hub id), with the pipeline's own eval and latency code. Weights are "
+                        "loaded from safetensors only.")
+    ev.add_argument("model", help="a model folder (config.json, *.safetensors, tokenizer) or a hub id")
+    ev.add_argument("--tasks", default=",".join(defaults.tasks),
+                    help="comma-separated tasks or groups of eval/tasks (e.g. local_arc_easy, distill_quick, distill_full); "
+                    "default: the pipeline's eval.tasks")
+    ev.add_argument("--limit", type=int, default=defaults.limit, help="examples per task, 0: all (default %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    ev.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    ev.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    ev.add_argument("--out", type=Path, default=None, help="folder to write eval_results.json to")
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="allow the model's own Python code (auto_map in config.json); only for models you trust")
+    cmp = sub.add_parser("compare", help="retained quality against speedup for every run (`make compare`)",
+                         description="Pareto plot and table of retained quality against speedup for every pipeline "
+                         "run in the MLflow store ($MLFLOW_TRACKING_URI); eval.compare.")
+    cmp.add_argument("--out", type=Path, default=RUNS_DIR / "compare",
+                     help="folder for pareto.png and compare.md (default %(default)s)")
+    cmp.add_argument("--experiment", default=None, help="default: $MLFLOW_EXPERIMENT_NAME or distill")
+    sc = sub.add_parser("show-config", help="the resolved configuration and where each value came from",
+                        description="Every config key of a run with these options (as `moe-distill run` takes "
+                        "them), its value, and its source: default, preset <name>, option or SET.")
+    sc.add_argument("--preset", default="default", help="a preset name in configs/ or a path to a YAML file")
+    sc.add_argument("--set", default="", help='space-separated key=value overrides, e.g. "distill.lr=1e-4"')
+    sc.add_argument("--teacher", default="")
+    sc.add_argument("--student", default="")
+    sc.add_argument("--run-name", default="")
+    sc.add_argument("--json", action="store_true", help="print {key: {value, source}} as JSON")
+    sc.add_argument("--reference", action="store_true",
+                    help="write docs/config.md (every key's type, default and meaning) and stop")
+    ui = sub.add_parser("ui", help="the MLflow UI (`make ui`)", description="mlflow ui on the project's store.")
+    ui.add_argument("--port", type=int, default=5000, help="default %(default)s")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default %(default)s: this machine only; 0.0.0.0 exposes the store)")
+    ui.add_argument("--backend-store-uri", default=None,
+                    help="default: $MLFLOW_TRACKING_URI, else the repository's mlflow.db")
+    return ap, sub.choices
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="moe-distill", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="<command>")
-    sub.add_parser("run", add_help=False, help="run the pipeline (the options of `make distill`; run --help)")
-    if args and args[0] not in sub.choices and args[0] not in ("-h", "--help"):
-        print(f"error (usage): unknown command {args[0]!r}; commands: {', '.join(sub.choices)} "
-              "(moe-distill --help)", file=sys.stderr)
+    ap, commands = _parser()
+    if args and args[0] not in commands and args[0] not in ("-h", "--help"):
+        print(f"error (usage): unknown command {args[0]!r}; commands: {', '.join(commands)} ({PROG} --help)",
+              file=sys.stderr)
         return 2
     if not args or args[0] in ("-h", "--help"):
         ap.print_help()
         return 0 if args else 2
-    from pipelines import run
+    if args[0] == "run":
+        from pipelines import run
 
-    return run.main(args[1:], prog="moe-distill run")
+        return run.main(args[1:], prog=f"{PROG} run")
+    opts = ap.parse_args(args)
+    try:
+        return COMMANDS[opts.command](opts)
+    except UserError as e:
+        print(e.describe(), file=sys.stderr)
+        return e.exit_code
+
+
+def _eval(opts: argparse.Namespace) -> int:
+    from pipelines import eval_one
+
+    tasks = [t for t in opts.tasks.split(",") if t]
+    return eval_one.main(opts.model, tasks, opts.limit, opts.batch_size, opts.device, not opts.no_latency,
+                         opts.out, opts.trust_remote_code)
+
+
+def _compare(opts: argparse.Namespace) -> int:
+    from eval import compare
+
+    return compare.main(["--out", str(opts.out)] + (["--experiment", opts.experiment] if opts.experiment else []))
+
+
+def _show_config(opts: argparse.Namespace) -> int:
+    if opts.reference:
+        from pipelines.config_reference import write_reference
+
+        print(f"wrote {write_reference()}")
+        return 0
+    from pipelines.config import config_sources
+
+    sources = config_sources(opts.preset, opts.set, teacher=opts.teacher, student=opts.student,
+                             run_name=opts.run_name)
+    if opts.json:
+        print(json.dumps({k: {"value": v, "source": s} for k, (v, s) in sources.items()}, indent=1))
+        return 0
+    rows = [(k, json.dumps(v), s) for k, (v, s) in sources.items()]
+    kw, vw = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'key':<{kw}}  {'value':<{vw}}  source")
+    for key, value, source in rows:
+        print(f"{key:<{kw}}  {value:<{vw}}  {source}")
+    return 0
+
+
+def _ui(opts: argparse.Namespace) -> int:
+    """Replace this process with the venv's `mlflow ui` (Ctrl-C and exit codes are then mlflow's own)."""
+    from pipelines.tracking import tracking_uri
+
+    mlflow = Path(sys.executable).parent / "mlflow"
+    if not os.access(mlflow, os.X_OK):
+        raise MissingToolError(f"{mlflow} is not there: install the project's environment first (make install)")
+    uri = opts.backend_store_uri or tracking_uri()
+    cmd = [str(mlflow), "ui", "--backend-store-uri", uri, "--host", opts.host, "--port", str(opts.port)]
+    print(f"MLflow UI on http://{opts.host}:{opts.port} ({uri})", flush=True)
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached: execvp replaces the process
+
+
+COMMANDS = {"eval": _eval, "compare": _compare, "show-config": _show_config, "ui": _ui}
 
 
 def entry() -> None:
@@ -35,3 +165,6 @@ def entry() -> None:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `moe-distill show-config | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would flush into it at exit
+        sys.exit(1)

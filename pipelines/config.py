@@ -1,6 +1,7 @@
 """Pipeline configuration: typed sections, YAML presets in `configs/`, and `key=value` overrides.
 
-A preset is a YAML file `configs/<name>.yaml`; it may name a `base:` preset whose values it overrides.
+A preset is a YAML file, `configs/<name>.yaml` by name (`smoke`) or any file by path (`path/to/my.yaml`); it may
+name a `base:` preset (a name, or a path relative to the file) whose values it overrides.
 Command-line overrides (`SET="distill.lr=1e-4 eval.limit=20"`) are applied last. Every key is checked
 against the dataclasses below, so a typo fails at once with the list of valid keys instead of being
 silently ignored hours into a run.
@@ -10,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -27,7 +30,8 @@ from teachers.config import LogitsConfig, TeacherConfig, TeacherTuneConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 
-__all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_overrides", "available_presets", "REPO_ROOT",
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_overrides", "available_presets", "config_sources",
+           "REPO_ROOT",
            "DistillConfig", "EvalConfig", "LatencyConfig", "DataConfig", "StudentConfig", "LogitsConfig",
            "TeacherConfig", "TeacherTuneConfig", "BaselineConfig"]
 
@@ -123,20 +127,71 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-def _load_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    path = CONFIG_DIR / f"{name}.yaml"
+def _is_path(preset: str) -> bool:
+    """A preset given as a file (`my.yaml`, `dir/x`) rather than a name in configs/ (`smoke`)."""
+    return preset.endswith((".yaml", ".yml")) or "/" in preset or os.sep in preset
+
+
+def _preset_file(name: str, referrer: Path | None) -> Path:
+    """The YAML file of preset `name`: a built-in name (`smoke`: configs/smoke.yaml) or a path to any YAML file
+    (`my.yaml`, `dir/my.yaml`), relative to the folder of `referrer` (the file whose `base:` names it), else to
+    the working directory."""
+    if not _is_path(name):
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset '{name}'{_named_by(referrer)}; available presets: "
+                              f"{', '.join(available_presets())} (or a path to a YAML file, e.g. "
+                              "PRESET=path/to/my.yaml)")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_absolute() and referrer is not None:
+        path = referrer.parent / path
     if not path.is_file():
-        raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(available_presets())}")
-    if name in seen:
-        raise ConfigError(f"preset '{name}' inherits from itself via {' -> '.join(seen)}")
-    data = yaml.safe_load(path.read_text()) or {}
+        where = "" if str(path.resolve()) == name else f" ({path.resolve()})"
+        raise ConfigError(f"preset file '{name}'{_named_by(referrer)} does not exist{where}; pass an existing "
+                          f"YAML file or one of the presets: {', '.join(available_presets())}")
+    return path
+
+
+def _named_by(referrer: Path | None) -> str:
+    return "" if referrer is None else f" (the base: of {os.path.normpath(referrer)})"
+
+
+def _preset_layers(name: str, referrer: Path | None = None,
+                   seen: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The preset `name` and its `base:` chain as [(name, its own keys)], the root base first: merged in this
+    order they give the preset's values; each layer names where a key came from (`config_sources`).
+    `referrer`: the file whose `base:` is `name`; `seen`: the (resolved file, name) pairs that led here, to
+    refuse a circle."""
+    path = _preset_file(name, referrer)
+    if referrer is not None and _is_path(name):
+        name = os.path.normpath(path)  # a base named relative to its file: say which file it is
+    ident = str(path.resolve())
+    if ident in (i for i, _ in seen):
+        raise ConfigError(f"preset '{name}' inherits from itself via {' -> '.join(n for _, n in seen)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"preset file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") \
+            from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     base = data.pop("base", None)
     if base is None:
-        return data
-    merged = _load_preset(base, seen + (name,))
-    _deep_update(merged, data)
+        return [(name, data)]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: must name a preset or a YAML file, got {base!r}")
+    # A built-in preset's base is another built-in name; a file's base may also be a path next to it.
+    return _preset_layers(base, path, seen + ((ident, name),)) + [(name, data)]
+
+
+def _load_preset(name: str) -> dict[str, Any]:
+    """The preset's values, its `base:` chain merged (a later preset's keys override its base's)."""
+    merged: dict[str, Any] = {}
+    for _, data in _preset_layers(name):
+        _deep_update(merged, data)
     return merged
 
 
@@ -195,3 +250,31 @@ def load_config(preset: str = "default", overrides: str | dict[str, Any] = "", *
         f"{k}={v}" for k, v in _flat(overrides).items())
     validate(cfg)
     return cfg
+
+
+def config_sources(preset: str = "default", overrides: str | dict[str, Any] = "",
+                   **top: str) -> dict[str, tuple[Any, str]]:
+    """Where each value of `load_config(preset, overrides, **top)` comes from.
+
+    Returns {dotted key: (value, source)} for every key of the resolved config, in the config's order; source is
+    `default` (the dataclass default), `preset <name>` (the preset that set it last; `preset <base> (base of
+    <preset>)` for one of its `base:` chain), `option` (a top-level option: teacher=, student=, run_name=, or
+    a preset other than `default`) or `SET` (an override). Raises ConfigError as load_config does.
+    """
+    cfg = load_config(preset, overrides, **top)
+    sources = {key: "default" for key in _flat(cfg.to_dict())}
+    for name, data in _preset_layers(preset):
+        label = f"preset {name}" if name == preset else f"preset {name} (base of {preset})"
+        for key in _flat(data):
+            sources[key] = label
+    if preset != PipelineConfig.preset:
+        sources["preset"] = "option"
+    for key, value in top.items():
+        if value:
+            sources[key] = "option"
+    set_keys = _flat(parse_overrides(overrides) if isinstance(overrides, str) else overrides)
+    for key in set_keys:
+        sources[key] = "SET"
+    if set_keys:
+        sources["overrides"] = "SET"
+    return {key: (value, sources[key]) for key, value in _flat(cfg.to_dict()).items()}

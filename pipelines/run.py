@@ -16,7 +16,6 @@ the time limit exits 75. `make` turns every failure into 2: `moe-distill run` ke
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import re
@@ -30,9 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from core.errors import UserError  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
+
+from core.errors import ConfigError, UserError  # noqa: E402
 from core.hashing import hash_text  # noqa: E402
-from pipelines.config import PipelineConfig, load_config  # noqa: E402
+from pipelines.config import PipelineConfig, load_config, parse_overrides  # noqa: E402
 from pipelines.paths import RUNS_DIR  # noqa: E402
 
 INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
@@ -50,7 +51,19 @@ def slug(text: str) -> str:
 
 
 def run_name(cfg: PipelineConfig) -> str:
-    return cfg.run_name or f"{slug(cfg.teacher)}--{slug(cfg.student)}--{cfg.preset}"
+    """RUN, else `<teacher>--<student>--<preset>`, each one path component (a preset given as a YAML path is
+    named by its file, as a model folder is)."""
+    preset = slug(cfg.preset) if cfg.preset.endswith((".yaml", ".yml")) or "/" in cfg.preset else cfg.preset
+    return cfg.run_name or f"{slug(cfg.teacher)}--{slug(cfg.student)}--{preset}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str, port: int = 5000) -> str:
+    """Where the run is in the MLflow UI: the tracking server itself, or `make ui`'s local address for a
+    local store (with the command that serves it)."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:{port}/{page} (serve it with `make ui`)"
 
 
 def publish_report(ctx: Any, mlflow_info: dict[str, str]) -> Path:
@@ -88,6 +101,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     ap.add_argument("--student", default="")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", default="", help='space-separated key=value overrides, e.g. "distill.lr=1e-4"')
+    ap.add_argument("--data", default="", help="your own text, a file or folder (sets data.files; README: Your own data)")
     ap.add_argument("--run-name", default="")
     ap.add_argument("--runs-dir", default=str(RUNS_DIR))
     ap.add_argument("--time-limit", type=float, default=0.0,
@@ -99,14 +113,25 @@ def _main(argv: list[str] | None, prog: str) -> int:
 
     set_time_limit(args.time_limit)
     try:
-        cfg = load_config(args.preset, args.set, teacher=args.teacher, student=args.student,
-                          run_name=args.run_name)
+        cfg = load_config(args.preset, _with_data(args.set, args.data), teacher=args.teacher,
+                          student=args.student, run_name=args.run_name)
     except UserError as e:
         print(e.describe(), file=sys.stderr)
         return e.exit_code
     if args.plan:
         return print_plan(cfg, Path(args.runs_dir))
     return run_pipeline(cfg, Path(args.runs_dir))
+
+
+def _with_data(overrides: str, data: str) -> str | dict[str, Any]:
+    """SET text, with DATA as `data.files` (a dict, so a path with spaces or commas stays one path)."""
+    if not data:
+        return overrides
+    parsed = parse_overrides(overrides)
+    if "files" in parsed.get("data", {}):
+        raise ConfigError('give DATA=<path> or SET="data.files=[...]", not both')
+    parsed.setdefault("data", {})["files"] = [data]
+    return parsed
 
 
 def print_plan(cfg: PipelineConfig, runs_dir: Path) -> int:
@@ -142,20 +167,29 @@ def run_pipeline(cfg: PipelineConfig, runs_dir: Path) -> int:
 
 
 def _lead(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
+    """Rank 0: the whole run, holding the run folder's lock (another run in the same folder is refused)."""
+    run_dir = runs_dir / run_name(cfg)
+    lock = FileLock(run_dir / ".lock", timeout=0)
+    try:
+        return _lead_locked(cfg, run_dir, device, lock)
+    finally:
+        if lock.is_locked:
+            lock.release()
+
+
+def _lead_locked(cfg: PipelineConfig, run_dir: Path, device: Any, lock: FileLock) -> int:
     from core import distributed as dist
     from pipelines.context import RunContext
     from pipelines.preflight import check_writable, local_artifact_dir, preflight
     from pipelines.tracking import artifact_location, git_commit, setup_tracking
 
-    run_dir = runs_dir / run_name(cfg)
     problem, code, exp_id, notes = None, 2, "", []
     try:
         exp_id = setup_tracking()
         check_writable(run_dir, "run folder")
-        lock = open(run_dir / ".lock", "w")  # held until this process exits
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock.acquire()
+        except Timeout:
             problem = (f"error (busy): another `make distill` is running in {run_dir}; wait for it or pass "
                        "RUN=<other name>")
         if problem is None:
@@ -186,10 +220,11 @@ def _lead(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
         # Finished stages and partial work (shards, checkpoints) stay; the same command resumes.
         print(f"\n{e.describe()}", file=sys.stderr)
         return e.exit_code
-    print(f"\nreport: {report.with_suffix('.md')}\n"
+    registered = f"\nregistered model: {info['registered_model']}" if info.get("registered_model") else ""
+    print(f"\nreport: {report.with_suffix('.html')} (and .md, .json)\n"
           f"retained quality (mean over tasks): {summary['retained_mean']:.3f}; "
           f"speedup ({summary['speedup_setting']}): {summary['speedup']:.2f}x\n"
-          f"MLflow: experiment {exp_id}, run {info['parent_run_id']} ({info['tracking_uri']}); `make ui` to browse\n"
+          f"MLflow run: {run_url(info['tracking_uri'], exp_id, info['parent_run_id'])}{registered}\n"
           f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -222,6 +257,7 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
     """Every stage in order under one parent MLflow run (marked FAILED if a stage raises)."""
     import mlflow
 
+    from pipelines.registry import register_student
     from pipelines.stage_runner import active_stages, run_stage, stand_in_records
     from pipelines.tracking import flat_params
 
@@ -235,6 +271,9 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
             ctx.records[stage.name] = run_stage(stage, ctx, {**tags, "parent": parent.info.run_id})
         report = publish_report(ctx, info)
         summary = ctx.output("report", "summary")
+        registered = register_student(ctx.run_dir.name, ctx.records, summary, parent.info.run_id)
+        if registered:
+            info["registered_model"] = f"{registered[0]} version {registered[1]}"
         mlflow.log_metrics({k: v for k, v in {"summary/retained_mean": summary["retained_mean"],
                                               "summary/speedup": summary["speedup"],
                                               "pipeline/seconds": time.perf_counter() - t0}.items()

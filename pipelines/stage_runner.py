@@ -99,15 +99,22 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
     try:
         if rec is None:  # before the stage's MLflow run opens or anything of its folder changes
             deadline.check_stage_start(stage.name)
-        with stage_run(stage.name, {**parent_tags, "skipped": str(rec is not None).lower()}) as run:
-            mlflow.log_params(flat_params(cfg_part))
-            if rec is not None:
+        reused = rec is not None
+        # A reused stage gets a light run: tags pointing at the run that produced its output, no copied params
+        # or metrics (they live on that run). A stage that runs long also records system metrics (CPU, memory,
+        # GPU), sampled by MLflow in the background.
+        with stage_run(stage.name, {**parent_tags, "skipped": str(reused).lower()},
+                       system_metrics=stage.long and not reused) as run:
+            if reused:
                 handoff_due = False
                 dist.share(("reuse", rec))
                 print(f"[{stage.name}] inputs unchanged ({h}); reusing {out}", flush=True)
-                mlflow.set_tag("produced_by_run_id", rec.get("mlflow_run_id", ""))
-                log_metrics(rec.get("metrics", {}))
+                producer = rec.get("mlflow_run_id", "")
+                mlflow.set_tags({"produced_by_run_id": producer, "mlflow.note.content":
+                                 f"Reused: inputs unchanged ({h}); outputs, params and metrics are those of run "
+                                 f"{producer}."})
                 return rec
+            mlflow.log_params(flat_params(cfg_part))
             old = read_stage(out)
             if old and old.get("input_hash") != h and out.exists():
                 # Different inputs: earlier partial work (shards, checkpoints) belongs to another configuration.

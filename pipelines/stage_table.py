@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from core.content_identity import file_checksums
+from core.hashing import hash_text
 from pipelines.model_records import external_identity
 from pipelines.stages import (
     baseline,
@@ -24,6 +26,7 @@ from pipelines.stages import (
     teacher,
     teacher_tune,
 )
+from resources.user_data import entry_files, resolve
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -45,6 +48,17 @@ def _teacher_files(cfg: PipelineConfig) -> tuple[str, ...]:
     return () if cfg.teacher in teacher.BUILTIN_TEACHERS else (external_identity(cfg.teacher),)
 
 
+def _data_files(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The user's data (`data.files`) by content: each entry's files (names relative to it, sizes, checksums,
+    cached by stat), so editing a data file reruns the data stage and what depends on it."""
+    ids = []
+    for entry in cfg.data.files:
+        root, files = resolve(entry), entry_files(entry, cfg.data.format)
+        names = [f.relative_to(root).as_posix() if root.is_dir() else f.name for f in files]
+        ids.append(hash_text(*(f"{n}|{f.stat().st_size}|{c}" for n, f, c in zip(names, files, file_checksums(files)))))
+    return tuple(ids)
+
+
 def _student_files(cfg: PipelineConfig) -> tuple[str, ...]:
     return () if cfg.student == "derived" else (external_identity(cfg.student),)
 
@@ -62,6 +76,7 @@ class Stage:
     # Content identities of what it reads from outside the repo and the run folder (a user's model folder):
     # config entries name such files, but only their content says whether the output is still valid.
     external: Callable[[PipelineConfig], tuple[str, ...]] = _no_files
+    long: bool = False  # minutes or more on a real teacher: its MLflow run records system metrics
 
     @property
     def module(self) -> str:
@@ -79,20 +94,20 @@ def _latency_on(cfg: PipelineConfig) -> bool:
 
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", teacher.teacher_stage, ("teacher", "teacher_options"), (), external=_teacher_files),
-    Stage("data", data.data_stage, ("data", "teacher_options"), ("teacher",)),
+    Stage("data", data.data_stage, ("data", "teacher_options"), ("teacher",), external=_data_files),
     # From here on "the teacher" is this stage's model: the teacher stage's own when teacher_tune.steps=0.
     Stage("teacher_tune", teacher_tune.teacher_tune_stage, ("teacher_tune", "teacher_options", "data"),
-          ("teacher", "data"), uses_device=True),
+          ("teacher", "data"), uses_device=True, long=True),
     Stage("logits", logits.logits_stage, ("logits", "teacher_options", "data"), ("teacher_tune", "data"),
-          uses_device=True, distributed=True),
+          uses_device=True, distributed=True, long=True),
     Stage("student", student.student_stage, ("student", "student_options", "teacher_options"), ("teacher_tune", "data"),
           external=_student_files),
     Stage("distill", distill.distill_stage, ("distill", "teacher_options"), ("student", "logits"),
-          uses_device=True, distributed=True),
+          uses_device=True, distributed=True, long=True),
     Stage("baseline", baseline.baseline_stage, ("distill", "baseline", "teacher_options"), ("student", "logits"),
-          uses_device=True, distributed=True, enabled=_baseline_on),
+          uses_device=True, distributed=True, enabled=_baseline_on, long=True),
     Stage("eval_teacher", eval_model.eval_teacher, ("eval", "teacher_options"), ("teacher_tune", "data"),
-          uses_device=True),
+          uses_device=True, long=True),
     Stage("eval_student_init", eval_model.eval_student_init, ("eval", "teacher_options"), ("student", "data"),
           uses_device=True),
     Stage("eval_student", eval_model.eval_student, ("eval", "teacher_options"), ("distill", "data"),

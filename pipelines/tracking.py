@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.errors import UserError
+from core.experiment import experiment_name
 from pipelines.paths import REPO_ROOT
-
-EXPERIMENT = "distill"
 
 
 class TrackingError(UserError, RuntimeError):
@@ -39,7 +38,8 @@ def git_commit() -> str:
 
 
 def setup_tracking() -> str:
-    """Point MLflow at the store, make sure experiment `distill` exists, and return its id."""
+    """Point MLflow at the store, make sure the experiment (`$MLFLOW_EXPERIMENT_NAME`, else `distill`) exists,
+    and return its id."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         # Fail in seconds rather than retrying for minutes against a server that is not there.
@@ -64,27 +64,24 @@ def _store_init_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from filelock import FileLock
 
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def _experiment_id(uri: str) -> str:
     import mlflow
 
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)  # creates the store's tables on first use
+    name = experiment_name()
+    exp = mlflow.get_experiment_by_name(name)  # creates the store's tables on first use
     if exp is None:
         artifacts = None
         if uri.startswith("sqlite:///"):
             artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        exp_id = mlflow.create_experiment(name, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
@@ -128,8 +125,11 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 @contextmanager
-def stage_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
+def stage_run(name: str, tags: dict[str, str], system_metrics: bool = False) -> Iterator[Any]:
+    """A nested MLflow run for one stage; `system_metrics`: MLflow samples CPU, memory (and GPU where
+    nvidia-ml-py is installed) while it is open."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, tags={"stage": name, **tags}) as run:
+    with mlflow.start_run(run_name=name, nested=True, tags={"stage": name, **tags},
+                          log_system_metrics=system_metrics) as run:
         yield run

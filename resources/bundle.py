@@ -33,6 +33,7 @@ from pathlib import Path
 from core.hashing import file_sha256
 from resources.archives import FORMAT, MANIFEST, Bundle, BundleError, download
 from resources.catalog import CATALOG, get_source
+from resources.lockfile import read_lock
 
 CHUNK_MIB = 60
 # What a CUDA image of PyTorch already has, and what pip must not replace there.
@@ -56,16 +57,10 @@ def _split(path: Path, chunk: int) -> list[dict]:
 
 
 def _wheel_requirements() -> list[str]:
-    """This environment's packages, pinned, minus the project and what a GPU image already has."""
-    out = subprocess.run([sys.executable, "-m", "pip", "list", "--format=json", "--exclude-editable"],
-                         capture_output=True, text=True, check=True).stdout
-    pins = []
-    for pkg in json.loads(out):
-        name = pkg["name"].lower()
-        if name == "pip" or name.startswith(GPU_IMAGE_PACKAGES):
-            continue
-        pins.append(f"{pkg['name']}=={pkg['version']}")
-    return sorted(pins)
+    """The locked packages (requirements.lock: the project's whole dependency closure, pinned), minus what a
+    GPU image already has."""
+    return sorted(f"{name}=={version}" for name, version in read_lock().items()
+                  if name != "pip" and not name.startswith(GPU_IMAGE_PACKAGES))
 
 
 def _download_wheels(requirements: list[str], python: str, dest: Path) -> list[str]:

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import fcntl
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 # FetchError lives with the archive helpers that raise it; it stays importable from here.
+from filelock import FileLock
+
 from core.hashing import file_sha256
 from resources.archives import FetchError, bundle_from_env, download, extract
 from resources.catalog import Source, get_source
@@ -77,21 +79,22 @@ def fetch(name: str, cache_dir: Path | None = None) -> Path:
     if (target / PROVENANCE_FILE).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            # Another process may have finished while we waited for the lock.
-            if (target / PROVENANCE_FILE).is_file():
-                return target
-            _fetch_locked(source, root, target)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(root / f"{name}.lock"):
+        # Another process may have finished while we waited for the lock.
+        if (target / PROVENANCE_FILE).is_file():
+            return target
+        _fetch_locked(source, root, target)
     return target
 
 
 def fetch_many(names: Iterable[str], cache_dir: Path | None = None) -> dict[str, Path]:
     """Fetch several resources in order; return ``{name: directory}``."""
     return {name: fetch(name, cache_dir) for name in names}
+
+
+def _say(line: str) -> None:
+    """A progress line on stderr: a download takes seconds to minutes, and the client's own output is hidden."""
+    print(f"[fetch] {line}", file=sys.stderr, flush=True)
 
 
 def _fetch_locked(source: Source, root: Path, target: Path) -> None:
@@ -104,6 +107,7 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
         shutil.rmtree(target)
 
     work = Path(tempfile.mkdtemp(prefix=f".{source.name}.tmp-", dir=root))
+    t0 = time.monotonic()
     try:
         download_dir = work / "download"
         download_dir.mkdir()
@@ -112,12 +116,14 @@ def _fetch_locked(source: Source, root: Path, target: Path) -> None:
             if not bundle.has_resource(source.name):
                 raise FetchError(f"the bundle at {bundle.root} (DISTILL_BUNDLE) holds no {source.name!r}: rebuild it "
                                  f"with `make bundle` (all resources) or unset DISTILL_BUNDLE to download")
-            log.info("fetching %s from the bundle %s", source.name, bundle.root)
+            _say(f"fetching {source.name} from the bundle {bundle.root} ...")
             archive, version = bundle.resource_archive(source, download_dir)
             command = ["bundle", str(bundle.root)]
         else:
-            log.info("fetching %s (%s %s)", source.name, source.registry, source.spec)
+            _say(f"fetching {source.name} ({source.registry} {source.spec}) ...")
             archive, version, command = download(source, download_dir)
+        _say(f"fetched {source.name}: {archive.stat().st_size / 2**20:.1f} MiB in {time.monotonic() - t0:.0f} s; "
+             "unpacking")
         unpacked = work / "unpacked"
         extract(archive, unpacked)
         record = {

@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from tqdm import tqdm
 
 
 @torch.no_grad()
@@ -17,7 +18,8 @@ def run_with_hooks(model: torch.nn.Module, batches: Iterable[torch.Tensor], hook
     tokens = 0
     try:
         device = next(model.parameters()).device
-        for ids in batches:
+        batches = list(batches)
+        for ids in tqdm(batches, desc=what, unit="batch", leave=False):
             model(input_ids=ids.to(device), use_cache=False)
             tokens += ids.numel()
     finally:

@@ -16,6 +16,7 @@ the active compute of one expert instead of k).
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from students.dense_twin import check_derivable, twin_config
@@ -96,7 +97,7 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
         raise ValueError(f"routing stats cover {stats.mass.shape[0]} layers, the teacher has {n_layers}")
     layouts = [layer_ffn(t_layers[i], hidden, f"{t_prefix}.{i}") for i in keep]
     ffns = [_layer_ffn(t_layers[i].get_submodule(lay.path), lay, i, method, ffn_width, stats, svd_rank)
-            for i, lay in zip(keep, layouts)]
+            for i, lay in tqdm(list(zip(keep, layouts)), desc=f"derive ({method})", unit="layer", leave=False)]
     # One width for all layers: that of the derived MoE layers (kept dense layers are fitted to it).
     width = max(_routed_width(lay, ffn_width) for lay in layouts)
     width = width or max(f[0].shape[0] for f in ffns)  # only dense layers kept: the widest of them

@@ -130,28 +130,56 @@ def summarise(counts: torch.Tensor, layers: list[int], sources: list[str]) -> di
 
 def write_heatmaps(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """router_load.png (layer x expert token share) and router_sources.png (per source: lift over the overall
-    share at each layer and expert, log2). Returns the paths written."""
+    share at each layer and expert, log2). Returns the paths written.
+
+    The figures grow with the number of layers and experts (a cell stays readable up to 64 experts x 48
+    layers), every axis is labelled, each colour bar names its unit, and the numbers are written as in the
+    report (core.number_format); cells carry their share as text while there are few enough to fit it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from core.number_format import num, pct, ratio
+
+    def _figsize(columns: int, rows: int, col_in: float, row_in: float,
+                 extra: tuple[float, float]) -> tuple[float, float]:
+        """Inches for a heatmap of `columns` x `rows` cells: cells of col_in x row_in plus room for labels,
+        title and colour bar (`extra`), between a readable minimum and a maximum a screen can still show."""
+        return (min(22.0, max(6.5, col_in * columns + extra[0])), min(18.0, max(4.2, row_in * rows + extra[1])))
+
+    def _ticks(n: int, most: int) -> list[int]:
+        """Every index of n when they fit, else every k-th, so the labels never overlap."""
+        step = max(1, math.ceil(n / most))
+        return list(range(0, n, step))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     load = torch.tensor(summary["tokens_per_expert"], dtype=torch.float64)
     share = load / load.sum(-1, keepdim=True).clamp_min(1)
     layers, experts = summary["layers"], summary["experts"]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * experts + 2), max(3.0, 0.22 * len(layers) + 1.5)))
+    fig, ax = plt.subplots(figsize=_figsize(experts, len(layers), 0.55, 0.32, (3.2, 2.2)))
     im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=6)
+    ax.set_xlabel("expert", fontsize=10)
+    ax.set_ylabel("MoE layer", fontsize=10)
+    xt, yt = _ticks(experts, 32), _ticks(len(layers), 40)
+    ax.set_xticks(xt, [str(i) for i in xt], fontsize=9)
+    ax.set_yticks(yt, [str(layers[i]) for i in yt], fontsize=9)
+    if experts <= 16 and len(layers) <= 48:
+        # Light text on dark cells and dark on light, as the viridis map goes from dark to light.
+        mid = float(share.min() + share.max()) / 2
+        for (i, j), v in zip(((i, j) for i in range(len(layers)) for j in range(experts)), share.flatten().tolist()):
+            ax.text(j, i, pct(v), ha="center", va="center", fontsize=7, color="white" if v < mid else "black")
     m = summary["mean"]
-    ax.set_title(f"share of routed tokens (even = {1 / experts:.3f})\nmean max/mean {m['load_max_over_mean']:.2f}, "
-                 f"CV {m['load_cv']:.2f}, entropy {m['routing_entropy']:.3f}", fontsize=8)
-    fig.colorbar(im, ax=ax)
+    ax.set_title(f"Share of each layer's routed tokens per expert (even = {pct(1 / experts)})\nmean over layers: "
+                 f"max/mean {ratio(m['load_max_over_mean'])}, CV {num(m['load_cv'])},\n"
+                 f"routing entropy {num(m['routing_entropy'])} (1 = even)", fontsize=10)
+    bar = fig.colorbar(im, ax=ax, format=FuncFormatter(lambda v, _: pct(v)), fraction=0.05, pad=0.03)
+    bar.set_label("share of the layer's routed tokens", fontsize=9)
+    bar.ax.tick_params(labelsize=8)
     fig.tight_layout()
     paths = [out_dir / "router_load.png"]
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[0], dpi=110)
     plt.close(fig)
     names = [s for s in summary["sources"] if s in summary["specialisation_js_bits"]]
     if names:
@@ -161,16 +189,24 @@ def write_heatmaps(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             dist = c / c.sum(-1, keepdim=True).clamp_min(1)
             lifts.append(torch.log2((dist + 1e-9) / (share + 1e-9)).flatten())
         lift = torch.stack(lifts).clamp(-3, 3)
-        fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.06 * lift.shape[1] + 3)), 0.45 * len(names) + 1.8))
+        cols = lift.shape[1]
+        fig, ax = plt.subplots(figsize=_figsize(cols, len(names), 0.16, 0.5, (6.0, 2.4)))
         im = ax.imshow(lift.numpy(), aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
-        ax.set_yticks(range(len(names)), [f"{s} ({summary['specialisation_js_bits'][s]:.3f} bits)" for s in names],
-                      fontsize=7)
-        ax.set_xlabel(f"layer x expert ({len(layers)} layers x {experts} experts, layer-major)")
-        ax.set_title("do experts specialise by source? log2(source share / overall share); JS divergence per source",
-                     fontsize=8)
-        fig.colorbar(im, ax=ax)
+        ax.set_yticks(range(len(names)), [f"{s} (JS {num(summary['specialisation_js_bits'][s])} bits)"
+                                          for s in names], fontsize=9)
+        # One column per (layer, expert), layer-major: a thin line between layers, a tick at each layer's middle.
+        for boundary in range(1, len(layers)):
+            ax.axvline(boundary * experts - 0.5, color="#444444", lw=0.4)
+        lt = _ticks(len(layers), 40)
+        ax.set_xticks([i * experts + (experts - 1) / 2 for i in lt], [str(layers[i]) for i in lt], fontsize=8)
+        ax.set_xlabel(f"MoE layer (each: its {experts} experts, left to right)", fontsize=10)
+        ax.set_title("Do experts specialise by text source? Lift of each expert's share for the source over its "
+                     "share for all text", fontsize=10)
+        bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+        bar.set_label("log2(source share / overall share)\n(+1 = twice as often; clipped at ±3)", fontsize=9)
+        bar.ax.tick_params(labelsize=8)
         fig.tight_layout()
         paths.append(out_dir / "router_sources.png")
-        fig.savefig(paths[1], dpi=120)
+        fig.savefig(paths[1], dpi=110)
         plt.close(fig)
     return paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +59,9 @@ def load_smollm2_dense(cache_dir: Path | None = None) -> tuple[LlamaForCausalLM,
 
 
 def _convert_gguf(gguf: Path) -> tuple[LlamaForCausalLM, object]:
+    # One call with no progress of its own, about a minute on 2 cores: say so, then say when it is done.
+    print(f"[teacher] converting {gguf.name} to safetensors (once per machine, about a minute) ...", flush=True)
+    t0 = time.monotonic()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = quant.config
@@ -70,6 +74,7 @@ def _convert_gguf(gguf: Path) -> tuple[LlamaForCausalLM, object]:
     missing = set(dense.state_dict()) - set(quant.state_dict())
     if missing - {"lm_head.weight"}:
         raise RuntimeError(f"gguf conversion lost weights: {sorted(missing)[:5]}")
+    print(f"[teacher] converted in {time.monotonic() - t0:.0f} s", flush=True)
     return dense.eval(), tok
 
 

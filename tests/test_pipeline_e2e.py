@@ -45,6 +45,10 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e2e-experiment")  # honoured, as by MLflow's own clients
+    # Long stages record system metrics; the tiny run's stages last seconds, so sample often enough to see them.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     # The CPU pipeline runs the loss's row operations in PyTorch (as `make distill` on CPU does); their Triton
     # versions are tested through the interpreter in test_fused_linear_kd.py, and are far too slow there.
     monkeypatch.setattr(kd_loss, "TRITON_ON_CPU", False)
@@ -89,7 +93,7 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert report["teacher"]["path"].endswith("teacher_tune/model")
 
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("distill")
+    exp = client.get_experiment_by_name("e2e-experiment")
     parent = client.get_run(report["mlflow"]["parent_run_id"])
     assert parent.data.tags["stage"] == "pipeline" and parent.data.tags["teacher"] == str(tiny_moe_dir)
     children = client.search_runs([exp.experiment_id],
@@ -104,6 +108,20 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert len(history) == report["training"]["steps"] and all(math.isfinite(m.value) for m in history)
     assert client.search_logged_models(experiment_ids=[exp.experiment_id]), "the distilled student was not logged as a model"
     assert "report.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # MLflow as its users expect: the training data and eval sets as datasets, system metrics on long stages,
+    # the student in the Model Registry with its evaluation numbers and the runs that made it.
+    inputs = {(i.dataset.name, next(t.value for t in i.tags if t.key == "mlflow.data.context"))
+              for i in client.get_run(distill.info.run_id).inputs.dataset_inputs}
+    assert ("training sequences (16 x 64 tokens)", "training") in inputs
+    eval_run = next(c for c in children if c.data.tags["stage"] == "eval_student")
+    eval_inputs = {i.dataset.name for i in client.get_run(eval_run.info.run_id).inputs.dataset_inputs}
+    assert {"local_arc_easy (4 examples)", "held-out text"} <= eval_inputs
+    assert any(k.startswith("system/") for k in client.get_run(distill.info.run_id).data.metrics)
+    versions = client.search_model_versions("name='moe-distill-e2e'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["pipeline_run_id"] == parent.info.run_id and tags["distill_run_id"] == distill.info.run_id
+    assert "eval/arc_easy/acc" in tags and "summary/retained_mean" in tags
 
     # A rerun with nothing changed reuses every stage and makes a new parent run.
     assert run_pipeline(cfg, runs) == 0
@@ -112,6 +130,10 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     children2 = client.search_runs([exp.experiment_id],
                                    filter_string=f"tags.mlflow.parentRunId = '{report2['mlflow']['parent_run_id']}'")
     assert {c.data.tags["skipped"] for c in children2} == {"true"}
+    # Reused stages are light runs pointing at the runs that produced them, not copies of their numbers.
+    reused = next(c for c in children2 if c.data.tags["stage"] == "distill")
+    assert reused.data.tags["produced_by_run_id"] == distill.info.run_id and not reused.data.metrics
+    assert len(client.search_model_versions("name='moe-distill-e2e'")) == 1  # the same student: no new version
     assert report2["quality"] == report["quality"]
 
     # LoRA adapters, an online teacher and hidden-state alignment: only the distill stage and what depends on

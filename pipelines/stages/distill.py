@@ -16,6 +16,7 @@ from core.hashing import hash_files
 from distill.trainer import train_student
 from logit_cache import LogitCache
 from pipelines.context import RunContext
+from pipelines.mlflow_datasets import log_training_data
 from pipelines.tracking import log_metrics
 from teachers.load import load_causal_lm, load_teacher, load_tokenizer
 
@@ -36,6 +37,8 @@ def train_student_stage(ctx: RunContext, out: Path, dcfg: DistillConfig, step_pr
     student = load_causal_lm(ctx.output("student", "path"), "student", ctx.device, torch.float32, trust)
     tok = load_tokenizer(ctx.output("student", "path"), "student", trust)
     cache = LogitCache(Path(ctx.output("logits", "cache")))
+    if dist.is_main():
+        log_training_data(Path(ctx.output("data", "sequences")), ctx.records["data"]["output_hash"])
     teacher = None
     if dcfg.teacher_mode == "online":
         teacher, _ = load_teacher(ctx.output("teacher_tune", "path"), ctx.device, ctx.dtype,

@@ -11,6 +11,7 @@ from typing import Any
 from core.hashing import hash_files
 from eval.lm_eval_runner import flatten_metrics, run_lm_eval
 from pipelines.context import RunContext
+from pipelines.mlflow_eval_sets import log_eval_sets
 from teachers.load import load_causal_lm, load_tokenizer
 
 # The name an eval stage's metrics carry (eval/<role>/<task>...), as they did before teacher_tune existed.
@@ -26,8 +27,10 @@ def evaluate(ctx: RunContext, out: Path, target: str) -> dict[str, Any]:
     model = load_causal_lm(path, role, ctx.device, ctx.dtype, trust)
     tok = load_tokenizer(path, role, trust)
     tasks = list(cfg.eval.tasks) + (["local_heldout_text"] if cfg.eval.heldout else [])
+    heldout = ctx.output("data", "heldout")
     raw = run_lm_eval(model, tok, tasks, limit=cfg.eval.limit or None, batch_size=cfg.eval.batch_size,
-                      metadata={"heldout_path": ctx.output("data", "heldout")})
+                      metadata={"heldout_path": heldout})
+    log_eval_sets(tasks, cfg.eval.limit, Path(heldout))
     flat = flatten_metrics(raw)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_eval_results.json").write_text(json.dumps(

@@ -55,7 +55,7 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                                          or needs_several_gpus(teacher_path, ctx.device, ctx.dtype)):
         parts = 1
     parts = dist.share(parts)  # rank 0 decides: free GPU memory may differ between ranks
-    sources = list(cfg.data.sources)
+    sources = list(ctx.output("data", "sources"))
     seq_sources = json.loads((Path(ctx.output("data", "sequences")).parent / "sequence_sources.json").read_text())
     source_ids = torch.tensor([sources.index(s) for s in seq_sources])
     mine: dict[str, Any] | None = None
@@ -138,7 +138,7 @@ def _summarise_cache(ctx: RunContext, out: Path, teacher: torch.nn.Module, vocab
         # Routing this model's way could not be read: the cache stands, the report shows no router section.
         router = {"skipped": recorder.skipped}
     elif recorder is not None:
-        sources = list(ctx.cfg.data.sources)
+        sources = list(ctx.output("data", "sources"))
         router = summarise(counts, recorder.layers, sources)
         router["sequences"] = gen["analytics_sequences"]
         router["heatmaps"] = [str(p) for p in write_heatmaps(router, out / "router")]

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from core.hashing import hash_files
+from core.number_format import num, si_bytes
 from core.strict_json import dumps_strict
+from eval.chance import chance_level
 from eval.report import NULL_REASONS, retained_gain, retained_value, write_report
 from pipelines.context import RunContext
 from pipelines.tracking import git_commit
@@ -35,6 +37,9 @@ def _quality(ctx: RunContext) -> dict[str, Any]:
         if "baseline" in per:
             row["retained_gain"] = retained_gain(row["teacher"], row["student"], row["baseline"], hib)
         row["stderr"] = {role: per[role].get(key, {}).get("stderr") for role in per}
+        chance = chance_level(key)
+        if chance is not None:  # accuracies of multiple-choice tasks only; absent elsewhere
+            row["chance"] = chance
         quality[key] = row
     return quality
 
@@ -81,6 +86,57 @@ def _tune_summary(ctx: RunContext) -> dict[str, Any]:
             "specialisation_by_source": per_source}
 
 
+# Per-step series the training stages log to MLflow (pipelines/stages/distill.py): stage -> (metric prefix, series).
+CURVE_SERIES = {"distill": ("train", ("loss", "kd", "ce", "hidden")), "baseline": ("baseline_train", ("loss",))}
+MAX_CURVE_POINTS = 1000  # per series: enough for a plot, and report.json stays small on long runs
+
+
+def _thin(points: list[list[float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
+    """At most `limit` of `points`, evenly spaced, the last one always kept."""
+    if len(points) <= limit:
+        return points
+    stride = -(-len(points) // limit)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+
+
+def _training_curves(ctx: RunContext) -> tuple[dict[str, dict[str, list[list[float]]]], list[str]]:
+    """The per-step losses the distill and baseline stages logged to MLflow, read back from the MLflow run each
+    stage's record names: ({stage: {series: [[step, value], ...]}}, notes on what could not be read).
+
+    A stage resumed after a kill logs its remaining steps in a new MLflow run, so its curve starts at the step
+    it resumed from; the note says so."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    notes: list[str] = []
+    for stage, (prefix, names) in CURVE_SERIES.items():
+        run_id = (ctx.records.get(stage) or {}).get("mlflow_run_id")
+        if not run_id:
+            continue
+        series = {}
+        try:
+            for name in names:
+                history = client.get_metric_history(run_id, f"{prefix}/{name}")
+                if history:
+                    series[name] = _thin([[m.step, m.value] for m in sorted(history, key=lambda m: m.step)])
+        except MlflowException as e:
+            notes.append(f"Training curves of `{stage}`: its MLflow run {run_id} could not be read from this "
+                         f"tracking store ({type(e).__name__}); the curves are left out.")
+            continue
+        if not series:
+            notes.append(f"Training curves of `{stage}`: its MLflow run {run_id} holds no per-step losses in this "
+                         "tracking store (was the run logged to another store?); the curves are left out.")
+        else:
+            curves[stage] = series
+            first = min(points[0][0] for points in series.values())
+            if first > 1:
+                notes.append(f"Training curves of `{stage}` start at step {first}: the stage resumed there after an "
+                             "interruption, and the earlier steps were logged by the interrupted MLflow run.")
+    return curves, notes
+
+
 def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     quality = _quality(ctx)
@@ -97,13 +153,15 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     elif ctx.device.type == "cpu":
         notes.append(f"Latency was measured on CPU with {ctx.output('latency', 'threads')} thread(s), fp32, "
                      "plain `generate` path.")
-    notes.append(f"Teacher top-{logits['k']} cache: {logits['bytes_per_token']:.0f} bytes/token; mean "
-                 f"KL(teacher || cache reconstruction) = {logits['fidelity_kl']:.4f} nats on a sample sequence.")
+    notes.append(f"Teacher top-{logits['k']} cache: {si_bytes(logits['bytes_per_token'])} per token; mean "
+                 f"KL(teacher || cache reconstruction) = {num(logits['fidelity_kl'])} nats on a sample sequence.")
     fused = logits.get("fused") or {}
     if ctx.device.type == "cuda":
-        notes.append(f"Teacher logits generated at {logits.get('tokens_per_s', 0):.0f} tokens/s with experts "
+        notes.append(f"Teacher logits generated at {num(logits.get('tokens_per_s'))} tokens/s with experts "
                      f"implementation `{fused.get('experts_implementation', 'stock')}`"
                      + (f" ({fused['reason']})" if fused.get("reason") else "") + ".")
+    curves, curve_notes = _training_curves(ctx)
+    notes += curve_notes
     report = {
         "run": {"name": ctx.run_dir.name, "preset": cfg.preset, "git_commit": git_commit(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -125,6 +183,7 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         "router": logits.get("router") or {},
         "training": {k: ctx.output("distill", k) for k in
                      ("steps", "tokens", "final_loss", "final_kd", "final_ce", "seconds")},
+        "curves": curves,
         "mlflow": ctx.records.get("_mlflow", {}),
         "notes": notes,
         "python": sys.version.split()[0],

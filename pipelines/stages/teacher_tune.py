@@ -40,7 +40,7 @@ def teacher_tune_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         raise ConfigError("teacher_tune.steps > 0 needs an MoE teacher (it trains the routers with a "
                           "load-balancing loss); set teacher_tune.steps=0 for a dense one")
     seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
-    sources = list(cfg.data.sources)
+    sources = list(ctx.output("data", "sources"))
     seq_sources = json.loads((Path(ctx.output("data", "sequences")).parent / "sequence_sources.json").read_text())
     probe = min(tc.probe_sequences, len(seqs))
     probe_ids = torch.tensor([sources.index(s) for s in seq_sources[:probe]])
