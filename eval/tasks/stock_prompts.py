@@ -15,7 +15,6 @@ from typing import Any
 
 import datasets
 
-
 # ----------------------------------------------------------------- hellaswag
 
 def hellaswag_clean(text: str) -> str:
