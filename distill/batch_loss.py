@@ -17,6 +17,7 @@ import torch
 
 from distill.fused_linear_kd import fused_linear_topk_kd
 from distill.kd_losses import KDLossSpec, full_kd_loss, topk_kd_loss
+from distill.layer_transfer import LayerTap, layer_loss
 from logit_cache import topk_from_logits
 from teachers.moe_layout import decoder_module
 
@@ -54,6 +55,14 @@ def student_parts(model: torch.nn.Module, fused: str = "auto") -> StudentParts:
 
 
 @dataclass
+class LayerTerm:
+    """Layer-wise transfer in the loss: hooks on every student decoder layer, the loss's weight and kind."""
+    tap: LayerTap
+    weight: float
+    kind: str = "mse"
+
+
+@dataclass
 class BatchTargets:
     """Teacher targets for the N = B * (S - 1) predicted positions."""
     labels: torch.Tensor  # [N]
@@ -62,6 +71,7 @@ class BatchTargets:
     tail_logmass: torch.Tensor | None = None  # [N]
     logits: torch.Tensor | None = None  # [N, V] (online, full vocabulary)
     hidden: torch.Tensor | None = None  # [N, H_teacher] (online, for hidden alignment)
+    layers: list[torch.Tensor] | None = None  # per student layer, its teacher layer's output [B, S, H] (online)
 
 
 def cached_targets(batch: dict[str, torch.Tensor]) -> BatchTargets:
@@ -90,12 +100,16 @@ def online_targets(teacher: torch.nn.Module, input_ids: torch.Tensor, vocab_size
 
 def batch_loss(parts: StudentParts, input_ids: torch.Tensor, targets: BatchTargets, spec: KDLossSpec,
                vocab_size: int, projection: torch.nn.Module | None = None,
-               hidden_weight: float = 0.0) -> dict[str, torch.Tensor]:
+               hidden_weight: float = 0.0, layers: LayerTerm | None = None) -> dict[str, torch.Tensor]:
     """loss (differentiable), kd, ce and, with hidden alignment, hidden (detached) for input_ids [B, S].
 
     Hidden alignment adds hidden_weight * MSE(projection(student last hidden), teacher last hidden), both
     taken after the final norm; `projection` maps the student's width to the teacher's (identity if None).
+    Layer-wise transfer (`layers`) adds its weight * the distance between each student layer's output and
+    its teacher layer's (`targets.layers`; distill/layer_transfer.py), reported as `layers`.
     """
+    if layers is not None:
+        layers.tap.clear()
     emb = parts.decoder.get_input_embeddings()(input_ids)
     dev = emb.device.type
     if torch.is_autocast_enabled(dev):
@@ -128,4 +142,9 @@ def batch_loss(parts: StudentParts, input_ids: torch.Tensor, targets: BatchTarge
         proj = hs if projection is None else projection(hs)
         mse = torch.nn.functional.mse_loss(proj.float(), targets.hidden.float())
         out = {**out, "loss": out["loss"] + hidden_weight * mse, "hidden": mse.detach()}
+    if layers is not None:
+        if targets.layers is None:
+            raise ValueError("layer-wise transfer needs the teacher's layer outputs (online teacher mode)")
+        term = layer_loss(layers.tap.taken(), targets.layers, layers.kind)
+        out = {**out, "loss": out["loss"] + layers.weight * term, "layers": term.detach()}
     return out

@@ -12,6 +12,7 @@ from distill.kd_losses import KDLossSpec
 TEACHER_MODES = ("cache", "online")
 SWITCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
+LAYER_LOSSES = ("mse", "cosine")  # distill/layer_transfer.py
 
 
 @dataclass
@@ -26,6 +27,10 @@ class DistillConfig:
     online_top_k: int = 64  # online: teacher ids kept per token (0: the whole vocabulary, unfused)
     fused_loss: str = "auto"  # "auto" (fused when the output layer allows), "on", "off"
     hidden_weight: float = 0.0  # online: weight of the MSE between (projected) student and teacher last hidden
+    # online, derived students: weight of the loss matching each student layer's output to the teacher layer it
+    # was derived from (distill/layer_transfer.py); layer_loss: "mse" or "cosine"
+    layer_weight: float = 0.0
+    layer_loss: str = "mse"
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (merged into the weights at the end)
     lora_alpha: float = 0.0  # 0: 2 x rank
     gradient_checkpointing: bool = False
@@ -75,3 +80,7 @@ class DistillConfig:
                 "distill.online_top_k, lora_rank and hidden_weight must be >= 0")
         require(self.hidden_weight == 0 or self.teacher_mode == "online",
                 "distill.hidden_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)")
+        require(self.layer_weight >= 0, "distill.layer_weight must be >= 0")
+        require(self.layer_weight == 0 or self.teacher_mode == "online",
+                "distill.layer_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)")
+        require(self.layer_loss in LAYER_LOSSES, f"distill.layer_loss must be one of: {', '.join(LAYER_LOSSES)}")

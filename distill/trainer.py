@@ -34,9 +34,18 @@ from core.training_loop import (
     run_training,
     steps_per_epoch,
 )
-from distill.batch_loss import BatchTargets, StudentParts, batch_loss, cached_targets, online_targets, student_parts
+from distill.batch_loss import (
+    BatchTargets,
+    LayerTerm,
+    StudentParts,
+    batch_loss,
+    cached_targets,
+    online_targets,
+    student_parts,
+)
 from distill.config import DistillConfig
 from distill.kd_losses import KDLossSpec
+from distill.layer_transfer import layer_map, tap_layers
 from distill.throughput import flops_per_token, peak_flops, peak_memory_gib
 
 # Re-exported: callers catch them as `from distill.trainer import BatchTooLargeError, NonFiniteLossError`.
@@ -106,14 +115,15 @@ class _LossModule(torch.nn.Module):
     """The micro-batch loss as one module, so that DDP and FSDP2 see a forward that uses every parameter."""
 
     def __init__(self, trained: _Trained, parts: StudentParts, spec: KDLossSpec, vocab_size: int,
-                 hidden_weight: float):
+                 hidden_weight: float, layers: LayerTerm | None = None):
         super().__init__()
         self.trained = trained
         self.parts, self.spec, self.vocab_size, self.hidden_weight = parts, spec, vocab_size, hidden_weight
+        self.layers = layers
 
     def forward(self, input_ids: torch.Tensor, targets: BatchTargets) -> dict[str, torch.Tensor]:
         return batch_loss(self.parts, input_ids, targets, self.spec, self.vocab_size, self.trained.projection,
-                          self.hidden_weight)
+                          self.hidden_weight, self.layers)
 
 
 def _shard(module: _LossModule, student: torch.nn.Module, device: torch.device) -> None:
@@ -172,11 +182,17 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     if teacher is not None:
         teacher.to(acc.device).eval().requires_grad_(False)
     parts = student_parts(student, cfg.fused_loss)
-    if cfg.compile == "on" or (cfg.compile == "auto" and acc.device.type == "cuda"):
+    layers = teacher_tap = None
+    if cfg.layer_weight > 0:
+        # Hooks on every student layer and on the teacher layer each came from, for the whole training.
+        teacher_tap = tap_layers(teacher, layer_map(student, teacher))
+        layers = LayerTerm(tap_layers(student), cfg.layer_weight, cfg.layer_loss)
+    # A compiled decoder would trace the layer hooks' Python list writes as graph breaks: left eager then.
+    if layers is None and (cfg.compile == "on" or (cfg.compile == "auto" and acc.device.type == "cuda")):
         # Only the decoder: the fused loss syncs once per call (the token count), which would break a graph.
         # It fuses norms, RoPE and activations: 1.16x tokens/s on a 1B student on an H100 (bench/results/).
         parts.decoder = torch.compile(parts.decoder)
-    module = _LossModule(trained, parts, cfg.loss_spec(), vocab_size, cfg.hidden_weight)
+    module = _LossModule(trained, parts, cfg.loss_spec(), vocab_size, cfg.hidden_weight, layers)
     steps = total_steps(len(dataset), cfg)
     if fsdp:
         _shard(module, student, acc.device)  # before the optimizer: sharding replaces the parameters
@@ -204,8 +220,12 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
                     else acc.no_sync(module))
             with _memory_guard(cfg, seq_len, acc.device, ckpt_dir), sync:
                 with acc.autocast():
+                    if teacher_tap is not None:
+                        teacher_tap.clear()
                     targets = (online_targets(teacher, ids, vocab_size, cfg.online_top_k, cfg.hidden_weight > 0)
                                if online else cached_targets(mb))
+                    if teacher_tap is not None:
+                        targets.layers = teacher_tap.taken()
                     out = module(ids, targets)
                 # One host sync for all the logged values of this micro-batch, not one per value.
                 vals = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
@@ -230,6 +250,9 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
                         log_fn=log_fn, rank=acc.process_index, processes=world, extra_metrics=extra,
                         agree=lambda flag: _agree(flag, acc), shown=("loss", "kd", "ce"),
                         nonfinite_hint=" or check the logit cache" if not online else "")
+    for tap in (teacher_tap, layers.tap if layers else None):
+        if tap is not None:
+            tap.remove()
     if cfg.lora_rank:
         student.merge_and_unload()  # folds the adapters into the wrapped model's own weights, in place
     if fsdp:
@@ -237,7 +260,7 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     plain.eval()
     summary = {**done.counters(), "processes": world,
                "parallel": "fsdp2" if fsdp else "ddp" if world > 1 else "none",
-               **done.final(("loss", "kd", "ce", "hidden"))}
+               **done.final(("loss", "kd", "ce", "hidden", "layers"))}
     if peak:
         summary["mfu"] = done.tokens * model_flops / max(done.seconds, 1e-9) / (peak * world)
     return summary

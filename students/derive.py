@@ -135,6 +135,9 @@ def derive_dense_student(teacher: PreTrainedModel, keep_layers: str = "every_2",
     student.load_state_dict(out, strict=not cfg.tie_word_embeddings)
     if cfg.tie_word_embeddings:
         student.tie_weights()
+    # The layer map travels with the student (config.json): layer-wise transfer pairs each student layer with
+    # the teacher layer it came from (distill/layer_transfer.py).
+    student.config.teacher_layers = [int(i) for i in keep]
     return student.eval()
 
 

@@ -121,7 +121,7 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert len(versions) == 1
     tags = versions[0].tags
     assert tags["pipeline_run_id"] == parent.info.run_id and tags["distill_run_id"] == distill.info.run_id
-    assert "eval/arc_easy/acc" in tags and "summary/retained_mean" in tags
+    assert "eval/arc_easy/acc" in tags and "summary/speedup" in tags
 
     # A rerun with nothing changed reuses every stage and makes a new parent run.
     assert run_pipeline(cfg, runs) == 0
@@ -140,8 +140,8 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     # it run again, and what leaves the stage is a plain dense model with the adapters merged in.
     # The student is also derived differently (experts weighted by measured routing mass), so it reruns too.
     lora = load_config("ci", "distill.lora_rank=4 distill.teacher_mode=online distill.hidden_weight=0.1 "
-                       "student_options.method=frequency", teacher=str(tiny_moe_dir), student="derived",
-                       run_name="e2e")
+                       "distill.layer_weight=0.1 distill.layer_loss=cosine student_options.method=frequency",
+                       teacher=str(tiny_moe_dir), student="derived", run_name="e2e")
     assert run_pipeline(lora, runs) == 0
     report3 = json.loads((run_dir / "report.json").read_text())
     children3 = {c.data.tags["stage"]: c for c in client.search_runs(
@@ -152,6 +152,9 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert report3["student"]["name"].startswith("derived(frequency")
     hidden = client.get_metric_history(children3["distill"].info.run_id, "train/hidden")
     assert len(hidden) == report3["training"]["steps"] and all(math.isfinite(m.value) for m in hidden)
+    # Layer-wise transfer: each kept student layer against the teacher layer it was derived from.
+    layers = client.get_metric_history(children3["distill"].info.run_id, "train/layers")
+    assert len(layers) == report3["training"]["steps"] and all(0 <= m.value < 2 for m in layers)
     from safetensors import safe_open
 
     with safe_open(str(run_dir / "distill" / "model" / "model.safetensors"), "pt") as f:
