@@ -22,7 +22,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill show-config test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
+.PHONY: help install distill sweep show-config test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
 
 help: ## this list
 	@echo "Targets:"
@@ -37,6 +37,7 @@ help: ## this list
 	@echo "  RUNS_DIR=$(RUNS_DIR)"
 	@echo "  GPUS=$(GPUS)               processes (accelerate launch): logits and distill data-parallel, the rest on rank 0"
 	@echo "  TIME_LIMIT=<s>       stop cleanly before this many seconds (exit 75); the same command resumes"
+	@echo "  TRIALS=<n> STEPS=<n> make sweep: Optuna trials, optimizer steps per trial (default: moe-distill sweep --help)"
 	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
 	@echo "  HF_HUB_OFFLINE=$(HF_HUB_OFFLINE)  set 0 to allow hub ids"
 	@echo "  DISTILL_BUNDLE=<dir>   offline machine: install and fetch from a \`make bundle\` folder"
@@ -84,6 +85,14 @@ distill: $(VENV)/.installed ## run the whole pipeline (TEACHER, STUDENT, PRESET,
 	  *) echo "pipeline exit code $$rc" >&2 ;; esac; \
 	[ $$rc -eq 0 ] || echo "(make reports every failure as exit 2; scripts get the code above from: $(VENV)/bin/moe-distill run ...)" >&2; \
 	exit $$rc
+
+# `moe-distill sweep` (same options) returns the sweep's own exit code for scripts; make reports failures as 2.
+TRIALS ?=
+STEPS ?=
+sweep: $(VENV)/.installed ## search the KD recipe (Optuna, TRIALS, STEPS) and write the best as a preset for PRESET=
+	@$(VENV)/bin/moe-distill sweep --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
+		--set "$(SET)" --data "$(DATA)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" \
+		$(if $(TRIALS),--trials "$(TRIALS)") $(if $(STEPS),--steps "$(STEPS)")
 
 show-config: $(VENV)/.installed ## every config key of a run (TEACHER, STUDENT, PRESET, SET, RUN) and where it came from
 	@$(VENV)/bin/moe-distill show-config --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \

@@ -60,7 +60,10 @@ def run_lm_eval(
 
     Returns:
         The dict returned by ``lm_eval.simple_evaluate`` (keys ``results``,
-        ``groups``, ``higher_is_better``, ``n-samples``, ``configs``...).
+        ``groups``, ``higher_is_better``, ``n-samples``, ``configs``...),
+        with ``samples`` ({task: [logged sample, ...]}): every example's
+        scores, which eval.per_example cuts down to doc id -> value for the
+        report's paired bootstrap intervals.
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -71,7 +74,7 @@ def run_lm_eval(
         limit=limit,
         task_manager=task_manager(metadata),
         bootstrap_iters=BOOTSTRAP_ITERS,
-        log_samples=False,
+        log_samples=True,  # per-example scores: the report's paired bootstrap needs them
     )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm_eval.simple_evaluate returned no results")

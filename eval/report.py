@@ -13,9 +13,9 @@ import html
 import os
 from pathlib import Path
 
-from core.number_format import MISSING, num, pct, ratio, score_with_err, si_bytes, si_params
+from core.number_format import MISSING, num, pct, ratio, score, score_with_err, si_bytes, si_params
 from eval.headline_metrics import headline_metrics
-from eval.report_plots import PLOTS
+from eval.report_plots import PLOTS, model_points
 from eval.retained import retained_gain, retained_value
 
 __all__ = ["NULL_REASONS", "retained_gain", "retained_value", "write_report"]
@@ -36,8 +36,14 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto}img{max-width:100%;border:1p
 NULL_REASONS = {
     "retained": "undefined: the teacher's score is 0 or a score is missing",
     "retained_gain": "undefined: the teacher is not better than the baseline here, so there is no gain to recover",
-    "retained_mean": "no metric has a defined retained value",
-    "retained_gain_mean": "no metric where the teacher is better than the baseline",
+    "retained_mean": "no headline task counts (summary.headline.not_counted says why) or none has a defined "
+                     "retained value",
+    "retained_gain_mean": "no headline task counts (summary.headline.not_counted says why) or none has a defined "
+                          "retained gain",
+    "estimate": "undefined: no task to average, or a score is missing",
+    "low": "undefined: no bootstrap resample gave a defined value",
+    "high": "undefined: no bootstrap resample gave a defined value",
+    "stderr": "undefined: fewer than two bootstrap resamples",
     "speedup": "latency was not measured",
     "expert_spread": "no MoE layer was measured",
 }
@@ -57,8 +63,18 @@ def _summary_paragraph(report: dict) -> str:
         f"initialised from {s.get('init', '?')}). "
     )
     n = len(report.get("quality") or {})
+    head = summ.get("headline")
+    if head:
+        over = f"{head.get('counted', 0)} of {head.get('tasks', 0)} tasks (those where the teacher is clear of " \
+               "chance and of the baseline by 2 standard errors; the others are marked in the table)"
+    else:
+        over = f"{n} task metrics"
     if isinstance(summ.get("retained_mean"), (int, float)):
-        text += f"The student keeps **{pct(summ['retained_mean'])}** of the teacher's quality on average over {n} task metrics"
+        text += f"The student keeps **{pct(summ['retained_mean'])}** of the teacher's quality on average over {over}"
+    elif head:
+        text += (f"No task counts in the headline retained quality ({head.get('counted', 0)} of "
+                 f"{head.get('tasks', 0)} tasks: the teacher is not clear of chance or of the baseline by 2 standard "
+                 "errors on any), so no retained-quality figure is given")
     else:
         text += "No retained-quality figure was recorded"
     if isinstance(summ.get("speedup"), (int, float)):
@@ -66,17 +82,48 @@ def _summary_paragraph(report: dict) -> str:
     else:
         text += "; no speedup was recorded."
     if isinstance(summ.get("retained_gain_mean"), (int, float)):
+        ci = summ.get("retained_gain_mean_ci") or {}
+        interval = (f" (95% bootstrap interval {_interval(ci, pct)})" if isinstance(ci.get("low"), (int, float))
+                    and isinstance(ci.get("high"), (int, float)) else "")
         text += (f" Against a baseline (the same student trained on cross-entropy alone, same tokens and steps) it"
-                 f" recovers **{pct(summ['retained_gain_mean'])}** of the teacher's advantage on average.")
+                 f" recovers **{pct(summ['retained_gain_mean'])}**{interval} of the teacher's advantage on average"
+                 " over the same tasks.")
     if run:
         text += (f" Run `{run.get('name', '?')}`, preset `{run.get('preset', '?')}`, created {run.get('created', '?')}"
                  f" on {run.get('device', '?')}, commit `{run.get('git_commit', '?')}`.")
     return text
 
 
+def _signed(x: object, key: str) -> str:
+    """A difference in its metric's unit with its sign: '+4.0%', '-0.0031'."""
+    text = score(x, key)
+    return text if text == MISSING or text.startswith("-") else f"+{text}"
+
+
+def _interval(ci: dict, fmt: object) -> str:
+    """'[low, high]' of a bootstrap interval dict, each end written by fmt."""
+    return f"[{fmt(ci.get('low'))}, {fmt(ci.get('high'))}]"
+
+
+def _difference_cell(diff: dict | None, key: str) -> str:
+    """'+4.0% [-8.0%, +16.0%]' and, when the 95% interval excludes zero, ' (excludes 0)'; '—' without one."""
+    if not diff:
+        return MISSING
+    text = f"{_signed(diff.get('estimate'), key)} {_interval(diff, lambda v: _signed(v, key))}"
+    return text + (" (excludes 0)" if diff.get("excludes_zero") else "")
+
+
+def _headline_cell(q: dict) -> str:
+    """'counted', 'not counted: <why>', or '' for a metric that is not its task's headline metric."""
+    mark = q.get("headline")
+    return str(mark.get("reason", "")) if isinstance(mark, dict) else ""
+
+
 def _quality_table(quality: dict) -> Block:
     with_baseline = any("baseline" in q for q in quality.values())
     with_chance = any("chance" in q for q in quality.values())
+    with_headline = any("headline" in q for q in quality.values())
+    with_ci = any("student_minus_baseline" in q for q in quality.values())
     rows = []
     for name in sorted(quality):
         q = quality[name]
@@ -92,16 +139,52 @@ def _quality_table(quality: dict) -> Block:
         if with_baseline:
             row[5:5] = [score_with_err(q.get("baseline"), err.get("baseline"), name)]
             row.append(pct(q.get("retained_gain")))
+        if with_ci:
+            row.append(_difference_cell(q.get("student_minus_baseline"), name))
         if with_chance:
             row[2:2] = [pct(q.get("chance"))]
+        if with_headline:
+            row.append(_headline_cell(q))
         rows.append(row)
     head = ["task/metric", "better", "teacher", "student before", "student after", "retained"]
     if with_baseline:
         head[5:5] = ["baseline (CE only)"]
         head.append("retained gain")
+    if with_ci:
+        head.append("student − baseline [95% CI]")
     if with_chance:
         head[2:2] = ["chance"]
+    if with_headline:
+        head.append("headline")
     return ("table", head, rows)
+
+
+def _headline_text(report: dict) -> str | None:
+    """The paragraph under the quality table on the headline rule and the bootstrap, or None without one."""
+    summ = report.get("summary") or {}
+    head = summ.get("headline")
+    if not head:
+        return None
+    counted = ", ".join(f"`{k}`" for k in head.get("metrics") or []) or "none"
+    text = (f"Headline: {head.get('counted', 0)} of {head.get('tasks', 0)} tasks count ({counted}). "
+            f"{head.get('rule', '')}")
+    diffs = [q["student_minus_baseline"] for q in (report.get("quality") or {}).values()
+             if isinstance(q.get("student_minus_baseline"), dict)]
+    ci = summ.get("retained_gain_mean_ci") or (diffs[0] if diffs else {})
+    if ci:
+        text += (f" Intervals: paired bootstrap over lm-eval's per-example scores, {num(ci.get('resamples'))} "
+                 f"resamples (seed {ci.get('seed', '?')}), {ci.get('method', 'percentile')} 95% interval; the "
+                 "teacher, student and baseline are rescored on the same resampled examples (held-out text: "
+                 "documents resampled, bits per byte recomputed as a ratio of sums).")
+    gci = summ.get("retained_gain_mean_ci") or {}
+    if gci:
+        n = gci.get("tasks", 0)
+        text += (f" Mean retained gain {pct(gci.get('estimate'))}, 95% interval {_interval(gci, pct)} over "
+                 f"{n} task{'s' * (n != 1)}")
+        share = gci.get("undefined_share")
+        text += (f"; {pct(share)} of resamples had a task where the teacher did not beat the baseline and were "
+                 "left out." if isinstance(share, (int, float)) and share > 0 else ".")
+    return text
 
 
 def _latency_table(latency: dict) -> Block:
@@ -121,15 +204,22 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
         blocks += [("h2", "Notes"), ("ul", [str(n) for n in report["notes"]])]
     if report.get("quality"):
         blocks += [("h2", "Quality per task"), _quality_table(report["quality"])]
+        headline = _headline_text(report)
+        if headline:
+            blocks.append(("p", headline))
         blocks.append(("p", "Retained = student / teacher (teacher / student where lower is better); "
                             "± is lm-eval's standard error where it gave one; chance = the accuracy of guessing "
                             "among a multiple-choice task's answers (dashed red line on the plot)."))
         if "quality_per_task" in images:
             blocks.append(("img", images["quality_per_task"].name, "quality per task"))
         if "quality_vs_speedup" in images:
-            keys = ", ".join(f"`{k}`" for k in headline_metrics(report["quality"]))
+            points = model_points(report)
+            used = points[0]["metrics"] if points else headline_metrics(report["quality"])
+            keys = ", ".join(f"`{k}`" for k in used)
+            counted = any((q.get("headline") or {}).get("counted") for q in report["quality"].values())
+            which = "one counted headline metric per task" if counted else "one headline metric per task"
             blocks += [("img", images["quality_vs_speedup"].name, "quality vs speedup"),
-                       ("p", f"One point per model: retained quality averaged over one headline metric per task "
+                       ("p", f"One point per model: retained quality averaged over {which} "
                              f"({keys}), ± one standard error from lm-eval's per-task standard errors (the "
                              f"teacher's scores as the reference), against the speedup at the headline setting.")]
     if report.get("latency"):

@@ -49,12 +49,16 @@ def model_points(report: dict) -> list[dict[str, Any]]:
     (mean over the headline metrics of score / teacher's score, inverted where lower is better), "stderr"
     (standard error of that mean from the per-task standard errors, the teacher's scores as the fixed
     reference; NaN where no task has one), "metrics" (the headline metrics averaged)}. Empty without a speedup.
+    Where the rows carry headline marks (pipelines/stages/report.py) and some count, only those are averaged,
+    as in the summary's retained mean; where none counts, every headline metric (the title says so).
     """
     quality = report.get("quality") or {}
     speedup = _finite((report.get("summary") or {}).get("speedup"))
     if not quality or speedup is None:
         return []
     keys = headline_metrics(quality)
+    counted = [k for k in keys if (quality[k].get("headline") or {}).get("counted")]
+    keys = counted or keys
     points = []
     for role, label, _, _ in _roles(quality):
         kept, errs, used = [], [], []
@@ -110,7 +114,10 @@ def plot_quality_vs_speedup(report: dict, path: Path) -> bool:
     ax.set_xlabel(f"speedup over the teacher at {summary.get('speedup_setting') or 'the headline setting'}")
     ax.set_ylabel("retained quality (mean of score / teacher's)")
     n = len(points[0]["metrics"])
-    ax.set_title(f"Quality kept vs speed gained (mean over {n} headline metric{'s' * (n != 1)}, ± 1 s.e.)",
+    marked = any("headline" in q for q in (report.get("quality") or {}).values())
+    counted = any((q.get("headline") or {}).get("counted") for q in (report.get("quality") or {}).values())
+    which = "counted headline" if counted else ("headline (none counts)" if marked else "headline")
+    ax.set_title(f"Quality kept vs speed gained (mean over {n} {which} metric{'s' * (n != 1)}, ± 1 s.e.)",
                  fontsize=10)
     # Below the axes: the points of the students share one x and would hide under a legend inside.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
@@ -163,7 +170,9 @@ def plot_quality_per_task(report: dict, path: Path) -> bool:
         ax.set_xticks(range(len(roles)), [label.replace(" (CE only)", "\n(CE only)").replace(" before", "\nbefore")
                                           for _, label, _, _ in roles], fontsize=7)
         arrow = "higher is better" if q.get("higher_is_better", True) else "lower is better"
-        ax.set_title(f"{name} ({arrow})", fontsize=9)
+        mark = q.get("headline") or {}
+        ax.set_title(f"{name} ({arrow})" + ("\nnot counted in the headline" if mark and not mark.get("counted")
+                                            else ""), fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(names):]:

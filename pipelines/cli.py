@@ -5,6 +5,7 @@
     moe-distill eval runs/<run>/distill/model --tasks local_arc_easy,local_piqa --limit 50 --out runs/eval-x
     moe-distill compare                          quality against speedup for every run in the MLflow store
     moe-distill show-config --preset smoke --set "distill.lr=1e-4"   every key, its value and where it came from
+    moe-distill sweep --preset smoke --trials 8  search the KD recipe (Optuna); writes the best as a preset
     moe-distill ui                               the MLflow UI on http://127.0.0.1:5000
 
 `run` keeps the pipeline's exit codes (0 done, 2 cannot start or a command-line mistake, 3 fix the input named
@@ -38,6 +39,7 @@ class MissingToolError(UserError):
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from eval.config import EvalConfig
     from pipelines.paths import RUNS_DIR
+    from pipelines.sweep import SweepSettings
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="<command>")
@@ -75,6 +77,32 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sc.add_argument("--json", action="store_true", help="print {key: {value, source}} as JSON")
     sc.add_argument("--reference", action="store_true",
                     help="write docs/config.md (every key's type, default and meaning) and stop")
+    sw = sub.add_parser("sweep", help="search the KD recipe with Optuna and write the best as a preset (`make sweep`)",
+                        description="Run the pipeline up to its student and logit cache (reusing finished stages), "
+                        "then N short trials over the KD knobs (pipelines/sweep_space.py: loss, temperature, "
+                        "kd/ce weights, lr, ...), TPE-sampled with a fixed seed, each a nested MLflow run, scored "
+                        "by the student's next-token cross-entropy on a slice of the training sequences that the "
+                        "trials do not train on (the final evaluation never sees it either); bad trials are "
+                        "pruned. Writes the best trial's values as a preset for `make distill PRESET=<file>`, and "
+                        "trials.csv / trials.json.")
+    sw.add_argument("--preset", default="default", help="a preset name in configs/ or a path to a YAML file")
+    sw.add_argument("--set", default="", help='space-separated key=value overrides; a searched key set here is '
+                    'held fixed, e.g. "distill.loss=forward_kl"')
+    sw.add_argument("--data", default="", help="your own text, a file or folder (sets data.files)")
+    sw.add_argument("--teacher", default="")
+    sw.add_argument("--student", default="")
+    sw.add_argument("--run-name", default="", help="run folder (default: the one `make distill` would use)")
+    sw.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="default %(default)s")
+    sweep_defaults = SweepSettings()
+    sw.add_argument("--trials", type=int, default=sweep_defaults.trials, help="Optuna trials (default %(default)s)")
+    sw.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps per trial (default: the preset's own distill steps)")
+    sw.add_argument("--val-fraction", type=float, default=sweep_defaults.val_fraction,
+                    help="share of the cached sequences held out of the trials' training to score them "
+                    "(default %(default)s)")
+    sw.add_argument("--seed", type=int, default=sweep_defaults.seed, help="the TPE sampler's seed (default %(default)s)")
+    sw.add_argument("--out", type=Path, default=None,
+                    help="the preset file to write (default: <run folder>/sweep/best.yaml)")
     ui = sub.add_parser("ui", help="the MLflow UI (`make ui`)", description="mlflow ui on the project's store.")
     ui.add_argument("--port", type=int, default=5000, help="default %(default)s")
     ui.add_argument("--host", default="127.0.0.1",
@@ -155,7 +183,16 @@ def _ui(opts: argparse.Namespace) -> int:
     return 0  # not reached: execvp replaces the process
 
 
-COMMANDS = {"eval": _eval, "compare": _compare, "show-config": _show_config, "ui": _ui}
+def _sweep(opts: argparse.Namespace) -> int:
+    from pipelines import sweep
+
+    settings = sweep.SweepSettings(trials=opts.trials, steps=opts.steps, val_fraction=opts.val_fraction,
+                                   seed=opts.seed, out=opts.out)
+    return sweep.main(opts.preset, opts.set, opts.data, opts.teacher, opts.student, opts.run_name, opts.runs_dir,
+                      settings)
+
+
+COMMANDS = {"eval": _eval, "compare": _compare, "show-config": _show_config, "sweep": _sweep, "ui": _ui}
 
 
 def entry() -> None:

@@ -5,8 +5,8 @@ statement (at module level or inside a function; `if TYPE_CHECKING:` blocks exce
 names a module of this project is followed, transitively, with the `__init__` of every package on the way.
 Next to the modules come the data files they read from their own package folder: a file of another kind
 (YAML, JSON, a template) or a sub-folder that is not a package, such as `eval/tasks/` (lm-eval task files and
-the Python they load by path, whose imports are followed too), counts for a module that names it in a string
-(`Path(__file__).parent / "tasks"`), which is how a module reads its own data.
+the Python they load by path, whose imports are followed too), counts for a module that names it in a path expression
+(`Path(__file__).parent / "tasks"`, `open("x.yaml")`), which is how a module reads its own data.
 
 Each Python file enters the hash as its syntax tree without docstrings, so a change to a comment, a docstring
 or the layout changes nothing, while any change to what the code does changes the identity of exactly the
@@ -117,18 +117,39 @@ def module_closure(module: str, root: Path) -> list[Path]:
     return sorted(files)
 
 
-def _strings(path: Path) -> set[str]:
-    return {n.value for n in ast.walk(parse(path)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+_PATH_CALLS = {"Path", "PurePath", "open", "joinpath", "join"}
+
+
+def _path_strings(path: Path) -> set[str]:
+    """String literals the module uses as paths: an operand of `/` (`Path(__file__).parent / "tasks"`) or an
+    argument of Path(), open(), joinpath() or os.path.join(). A word in a dict key or a message ("tasks") is
+    not a path, and must not pull a data folder into the identity."""
+    out: set[str] = set()
+
+    def add(node: ast.AST) -> None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.add(node.value)
+
+    for n in ast.walk(parse(path)):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+            add(n.left)
+            add(n.right)
+        elif isinstance(n, ast.Call):
+            name = n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+            if name in _PATH_CALLS:
+                for a in n.args:
+                    add(a)
+    return out
 
 
 def _package_data(module_file: Path, root: Path) -> list[Path]:
     """Data files the module at `module_file` reads from its package folder: those of its folder's files of
     DATA_SUFFIXES, and those of its non-package sub-folders (all their data and Python files), that the
-    module names in a string literal."""
+    module names in a path expression (`_path_strings`)."""
     folder = module_file.parent
     if folder == root or not (folder / "__init__.py").is_file() or module_file.suffix != ".py":
         return []
-    named = _strings(module_file)
+    named = _path_strings(module_file)
     out = [f for f in folder.iterdir() if f.is_file() and f.suffix in DATA_SUFFIXES and f.name in named]
     for sub in folder.iterdir():
         if sub.is_dir() and sub.name in named and not (sub / "__init__.py").is_file():

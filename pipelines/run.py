@@ -57,6 +57,11 @@ def run_name(cfg: PipelineConfig) -> str:
     return cfg.run_name or f"{slug(cfg.teacher)}--{slug(cfg.student)}--{preset}"
 
 
+def _number(x: Any, fmt: str) -> str:
+    """A summary number for the closing lines; undefined ones (no task counted, no latency) as 'n/a'."""
+    return format(x, fmt) if isinstance(x, (int, float)) and x == x else "n/a (see the report)"
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str, port: int = 5000) -> str:
     """Where the run is in the MLflow UI: the tracking server itself, or `make ui`'s local address for a
     local store (with the command that serves it)."""
@@ -222,8 +227,8 @@ def _lead_locked(cfg: PipelineConfig, run_dir: Path, device: Any, lock: FileLock
         return e.exit_code
     registered = f"\nregistered model: {info['registered_model']}" if info.get("registered_model") else ""
     print(f"\nreport: {report.with_suffix('.html')} (and .md, .json)\n"
-          f"retained quality (mean over tasks): {summary['retained_mean']:.3f}; "
-          f"speedup ({summary['speedup_setting']}): {summary['speedup']:.2f}x\n"
+          f"retained quality (mean over the headline tasks): {_number(summary.get('retained_mean'), '.3f')}; "
+          f"speedup ({summary['speedup_setting']}): {_number(summary.get('speedup'), '.2f')}x\n"
           f"MLflow run: {run_url(info['tracking_uri'], exp_id, info['parent_run_id'])}{registered}\n"
           f"total {time.perf_counter() - t0:.0f} s")
     return 0

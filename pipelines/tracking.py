@@ -128,8 +128,12 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 def stage_run(name: str, tags: dict[str, str], system_metrics: bool = False) -> Iterator[Any]:
     """A nested MLflow run for one stage; `system_metrics`: MLflow samples CPU, memory (and GPU where
     nvidia-ml-py is installed) while it is open."""
+    import logging
+
     import mlflow
 
+    # Its INFO lines (started, stopped, no GPU found) would interleave with the stage's own progress lines.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     with mlflow.start_run(run_name=name, nested=True, tags={"stage": name, **tags},
                           log_system_metrics=system_metrics) as run:
         yield run

@@ -13,7 +13,7 @@ from pipelines.config import ConfigError, config_sources, load_config
 from pipelines.config_reference import REFERENCE_PATH, REGENERATE, field_comments, reference_markdown
 
 CLI = str(Path(sys.executable).parent / "moe-distill")
-COMMANDS = ["run", "eval", "compare", "show-config", "ui"]
+COMMANDS = ["run", "eval", "compare", "show-config", "ui", "sweep"]
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -36,9 +36,9 @@ def test_each_command_has_help(command: str) -> None:
 
 
 def test_unknown_command_is_one_line_exit_2() -> None:
-    out = _cli("sweep")
+    out = _cli("swep")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
-    assert out.stderr.startswith("error (usage): unknown command 'sweep'")
+    assert out.stderr.startswith("error (usage): unknown command 'swep'")
 
 
 def test_show_config_says_where_each_value_came_from() -> None:

@@ -227,6 +227,21 @@ def test_quality_vs_speedup_has_one_point_per_model() -> None:
     assert model_points(report) == []  # no speedup, no plot
 
 
+def test_quality_vs_speedup_averages_only_the_counted_tasks() -> None:
+    """With headline marks the plot's points average the counted tasks, as summary.retained_mean does; when
+    none counts, every headline metric (and the plot's title says so)."""
+    report = _report()
+    q = report["quality"]
+    q["arc_easy/acc"]["headline"] = {"counted": True, "reason": "counted"}
+    q["wikitext/word_perplexity"]["headline"] = {"counted": False, "reason": "not counted: teacher worse than "
+                                                                             "the baseline"}
+    points = {p["role"]: p for p in model_points(report)}
+    assert points["student"]["metrics"] == ["arc_easy/acc"] and points["student"]["retained"] == pytest.approx(0.9)
+    q["arc_easy/acc"]["headline"] = {"counted": False, "reason": "not counted: teacher within 2 s.e. of chance"}
+    points = {p["role"]: p for p in model_points(report)}
+    assert points["student"]["retained"] == pytest.approx((0.9 + 0.8) / 2)
+
+
 def test_curves_thinned_to_a_bounded_size() -> None:
     from pipelines.stages.report import _thin
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.hashing import hash_files
+from eval import per_example
 from eval.lm_eval_runner import flatten_metrics, run_lm_eval
 from pipelines.context import RunContext
 from pipelines.mlflow_eval_sets import log_eval_sets
@@ -37,8 +38,11 @@ def evaluate(ctx: RunContext, out: Path, target: str) -> dict[str, Any]:
         {k: raw.get(k) for k in ("results", "versions", "n-samples", "higher_is_better", "configs")},
         indent=1, default=str))
     (out / "metrics.json").write_text(json.dumps(flat, indent=1))
+    # doc id -> score per task (no prompts): the report pairs these examples across models.
+    per_example.write(out / "per_example", per_example.from_samples(raw.get("samples") or {}))
     metrics = {f"eval/{role}/{k}": v["value"] for k, v in flat.items() if v.get("value") is not None}
     return {"outputs": {"metrics": flat, "results_file": str(out / "lm_eval_results.json"),
+                        "per_example": str(out / "per_example"),
                         "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size},
             "output_hash": hash_files(out), "metrics": metrics}
 

@@ -14,18 +14,51 @@ import torch
 from core.hashing import hash_files
 from core.number_format import num, si_bytes
 from core.strict_json import dumps_strict
+from eval import bootstrap, per_example
 from eval.chance import chance_level
+from eval.headline_metrics import RULE, headline_metrics, headline_status
 from eval.report import NULL_REASONS, retained_gain, retained_value, write_report
 from pipelines.context import RunContext
 from pipelines.tracking import git_commit
 
+EVAL_STAGES = (("eval_teacher", "teacher"), ("eval_student_init", "student_init"), ("eval_student", "student"),
+               ("eval_baseline", "baseline"))
 
-def _quality(ctx: RunContext) -> dict[str, Any]:
-    per = {role: ctx.output(stage, "metrics") for stage, role in
-           (("eval_teacher", "teacher"), ("eval_student_init", "student_init"), ("eval_student", "student"),
-            ("eval_baseline", "baseline"))}
-    if per["baseline"] is None:  # baseline.enabled is off
-        del per["baseline"]
+
+def _per_example(ctx: RunContext) -> dict[str, dict[str, tuple[list[int], bootstrap.Scores]]]:
+    """{role: {"task/metric": (doc ids, Scores)}} from each eval stage's per_example folder (absent: {})."""
+    out = {}
+    for stage, role in EVAL_STAGES:
+        folder = ((ctx.records.get(stage) or {}).get("outputs") or {}).get("per_example")
+        out[role] = per_example.read(Path(folder)) if folder else {}
+    return out
+
+
+def paired_intervals(row: dict[str, Any], key: str, scores: dict[str, dict[str, tuple[list[int], Any]]]) -> None:
+    """Add the paired bootstrap intervals of one quality row, where every model involved has per-example
+    scores of `key`: "student_minus_baseline" and "teacher_minus_baseline" (eval.bootstrap.paired_difference,
+    the task's name as its random stream). Rows without a baseline get none."""
+    if "baseline" not in row:
+        return
+    have = {role: scores.get(role, {}).get(key) for role in ("teacher", "student", "baseline")}
+    if any(v is None for v in have.values()):
+        return
+    p = per_example.paired(have)
+    if not p["teacher"].n:
+        return
+    task = key.rpartition("/")[0]
+    row["student_minus_baseline"] = bootstrap.paired_difference(p["student"], p["baseline"], stream=task)
+    row["teacher_minus_baseline"] = bootstrap.paired_difference(p["teacher"], p["baseline"], stream=task)
+
+
+def quality_rows(per: dict[str, dict[str, Any] | None],
+                 scores: dict[str, dict[str, tuple[list[int], Any]]]) -> dict[str, Any]:
+    """The report's quality rows from each role's flat metrics (eval.lm_eval_runner.flatten_metrics; the
+    baseline None when it was not trained) and per-example scores ({role: {key: (doc ids, Scores)}}).
+
+    Each headline metric's row gets "headline": {"counted": bool, "reason": "counted" | "not counted: ..."}
+    (eval.headline_metrics.headline_status)."""
+    per = {role: m for role, m in per.items() if m is not None}
     quality = {}
     for key, t in per["teacher"].items():
         if key not in per["student"] or t.get("value") is None:
@@ -40,17 +73,42 @@ def _quality(ctx: RunContext) -> dict[str, Any]:
         chance = chance_level(key)
         if chance is not None:  # accuracies of multiple-choice tasks only; absent elsewhere
             row["chance"] = chance
+        paired_intervals(row, key, scores)
         quality[key] = row
+    for key in headline_metrics(quality):
+        counted, reason = headline_status(quality[key])
+        quality[key]["headline"] = {"counted": counted, "reason": reason}
     return quality
 
 
-def _gain_summary(quality: dict[str, Any]) -> dict[str, float]:
-    """Mean retained gain over the metrics where it is defined (only with a baseline)."""
-    gains = [r["retained_gain"] for r in quality.values() if isinstance(r.get("retained_gain"), float)
-             and math.isfinite(r["retained_gain"])]
-    if not any("retained_gain" in r for r in quality.values()):
-        return {}
-    return {"retained_gain_mean": sum(gains) / len(gains) if gains else float("nan")}
+def headline_summary(quality: dict[str, Any],
+                     scores: dict[str, dict[str, tuple[list[int], Any]]]) -> dict[str, Any]:
+    """The summary's headline numbers over the counted headline metrics only: "retained_mean", with a
+    baseline "retained_gain_mean" and its bootstrap interval "retained_gain_mean_ci"
+    (eval.bootstrap.mean_gain_interval), and "headline" (which metrics count, how many, why the others not)."""
+    heads = [k for k, r in quality.items() if "headline" in r]
+    counted = [k for k in heads if quality[k]["headline"]["counted"]]
+    kept = [quality[k]["retained"] for k in counted if math.isfinite(quality[k]["retained"])]
+    out: dict[str, Any] = {
+        "retained_mean": sum(kept) / len(kept) if kept else float("nan"),
+        "headline": {"rule": RULE, "metrics": counted, "counted": len(counted), "tasks": len(heads),
+                     "not_counted": {k: quality[k]["headline"]["reason"] for k in heads if k not in counted}}}
+    if not any("baseline" in r for r in quality.values()):
+        return out
+    gains = [quality[k]["retained_gain"] for k in counted if math.isfinite(quality[k]["retained_gain"])]
+    out["retained_gain_mean"] = sum(gains) / len(gains) if gains else float("nan")
+    tasks = []
+    for k in counted:
+        have = {role: scores.get(role, {}).get(k) for role in ("teacher", "student", "baseline")}
+        if any(v is None for v in have.values()):
+            break
+        p = per_example.paired(have)
+        tasks.append((k.rpartition("/")[0], p["teacher"], p["student"], p["baseline"],
+                      bool(quality[k]["higher_is_better"])))
+    else:
+        if tasks:
+            out["retained_gain_mean_ci"] = bootstrap.mean_gain_interval(tasks)
+    return out
 
 
 def headline_speedup(latency: dict[str, Any]) -> tuple[float, str]:
@@ -139,15 +197,17 @@ def _training_curves(ctx: RunContext) -> tuple[dict[str, dict[str, list[list[flo
 
 def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
-    quality = _quality(ctx)
-    finite = [r["retained"] for r in quality.values() if isinstance(r["retained"], float)
-              and math.isfinite(r["retained"])]
+    scores = _per_example(ctx)
+    quality = quality_rows({role: ctx.output(stage, "metrics") for stage, role in EVAL_STAGES}, scores)
+    headline = headline_summary(quality, scores)
     latency = ctx.output("latency", "compare") if "latency" in ctx.records else {}
     speedup, setting = headline_speedup(latency)
     logits = ctx.records["logits"]["outputs"]
     notes = list(ctx.output("teacher_tune", "notes"))
     notes.append(f"lm-eval scored {cfg.eval.limit or 'all'} examples per task (preset '{cfg.preset}'); "
                  "standard errors are shown where lm-eval reports them.")
+    if not any(scores.values()):
+        notes.append("No per-example scores were found in the evaluation stages' folders: no bootstrap intervals.")
     if not cfg.latency.enabled:
         notes.append("Latency was not measured (latency.enabled=false): no speedup figures.")
     elif ctx.device.type == "cpu":
@@ -175,8 +235,8 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         "latency": latency,
         "teacher_fused": ctx.output("latency", "teacher_fused") if "teacher_fused" in ctx.records.get(
             "latency", {}).get("outputs", {}) else {},
-        "summary": {"retained_mean": sum(finite) / len(finite) if finite else float("nan"),
-                    "speedup": speedup, "speedup_setting": setting, **_gain_summary(quality)},
+        "summary": {"retained_mean": headline.pop("retained_mean"), "speedup": speedup, "speedup_setting": setting,
+                    **headline},
         "cache": {"path": logits["cache"], "tokens": logits["tokens"], "k": logits["k"], "bytes": logits["bytes"],
                   "bytes_per_token": logits["bytes_per_token"], "fidelity_kl": logits["fidelity_kl"],
                   "tokens_per_s": logits.get("tokens_per_s")},
