@@ -161,6 +161,13 @@ def test_an_unwritable_run_folder_is_refused_even_for_root(teacher_dir, tmp_path
     assert code == 3 and "cannot write to the run folder" in _one_line(err, "disk")
 
 
+def test_an_unwritable_artifact_folder_is_refused_even_for_root(teacher_dir, tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "mlartifacts").write_text("not a folder")  # where the local store keeps its artifacts
+    code, err, runs = _run(tmp_path, monkeypatch, capsys, teacher_dir)
+    assert code == 3 and "cannot write to the MLflow artifact folder" in _one_line(err, "disk")
+    _no_stage_ran(runs)
+
+
 def test_check_writable_names_the_folder(tmp_path: Path) -> None:
     from pipelines.preflight import PreflightError, check_writable
 
