@@ -30,7 +30,7 @@ help: ## this list
 	@echo "Variables (current value):"
 	@echo "  TEACHER=$(TEACHER)   smollm2-moe (built here), a local MoE folder, or a hub id"
 	@echo "  STUDENT=$(STUDENT)   derived (from the teacher), a config.json (random init), a local dense folder, or a hub id"
-	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')"
+	@echo "  PRESET=$(PRESET)     one of: $$(ls configs | sed 's/.yaml//' | tr '\n' ' ')or a YAML file"
 	@echo "  SET=\"k=v ...\"        config overrides, e.g. SET=\"distill.lr=1e-4 eval.limit=50\""
 	@echo "  DATA=<path>          your own text: JSONL / chat JSONL / Parquet / .txt,.md file or folder / datasets folder"
 	@echo "  RUN=<name>           run folder name under RUNS_DIR (default: teacher--student--preset)"

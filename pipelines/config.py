@@ -127,7 +127,7 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-def _is_path(preset: str) -> bool:
+def is_preset_path(preset: str) -> bool:
     """A preset given as a file (`my.yaml`, `dir/x`) rather than a name in configs/ (`smoke`)."""
     return preset.endswith((".yaml", ".yml")) or "/" in preset or os.sep in preset
 
@@ -136,7 +136,7 @@ def _preset_file(name: str, referrer: Path | None) -> Path:
     """The YAML file of preset `name`: a built-in name (`smoke`: configs/smoke.yaml) or a path to any YAML file
     (`my.yaml`, `dir/my.yaml`), relative to the folder of `referrer` (the file whose `base:` names it), else to
     the working directory."""
-    if not _is_path(name):
+    if not is_preset_path(name):
         path = CONFIG_DIR / f"{name}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset '{name}'{_named_by(referrer)}; available presets: "
@@ -164,7 +164,7 @@ def _preset_layers(name: str, referrer: Path | None = None,
     `referrer`: the file whose `base:` is `name`; `seen`: the (resolved file, name) pairs that led here, to
     refuse a circle."""
     path = _preset_file(name, referrer)
-    if referrer is not None and _is_path(name):
+    if referrer is not None and is_preset_path(name):
         name = os.path.normpath(path)  # a base named relative to its file: say which file it is
     ident = str(path.resolve())
     if ident in (i for i, _ in seen):

@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout  # noqa: E402
 
 from core.errors import ConfigError, UserError  # noqa: E402
 from core.hashing import hash_text  # noqa: E402
-from pipelines.config import PipelineConfig, load_config, parse_overrides  # noqa: E402
+from pipelines.config import PipelineConfig, is_preset_path, load_config, parse_overrides  # noqa: E402
 from pipelines.paths import RUNS_DIR  # noqa: E402
 
 INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
@@ -53,7 +53,7 @@ def slug(text: str) -> str:
 def run_name(cfg: PipelineConfig) -> str:
     """RUN, else `<teacher>--<student>--<preset>`, each one path component (a preset given as a YAML path is
     named by its file, as a model folder is)."""
-    preset = slug(cfg.preset) if cfg.preset.endswith((".yaml", ".yml")) or "/" in cfg.preset else cfg.preset
+    preset = slug(cfg.preset) if is_preset_path(cfg.preset) else cfg.preset
     return cfg.run_name or f"{slug(cfg.teacher)}--{slug(cfg.student)}--{preset}"
 
 
@@ -118,7 +118,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
 
     set_time_limit(args.time_limit)
     try:
-        cfg = load_config(args.preset, _with_data(args.set, args.data), teacher=args.teacher,
+        cfg = load_config(args.preset, with_data(args.set, args.data), teacher=args.teacher,
                           student=args.student, run_name=args.run_name)
     except UserError as e:
         print(e.describe(), file=sys.stderr)
@@ -128,7 +128,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     return run_pipeline(cfg, Path(args.runs_dir))
 
 
-def _with_data(overrides: str, data: str) -> str | dict[str, Any]:
+def with_data(overrides: str, data: str) -> str | dict[str, Any]:
     """SET text, with DATA as `data.files` (a dict, so a path with spaces or commas stays one path)."""
     if not data:
         return overrides
@@ -282,7 +282,7 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
         mlflow.log_metrics({k: v for k, v in {"summary/retained_mean": summary["retained_mean"],
                                               "summary/speedup": summary["speedup"],
                                               "pipeline/seconds": time.perf_counter() - t0}.items()
-                            if v == v})
+                            if isinstance(v, (int, float)) and v == v})
     return report, summary, info
 
 

@@ -256,7 +256,7 @@ def preset_text(cfg: PipelineConfig, values: dict[str, Any], header: list[str]) 
     `values` (dotted keys), under `header` (comment lines)."""
     import yaml
 
-    from pipelines.config import _is_path, load_config
+    from pipelines.config import is_preset_path, load_config
 
     base_cfg = load_config(cfg.preset).to_dict()
     ran = cfg.to_dict()
@@ -271,7 +271,7 @@ def preset_text(cfg: PipelineConfig, values: dict[str, Any], header: list[str]) 
     for key, value in values.items():
         section, leaf = key.split(".", 1)
         body.setdefault(section, {})[leaf] = value
-    base = str(Path(cfg.preset).expanduser().resolve()) if _is_path(cfg.preset) else cfg.preset
+    base = str(Path(cfg.preset).expanduser().resolve()) if is_preset_path(cfg.preset) else cfg.preset
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump({"base": base, **body}, sort_keys=False)
 
 
@@ -435,9 +435,9 @@ def main(preset: str, overrides: str, data: str, teacher: str, student: str, run
     """`moe-distill sweep`: load the config as `moe-distill run` does, run the sweep, print where the preset is
     and the command that uses it. Returns 0; UserError propagates to the command line (one line, its code)."""
     from pipelines.config import load_config, parse_overrides
-    from pipelines.run import _with_data
+    from pipelines.run import with_data
 
-    parsed = _with_data(overrides, data)
+    parsed = with_data(overrides, data)
     cfg = load_config(preset, parsed, teacher=teacher, student=student, run_name=run_name)
     set_keys = parse_overrides(overrides) if overrides else {}
     fixed = frozenset(k for k in SEARCH_SPACE if _has(set_keys, k))

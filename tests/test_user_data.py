@@ -372,11 +372,11 @@ def test_pipeline_on_a_user_chat_jsonl_file(tmp_path: Path, tiny_moe_dir: Path, 
 def test_data_option_sets_data_files_and_conflicts_with_set(tmp_path: Path) -> None:
     from core.errors import ConfigError
     from pipelines.config import load_config
-    from pipelines.run import _with_data
+    from pipelines.run import with_data
 
     f = tmp_path / "my notes, v2.jsonl"  # a space and a comma: one path all the same
     f.write_text("\n".join('{"text": "line %d of my own text, long enough to matter."}' % i for i in range(40)))
-    cfg = load_config("ci", _with_data("eval.limit=3", str(f)))
+    cfg = load_config("ci", with_data("eval.limit=3", str(f)))
     assert cfg.data.files == [str(f)] and cfg.eval.limit == 3
     with pytest.raises(ConfigError, match="not both"):
-        _with_data("data.files=[other.jsonl]", str(f))
+        with_data("data.files=[other.jsonl]", str(f))
