@@ -25,6 +25,7 @@ from students.dense_twin import check_derivable
 from students.from_config import student_config
 from teachers.load import (
     check_teacher_config,
+    config_size,
     is_moe,
     load_config,
     load_tokenizer,
@@ -53,15 +54,6 @@ def check_writable(folder: Path, what: str) -> None:
     except OSError as e:
         raise PreflightError("disk", f"cannot write to the {what} {folder} ({e.strerror or e}); make it writable "
                                      "(chmod u+w) or point the run elsewhere") from None
-
-
-def max_positions(model_cfg: object) -> int:
-    """The longest sequence a config declares it can take (max_position_embeddings), 0 if it declares none."""
-    for c in (model_cfg, getattr(model_cfg, "text_config", None)):
-        n = getattr(c, "max_position_embeddings", None)
-        if isinstance(n, int) and n > 0:
-            return n
-    return 0
 
 
 def _check_model_folder(name: str) -> None:
@@ -95,7 +87,7 @@ def preflight(cfg: PipelineConfig, run_dir: Path, artifact_dir: Path | None = No
         if vocab and tokens > vocab:
             raise PreflightError("model", f"the teacher's tokenizer has {tokens} tokens but its model only {vocab} "
                                           "output rows; give the teacher folder the tokenizer it was trained with")
-    context = max_positions(teacher_cfg) if teacher_cfg is not None else 0
+    context = config_size(teacher_cfg, "max_position_embeddings") if teacher_cfg is not None else 0
     if context and cfg.data.seq_len > context:
         raise PreflightError("config", f"data.seq_len={cfg.data.seq_len} is longer than the teacher's context "
                                        f"({context} positions, max_position_embeddings); set data.seq_len <= "

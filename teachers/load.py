@@ -148,13 +148,19 @@ def check_teacher_config(cfg: PretrainedConfig, name: str, allow_dense: bool = F
             "SET=\"teacher_options.allow_dense=true\".")
 
 
-def vocab_size(cfg: PretrainedConfig) -> int:
-    """Rows of the model's output layer declared by its config (or its text_config); 0 if it declares none."""
+def config_size(cfg: PretrainedConfig, key: str) -> int:
+    """A positive integer setting of a model config, read from the config or its text_config (multimodal
+    wrappers keep the language model's there); 0 if neither declares it."""
     for c in (cfg, getattr(cfg, "text_config", None)):
-        n = getattr(c, "vocab_size", None)
-        if isinstance(n, int) and n > 0:
+        n = getattr(c, key, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
             return n
     return 0
+
+
+def vocab_size(cfg: PretrainedConfig) -> int:
+    """Rows of the model's output layer declared by its config; 0 if it declares none."""
+    return config_size(cfg, "vocab_size")
 
 
 def load_teacher(name_or_path: str, device: torch.device, dtype: torch.dtype, allow_dense: bool = False,

@@ -36,3 +36,11 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """The tiny random Mixtral teacher folder the pipeline tests share (tests/tiny_teacher.py)."""
+    from tests.tiny_teacher import write_tiny_mixtral
+
+    return write_tiny_mixtral(tmp_path_factory.mktemp("tiny_moe"), smollm2_tokenizer_dir)

@@ -12,27 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipelines.paths import REPO_ROOT
+from tests.tiny_teacher import write_tiny_mixtral
 
 V = 49152  # SmolLM2's tokenizer
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id)
-    out = tmp_path_factory.mktemp("teacher") / "model"
-    MixtralForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    """A smaller teacher than the shared one, in a folder named `model` (the run-name test needs the name)."""
+    return write_tiny_mixtral(tmp_path_factory.mktemp("teacher") / "model", smollm2_tokenizer_dir, hidden_size=32,
+                              intermediate_size=48, num_hidden_layers=2, max_position_embeddings=256)
 
 
 @pytest.fixture

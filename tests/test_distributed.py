@@ -17,9 +17,7 @@ from safetensors.torch import load_file
 
 from logit_cache import part_range
 from pipelines.config import REPO_ROOT
-from tests.test_pipeline_e2e import tiny_moe_dir
 
-__all__ = ["tiny_moe_dir"]
 pytestmark = pytest.mark.slow
 
 # Distill budget of the ci preset (16 sequences): 8 steps of 2 sequences, one per process. The teacher is not

@@ -10,25 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id)
-    out = tmp_path_factory.mktemp("tiny_moe")
-    MixtralForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def _refuse_constant(token: str) -> None:

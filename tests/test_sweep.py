@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.errors import ConfigError
 
@@ -76,23 +75,6 @@ def test_bad_input_is_one_line_and_exit_3(args: list[str], message: str, capsys:
     assert main(["sweep", "--preset", "ci", "--runs-dir", str(tmp_path), *args]) == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err and "Traceback" not in err
-
-
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
-    """A tiny random Mixtral teacher with SmolLM2's tokenizer (as in test_pipeline_e2e.py)."""
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id)
-    out = tmp_path_factory.mktemp("tiny_moe")
-    MixtralForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ from core.errors import ConfigError
 from pipelines.config import PipelineConfig, load_config
 from resources.config import DataError
 from resources.user_data import DataFileError, Fields, iter_records, iter_user_documents, source_labels
-from tests.test_pipeline_e2e import tiny_moe_dir  # noqa: F401 - the tiny Mixtral teacher, a fixture
 
 
 def _docstrings() -> list[tuple[str, str]]:
@@ -236,7 +235,7 @@ def _data_stage(cfg: PipelineConfig, teacher: Path, out: Path) -> dict:
 
 
 def test_data_stage_holds_out_the_last_documents_and_renders_chats(tmp_path: Path,
-                                                                  tiny_moe_dir: Path) -> None:  # noqa: F811
+                                                                  tiny_moe_dir: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -265,7 +264,7 @@ def test_data_stage_holds_out_the_last_documents_and_renders_chats(tmp_path: Pat
     assert seqs.flatten()[:len(first)].tolist() == first
 
 
-def test_data_stage_too_little_text_is_a_data_error(tmp_path: Path, tiny_moe_dir: Path) -> None:  # noqa: F811
+def test_data_stage_too_little_text_is_a_data_error(tmp_path: Path, tiny_moe_dir: Path) -> None:
     f = _write_jsonl(tmp_path / "small.jsonl", [{"text": d} for _, d in _docstrings()[:6]])
     with pytest.raises(DataError, match=r"^the files in data.files hold only \d+ tokens .*fewer than "
                                         r"data.train_tokens=4096; lower it or add text"):
@@ -276,7 +275,7 @@ def test_data_stage_too_little_text_is_a_data_error(tmp_path: Path, tiny_moe_dir
 
 
 def test_data_stage_refuses_chats_for_a_tokenizer_without_a_chat_template(tmp_path: Path,
-                                                                          tiny_moe_dir: Path) -> None:  # noqa: F811
+                                                                          tiny_moe_dir: Path) -> None:
     import shutil
 
     from transformers import AutoTokenizer
@@ -330,7 +329,7 @@ def test_editing_a_data_file_changes_the_data_stage_identity(tmp_path: Path, mon
 # --- the whole pipeline --------------------------------------------------------------------------------------
 
 
-def _run_ci_on(data: Path, tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:  # noqa: F811
+def _run_ci_on(data: Path, tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     from kernels import kd_loss
     from pipelines.run import run_pipeline
 
@@ -349,7 +348,7 @@ def _run_ci_on(data: Path, tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.slow
-def test_pipeline_on_a_user_jsonl_file(tmp_path: Path, tiny_moe_dir: Path,  # noqa: F811
+def test_pipeline_on_a_user_jsonl_file(tmp_path: Path, tiny_moe_dir: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     docs = _docstrings()
     f = _write_jsonl(tmp_path / "docstrings.jsonl", [{"text": d, "name": n} for n, d in docs])
@@ -359,7 +358,7 @@ def test_pipeline_on_a_user_jsonl_file(tmp_path: Path, tiny_moe_dir: Path,  # no
 
 
 @pytest.mark.slow
-def test_pipeline_on_a_user_chat_jsonl_file(tmp_path: Path, tiny_moe_dir: Path,  # noqa: F811
+def test_pipeline_on_a_user_chat_jsonl_file(tmp_path: Path, tiny_moe_dir: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     f = _write_jsonl(tmp_path / "chats.jsonl", [
         {"messages": [{"role": "user", "content": f"What does {n} do?"}, {"role": "assistant", "content": d}]}
