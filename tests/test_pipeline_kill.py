@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import REPO_ROOT
-from tests.test_pipeline_e2e import tiny_moe_dir
 
-__all__ = ["tiny_moe_dir"]
 pytestmark = pytest.mark.slow
 
 
