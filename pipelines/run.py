@@ -62,6 +62,14 @@ def _number(x: Any, fmt: str) -> str:
     return format(x, fmt) if isinstance(x, (int, float)) and x == x else "n/a (see the report)"
 
 
+def _speedup(summary: dict[str, Any]) -> str:
+    """The headline speedup with its setting, or why there is none (latency switched off or failed)."""
+    x = summary.get("speedup")
+    if not (isinstance(x, (int, float)) and x == x):
+        return "not measured (latency.enabled=false, or see the report)"
+    return f"{x:.2f}x ({summary.get('speedup_setting')})"
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str, port: int = 5000) -> str:
     """Where the run is in the MLflow UI: the tracking server itself, or `make ui`'s local address for a
     local store (with the command that serves it)."""
@@ -228,7 +236,7 @@ def _lead_locked(cfg: PipelineConfig, run_dir: Path, device: Any, lock: FileLock
     registered = f"\nregistered model: {info['registered_model']}" if info.get("registered_model") else ""
     print(f"\nreport: {report.with_suffix('.html')} (and .md, .json)\n"
           f"retained quality (mean over the headline tasks): {_number(summary.get('retained_mean'), '.3f')}; "
-          f"speedup ({summary['speedup_setting']}): {_number(summary.get('speedup'), '.2f')}x\n"
+          f"speedup: {_speedup(summary)}\n"
           f"MLflow run: {run_url(info['tracking_uri'], exp_id, info['parent_run_id'])}{registered}\n"
           f"total {time.perf_counter() - t0:.0f} s")
     return 0

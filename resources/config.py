@@ -58,5 +58,9 @@ class DataConfig:
                 f"{', '.join(FORMATS)}")
         require(bool(self.text_field) and bool(self.messages_field),
                 "data.text_field and data.messages_field must name a field")
-        # Every record of the user's files is checked now (one streaming pass), not minutes into the run.
-        check_files(self.files, self.format, self.record_fields())
+        # Every record of the user's files is checked now (one streaming pass), not minutes into the run, and
+        # the held-out split against their document count (the pass counts them anyway).
+        total = sum(check_files(self.files, self.format, self.record_fields()))
+        require(not self.files or self.heldout_docs < total,
+                f"data.heldout_docs={self.heldout_docs} would hold out every document of data.files, which hold "
+                f"{total}: add documents (at least {self.heldout_docs + 1}) or lower data.heldout_docs (>= 1)")

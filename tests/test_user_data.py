@@ -38,8 +38,9 @@ def _write_jsonl(path: Path, records: list[object]) -> Path:
 
 
 def _cfg(*files: Path, extra: str = "") -> PipelineConfig:
-    """The ci preset on `files` (the SET text `make distill` would pass), plus `extra` overrides."""
-    return load_config("ci", f"data.files=[{','.join(map(str, files))}] {extra}")
+    """The ci preset on `files` (the SET text `make distill` would pass), one document held out (the small test
+    files hold fewer than ci's 4), plus `extra` overrides."""
+    return load_config("ci", f"data.files=[{','.join(map(str, files))}] data.heldout_docs=1 {extra}")
 
 
 # --- each format ---------------------------------------------------------------------------------------------
@@ -269,9 +270,10 @@ def test_data_stage_too_little_text_is_a_data_error(tmp_path: Path, tiny_moe_dir
     with pytest.raises(DataError, match=r"^the files in data.files hold only \d+ tokens .*fewer than "
                                         r"data.train_tokens=4096; lower it or add text"):
         _data_stage(_cfg(f, extra="data.train_tokens=4096 data.heldout_docs=2"), tiny_moe_dir, tmp_path / "d")
-    with pytest.raises(DataError, match=r"^data.heldout_docs=6 would hold out every document of data.files, which "
-                                        r"hold 6; set it below 6 or add documents"):
-        _data_stage(_cfg(f, extra="data.heldout_docs=6"), tiny_moe_dir, tmp_path / "d")
+    # Holding out every document is found when the config loads, from the count the record check makes.
+    with pytest.raises(ConfigError, match=r"^data.heldout_docs=6 would hold out every document of data.files, "
+                                          r"which hold 6: add documents \(at least 7\)"):
+        _cfg(f, extra="data.heldout_docs=6")
 
 
 def test_data_stage_refuses_chats_for_a_tokenizer_without_a_chat_template(tmp_path: Path,

@@ -97,7 +97,7 @@ def _builtin_text(d: DataConfig) -> Texts:
     available = len(docs[d.heldout_source])
     if d.heldout_docs >= available:
         raise DataError(f"data.heldout_docs={d.heldout_docs} would hold out every document of "
-                        f"'{d.heldout_source}', which has {available}; set it below {available}")
+                        f"'{d.heldout_source}', which has {available}; set it between 1 and {available - 1}")
     heldout = docs[d.heldout_source][-d.heldout_docs:]
     docs[d.heldout_source] = docs[d.heldout_source][:-d.heldout_docs]
     return list(d.sources), {s: docs[s] for s in d.sources}, heldout
@@ -112,7 +112,7 @@ def _user_text(d: DataConfig, render: ChatRenderer | None) -> Texts:
     total = sum(counts)
     if d.heldout_docs >= total:
         raise DataError(f"data.heldout_docs={d.heldout_docs} would hold out every document of data.files, which "
-                        f"hold {total}; set it below {total} or add documents")
+                        f"hold {total}: add documents (at least {d.heldout_docs + 1}) or lower data.heldout_docs (>= 1)")
     train: list[int] = []  # documents of each entry that are trained on: all but its share of the last ones
     left = d.heldout_docs
     for c in reversed(counts):
