@@ -29,9 +29,10 @@ from core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from core.errors import ConfigError, UserError
 
 LogFn = Callable[[dict[str, float], int], None]
-# micro-batches of this process (dataset indices, in order) -> (the step's numbers averaged over its
-# micro-batches and processes, with "loss"; the tokens the step trained on, over all processes)
-StepFn = Callable[[list[list[int]]], tuple[dict[str, float], int]]
+# (the step's index from 0, the same on a resumed run; micro-batches of this process, as dataset indices in
+# order) -> (the step's numbers averaged over its micro-batches and processes, with "loss"; the tokens the step
+# trained on, over all processes). The index lets a step draw its own random numbers from a seed of its own.
+StepFn = Callable[[int, list[list[int]]], tuple[dict[str, float], int]]
 # (trainable parameters, max norm) -> the gradients' total norm before clipping
 ClipFn = Callable[[list[torch.nn.Parameter], float], torch.Tensor | float]
 
@@ -175,7 +176,7 @@ def run_training(step_fn: StepFn, num_sequences: int, settings: LoopSettings, mo
             order_epoch, order = epoch, epoch_order(num_sequences, s.seed, epoch)
         batch = order[pos * s.batch_size:(pos + 1) * s.batch_size]
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
-        numbers, step_tokens = step_fn([mine[m * s.micro_batch_size:(m + 1) * s.micro_batch_size]
+        numbers, step_tokens = step_fn(step, [mine[m * s.micro_batch_size:(m + 1) * s.micro_batch_size]
                                         for m in range(accum)])
         if not math.isfinite(numbers["loss"]):
             # Before the optimizer step: the weights in memory and on disk stay those of the last good step.

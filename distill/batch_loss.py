@@ -72,6 +72,10 @@ class BatchTargets:
     logits: torch.Tensor | None = None  # [N, V] (online, full vocabulary)
     hidden: torch.Tensor | None = None  # [N, H_teacher] (online, for hidden alignment)
     layers: list[torch.Tensor] | None = None  # per student layer, its teacher layer's output [B, S, H] (online)
+    # The predicted positions (rows of the B * (S - 1)) the loss is taken on, when not all of them: on an
+    # on-policy step, the student's sampled tokens (distill/on_policy.py); the per-token fields above then hold
+    # these rows only.
+    rows: torch.Tensor | None = None  # [N'] int64
 
 
 def cached_targets(batch: dict[str, torch.Tensor]) -> BatchTargets:
@@ -83,18 +87,22 @@ def cached_targets(batch: dict[str, torch.Tensor]) -> BatchTargets:
 
 @torch.no_grad()
 def online_targets(teacher: torch.nn.Module, input_ids: torch.Tensor, vocab_size: int, top_k: int,
-                   want_hidden: bool) -> BatchTargets:
-    """Targets from a teacher forward on input_ids [B, S]; top_k = 0 keeps the full logits [N, vocab_size]."""
+                   want_hidden: bool, rows: torch.Tensor | None = None) -> BatchTargets:
+    """Targets from a teacher forward on input_ids [B, S]; top_k = 0 keeps the full logits [N, vocab_size].
+    `rows` [N'] (indices of the N = B * (S - 1) predicted positions): targets at those positions only."""
     out = teacher(input_ids=input_ids, output_hidden_states=want_hidden)
     logits = out.logits[:, :-1, :vocab_size].reshape(-1, vocab_size)
-    t = BatchTargets(input_ids[:, 1:].reshape(-1))
+    labels = input_ids[:, 1:].reshape(-1)
+    if rows is not None:  # before the top-k: no work on positions that carry no loss
+        logits, labels = logits[rows], labels[rows]
+    t = BatchTargets(labels, rows=rows)
     if top_k:
         t.topk_ids, t.topk_logprobs, t.tail_logmass = topk_from_logits(logits, min(top_k, vocab_size))
     else:
         t.logits = logits
     if want_hidden:
         h = out.hidden_states[-1][:, :-1]
-        t.hidden = h.reshape(-1, h.shape[-1])
+        t.hidden = h.reshape(-1, h.shape[-1]) if rows is None else h.reshape(-1, h.shape[-1])[rows]
     return t
 
 
@@ -106,7 +114,8 @@ def batch_loss(parts: StudentParts, input_ids: torch.Tensor, targets: BatchTarge
     Hidden alignment adds hidden_weight * MSE(projection(student last hidden), teacher last hidden), both
     taken after the final norm; `projection` maps the student's width to the teacher's (identity if None).
     Layer-wise transfer (`layers`) adds its weight * the distance between each student layer's output and
-    its teacher layer's (`targets.layers`; distill/layer_transfer.py), reported as `layers`.
+    its teacher layer's (`targets.layers`; distill/layer_transfer.py), reported as `layers`. With
+    `targets.rows` only those predicted positions count.
     """
     if layers is not None:
         layers.tap.clear()
@@ -119,6 +128,8 @@ def batch_loss(parts: StudentParts, input_ids: torch.Tensor, targets: BatchTarge
         emb = emb.to(torch.get_autocast_dtype(dev))
     hs = parts.decoder(inputs_embeds=emb).last_hidden_state[:, :-1]
     hs = hs.reshape(-1, hs.shape[-1])
+    if targets.rows is not None:
+        hs = hs[targets.rows]
     if targets.logits is None and parts.fusable:
         out = fused_linear_topk_kd(hs, parts.head.weight[:vocab_size], targets.labels, targets.topk_ids,
                                    targets.topk_logprobs, targets.tail_logmass, spec)

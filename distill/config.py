@@ -31,6 +31,15 @@ class DistillConfig:
     # was derived from (distill/layer_transfer.py); layer_loss: "mse" or "cosine"
     layer_weight: float = 0.0
     layer_loss: str = "mse"
+    # On-policy distillation (distill/on_policy.py; GKD): this share of the optimizer steps, spread evenly, trains
+    # on continuations the student samples from prompts cut from the training text, scored by the teacher run
+    # online (loaded for it even with teacher_mode=cache); the other steps use `teacher_mode` as usual.
+    on_policy_rate: float = 0.0
+    # the divergence on on-policy steps (any of `loss`'s; temperature, beta and alpha are shared); no CE there
+    on_policy_loss: str = "reverse_kl"
+    on_policy_prompt: int = 0  # tokens of each training sequence given as the prompt (0: half the sequence)
+    on_policy_tokens: int = 0  # tokens the student samples after it (0: the rest of the sequence)
+    sample_temperature: float = 1.0  # the student's sampling temperature on those steps (0: greedy)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (merged into the weights at the end)
     lora_alpha: float = 0.0  # 0: 2 x rank
     gradient_checkpointing: bool = False
@@ -55,6 +64,18 @@ class DistillConfig:
             return KDLossSpec(self.loss, self.temperature, self.kd_weight, self.ce_weight, self.beta, self.alpha)
         except ValueError as e:
             raise ConfigError(f"distill: {e} (distill.loss, temperature, kd_weight, ce_weight, beta, alpha)") from e
+
+    def on_policy_spec(self) -> KDLossSpec:
+        """The loss of on-policy steps: `on_policy_loss` at the section's temperature, KD only (the student's own
+        sample is not a label to learn)."""
+        try:
+            return KDLossSpec(self.on_policy_loss, self.temperature, self.kd_weight, 0.0, self.beta, self.alpha)
+        except ValueError as e:
+            raise ConfigError(f"distill: {e} (distill.on_policy_loss, temperature, beta, alpha)") from e
+
+    def needs_teacher(self) -> bool:
+        """Whether training runs the teacher model itself (online targets or on-policy scoring)."""
+        return self.teacher_mode == "online" or self.on_policy_rate > 0
 
     def validate(self, processes: int | None = None) -> None:
         """Every rule of the section. `processes`: how many share each optimizer step (default: the launcher's
@@ -84,3 +105,11 @@ class DistillConfig:
         require(self.layer_weight == 0 or self.teacher_mode == "online",
                 "distill.layer_weight > 0 needs distill.teacher_mode=online (the cache holds no hidden states)")
         require(self.layer_loss in LAYER_LOSSES, f"distill.layer_loss must be one of: {', '.join(LAYER_LOSSES)}")
+        require(0.0 <= self.on_policy_rate <= 1.0, f"distill.on_policy_rate must be in [0, 1], got {self.on_policy_rate}")
+        if self.on_policy_rate > 0:
+            require(self.kd_weight > 0, "distill.on_policy_rate > 0 needs distill.kd_weight > 0: on-policy steps "
+                    "learn only from the teacher's scores")
+            self.on_policy_spec()
+        require(self.on_policy_prompt >= 0 and self.on_policy_tokens >= 0,
+                "distill.on_policy_prompt and on_policy_tokens must be >= 0 (0: the default split of the sequence)")
+        require(self.sample_temperature >= 0, "distill.sample_temperature must be >= 0 (0: greedy)")

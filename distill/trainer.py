@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from core.checkpoint import list_checkpoints
+from core.errors import ConfigError
 from core.training_loop import (
     BatchTooLargeError,
     LogFn,
@@ -46,6 +48,7 @@ from distill.batch_loss import (
 from distill.config import DistillConfig
 from distill.kd_losses import KDLossSpec
 from distill.layer_transfer import layer_map, tap_layers
+from distill.on_policy import OnPolicy, eos_ids, split_lengths
 from distill.throughput import flops_per_token, peak_flops, peak_memory_gib
 
 # Re-exported: callers catch them as `from distill.trainer import BatchTooLargeError, NonFiniteLossError`.
@@ -121,9 +124,10 @@ class _LossModule(torch.nn.Module):
         self.parts, self.spec, self.vocab_size, self.hidden_weight = parts, spec, vocab_size, hidden_weight
         self.layers = layers
 
-    def forward(self, input_ids: torch.Tensor, targets: BatchTargets) -> dict[str, torch.Tensor]:
-        return batch_loss(self.parts, input_ids, targets, self.spec, self.vocab_size, self.trained.projection,
-                          self.hidden_weight, self.layers)
+    def forward(self, input_ids: torch.Tensor, targets: BatchTargets,
+                spec: KDLossSpec | None = None) -> dict[str, torch.Tensor]:
+        return batch_loss(self.parts, input_ids, targets, spec or self.spec, self.vocab_size,
+                          self.trained.projection, self.hidden_weight, self.layers)
 
 
 def _shard(module: _LossModule, student: torch.nn.Module, device: torch.device) -> None:
@@ -155,8 +159,8 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     processes every rank trains; with FSDP2 only rank 0's `student` holds the trained weights at the end.
     """
     online = cfg.teacher_mode == "online"
-    if online and teacher is None:
-        raise ValueError("distill.teacher_mode=online needs the teacher model")
+    if cfg.needs_teacher() and teacher is None:
+        raise ValueError("distill.teacher_mode=online and distill.on_policy_rate > 0 need the teacher model")
     torch.manual_seed(cfg.seed)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     world = acc.num_processes
@@ -204,14 +208,19 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     else:
         opt = acc.prepare(opt)
     seq_len = len(dataset[0]["input_ids"]) - 1
+    on_policy = _on_policy(cfg, seq_len + 1, student)
+    on_spec = cfg.on_policy_spec() if on_policy else None
+    # The decode path: static KV cache and a compiled one-token step on GPU (core/sampling.py).
+    static_decode = acc.device.type == "cuda"
     model_flops = flops_per_token(student.get_base_model() if cfg.lora_rank else student, seq_len)
     peak = peak_flops(acc.device)
 
-    def step(micro_batches: list[list[int]]) -> tuple[dict[str, float], int]:
+    def step(index: int, micro_batches: list[list[int]]) -> tuple[dict[str, float], int]:
         """Forward and backward of this process's micro-batches; the step's means over all processes."""
         accum = len(micro_batches)
         sums: dict[str, float] = {}
         step_tokens = 0
+        policy = on_policy is not None and on_policy.takes(index)
         for m, items in enumerate(micro_batches):
             mb = _collate([dataset[i] for i in items], acc.device)
             ids = mb["input_ids"]
@@ -220,15 +229,29 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
                     else acc.no_sync(module))
             with _memory_guard(cfg, seq_len, acc.device, ckpt_dir), sync:
                 with acc.autocast():
+                    extra_vals: dict[str, float] = {}
+                    rows = None
+                    if policy:
+                        t0 = time.perf_counter()
+                        ids, rows = on_policy.sample(trained.student, ids, vocab_size, index, acc.process_index, m,
+                                                     static_decode)
+                        extra_vals = {"sample_s": time.perf_counter() - t0,
+                                      "sampled_tokens": rows.numel() / ids.shape[0]}
                     if teacher_tap is not None:
                         teacher_tap.clear()
-                    targets = (online_targets(teacher, ids, vocab_size, cfg.online_top_k, cfg.hidden_weight > 0)
-                               if online else cached_targets(mb))
+                    targets = (online_targets(teacher, ids, vocab_size, cfg.online_top_k, cfg.hidden_weight > 0, rows)
+                               if online or policy else cached_targets(mb))
                     if teacher_tap is not None:
                         targets.layers = teacher_tap.taken()
-                    out = module(ids, targets)
+                    out = module(ids, targets, on_spec if policy else None)
+                    if policy:
+                        # CE on the student's own sample is not a quality signal; the step reports its KD only.
+                        out.pop("ce", None)
+                    if on_policy is not None:
+                        extra_vals["on_policy"] = float(policy)
                 # One host sync for all the logged values of this micro-batch, not one per value.
                 vals = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))
+                vals.update(extra_vals)
                 acc.backward(out["loss"] / accum)
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
@@ -264,6 +287,17 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     if peak:
         summary["mfu"] = done.tokens * model_flops / max(done.seconds, 1e-9) / (peak * world)
     return summary
+
+
+def _on_policy(cfg: DistillConfig, seq_tokens: int, student: torch.nn.Module) -> OnPolicy | None:
+    """The on-policy settings for training sequences of `seq_tokens` tokens, or None when off."""
+    if cfg.on_policy_rate == 0:
+        return None
+    try:
+        prompt, new = split_lengths(seq_tokens, cfg.on_policy_prompt, cfg.on_policy_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return OnPolicy(cfg.on_policy_rate, prompt, new, cfg.sample_temperature, cfg.seed, eos_ids(student.config))
 
 
 def _agree(flag: bool, acc: Accelerator) -> bool:

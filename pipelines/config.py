@@ -237,6 +237,22 @@ def validate(cfg: PipelineConfig) -> None:
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section):
             section.validate()
+    _check_lengths(cfg)
+
+
+def _check_lengths(cfg: PipelineConfig) -> None:
+    """The rules that join two sections: prompts and samples fit the data.seq_len tokens of a training sequence."""
+    from distill.on_policy import split_lengths
+
+    seq = cfg.data.seq_len
+    if cfg.distill.on_policy_rate > 0:
+        try:
+            split_lengths(seq, cfg.distill.on_policy_prompt, cfg.distill.on_policy_tokens)
+        except ValueError as e:
+            raise ConfigError(f"{e} (data.seq_len={seq})") from e
+    require(cfg.logits.teacher_text_sequences == 0 or cfg.logits.teacher_text_prompt < seq,
+            f"logits.teacher_text_prompt={cfg.logits.teacher_text_prompt} must be below data.seq_len={seq}: the "
+            "teacher continues that many tokens of training text up to the sequence length")
 
 
 def load_config(preset: str = "default", overrides: str | dict[str, Any] = "", **top: str) -> PipelineConfig:

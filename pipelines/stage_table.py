@@ -117,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("latency", latency.latency_stage, ("latency", "teacher_options"), ("teacher_tune", "distill"),
           uses_device=True, enabled=_latency_on),
     Stage("report", report.report_stage, ("teacher", "student", "preset", "run_name", "overrides", "eval", "latency",
-                                          "baseline", "logits"),
+                                          "baseline", "logits", "distill"),
           ("teacher", "teacher_tune", "logits", "student", "distill", "eval_teacher", "eval_student_init",
            "eval_student", "latency", "eval_baseline")),
 )

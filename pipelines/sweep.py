@@ -97,16 +97,20 @@ class SweepResult:
     table: Path  # trials.csv (trials.json beside it)
 
 
-def split_sequences(n: int, val_fraction: float, batch_size: int) -> tuple[list[int], list[int]]:
-    """(training indices, validation indices) over n cached sequences: the last ceil(n * val_fraction) (at least
-    one) are validation, the rest training. Raises ConfigError when fewer than `batch_size` (distill.batch_size)
-    would be left to train on."""
-    val = max(1, math.ceil(n * val_fraction))
-    if n - val < batch_size:
-        raise ConfigError(f"the sweep holds out {val} of the {n} cached sequences for validation "
+def split_sequences(n: int, val_fraction: float, batch_size: int, corpus: int | None = None
+                    ) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) over n cached sequences of which the first `corpus` (default all)
+    are training text and the rest the teacher's own (logits.teacher_text_sequences): the last
+    ceil(corpus * val_fraction) (at least one) corpus sequences are validation, everything else training; the
+    score is on real text, never on the teacher's. Raises ConfigError when fewer than `batch_size`
+    (distill.batch_size) would be left to train on."""
+    corpus = n if corpus is None else corpus
+    val = max(1, math.ceil(corpus * val_fraction))
+    if n - val < batch_size or val >= corpus:
+        raise ConfigError(f"the sweep holds out {val} of the {corpus} cached corpus sequences for validation "
                           f"(--val-fraction {val_fraction}), leaving {n - val}, fewer than distill.batch_size="
                           f"{batch_size}: raise data.train_tokens, lower distill.batch_size or --val-fraction")
-    return list(range(n - val)), list(range(n - val, n))
+    return list(range(corpus - val)) + list(range(corpus, n)), list(range(corpus - val, corpus))
 
 
 def validation_ce(student: torch.nn.Module, dataset: torch.utils.data.Dataset, indices: list[int],
@@ -346,6 +350,7 @@ def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, sett
     from pipelines.context import RunContext
     from pipelines.stage_runner import run_stage
     from pipelines.tracking import flat_params, git_commit, log_metrics
+    from teachers.fused import use_fused_kernels
     from teachers.load import load_teacher
 
     t0 = time.perf_counter()
@@ -359,7 +364,8 @@ def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, sett
         cache = LogitCache(Path(ctx.output("logits", "cache")))
         n = len(cache)
         steps = settings.steps or total_steps(n, cfg.distill)  # what `make distill` trains on all n sequences
-        train_idx, val_idx = split_sequences(n, settings.val_fraction, cfg.distill.batch_size)
+        train_idx, val_idx = split_sequences(n, settings.val_fraction, cfg.distill.batch_size,
+                                             n - ctx.records["logits"]["outputs"].get("teacher_text_sequences", 0))
         folder.mkdir(parents=True, exist_ok=True)
         split = {"sequences": n, "training_sequences": train_idx, "validation_sequences": val_idx}
         (folder / "split.json").write_text(json.dumps(split))
@@ -370,9 +376,11 @@ def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, sett
         print(f"[sweep] {settings.trials} trials of {steps} steps on {len(train_idx)} sequences; scored on the "
               f"last {len(val_idx)} ({SCORE}, lower is better)", flush=True)
         teacher = None
-        if cfg.distill.teacher_mode == "online":  # once for every trial, as the distill stage loads it
+        if cfg.distill.needs_teacher():
+            # once for every trial, as the distill stage loads it
             teacher, _ = load_teacher(ctx.output("teacher_tune", "path"), device, ctx.dtype,
                                       cfg.teacher_options.allow_dense, cfg.teacher_options.trust_remote_code)
+            use_fused_kernels(teacher, device)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed here instead
         startup = max(2, settings.trials // 4)
         study = optuna.create_study(

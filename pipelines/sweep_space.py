@@ -54,7 +54,14 @@ class Knob:
     base configuration's value when not searched) is one of those values."""
 
     dist: Floats | Choice
-    when: tuple[str, tuple[Any, ...]] | None = None
+    # one condition (key, values), or a tuple of them that must all hold
+    when: tuple[str, tuple[Any, ...]] | tuple[tuple[str, tuple[Any, ...]], ...] | None = None
+
+    @property
+    def conditions(self) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        if self.when is None:
+            return ()
+        return (self.when,) if isinstance(self.when[0], str) else self.when  # type: ignore[return-value]
 
 
 # The KD knobs of `distill.config.DistillConfig`. Order matters only for `when`: a condition names an earlier row
@@ -70,8 +77,14 @@ SEARCH_SPACE: dict[str, Knob] = {
     "distill.ce_weight": Knob(Floats(0.0, 1.0)),
     "distill.lr": Knob(Floats(3e-5, 1e-3, log=True)),
     "distill.warmup_steps": Knob(Choice((0, 1, 2, 4))),
-    # Needs the teacher in the loop (distill.teacher_mode=online, set on the base preset): skipped otherwise.
+    # These need the teacher in the loop: searched when the base preset sets distill.teacher_mode=online (which
+    # loads it once for all trials), skipped otherwise so a cache-only sweep stays as cheap as its trials.
     "distill.hidden_weight": Knob(Floats(0.0, 1.0), when=("distill.teacher_mode", ("online",))),
+    "distill.on_policy_rate": Knob(Floats(0.0, 1.0), when=("distill.teacher_mode", ("online",))),
+    "distill.on_policy_loss": Knob(Choice(("reverse_kl", "jsd", "forward_kl")), when=("distill.teacher_mode", ("online",))),
+    # derived students only: their config maps each layer to its teacher layer (distill/layer_transfer.py)
+    "distill.layer_weight": Knob(Floats(0.0, 1.0), when=(("distill.teacher_mode", ("online",)),
+                                                          ("student", ("derived",)))),
 }
 
 
@@ -92,7 +105,7 @@ def _set(config: dict[str, Any], key: str, value: Any) -> None:
 
 def applies(knob: Knob, config: dict[str, Any]) -> bool:
     """Whether `knob` matters for `config` (a nested dict as `PipelineConfig.to_dict()` gives)."""
-    return knob.when is None or _get(config, knob.when[0]) in knob.when[1]
+    return all(_get(config, key) in values for key, values in knob.conditions)
 
 
 def sample(trial: optuna.Trial, base: dict[str, Any], fixed: frozenset[str] = frozenset(),
@@ -118,7 +131,7 @@ def check_space(space: dict[str, Knob], config: Any) -> None:
     """Every key and every condition names a setting of `config` (a `PipelineConfig`); raises ConfigError naming
     the row otherwise, so a renamed config key cannot silently drop out of the search."""
     for key, knob in space.items():
-        for name in (key, *(knob.when[:1] if knob.when else ())):
+        for name in (key, *(c[0] for c in knob.conditions)):
             node = config
             for part in name.split("."):
                 if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:

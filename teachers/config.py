@@ -67,8 +67,19 @@ class LogitsConfig:
     top_k: int = 64  # teacher log-probs kept per token; the rest is one tail bucket
     batch_size: int = 4
     sequences_per_shard: int = 32
+    # Sequence-level KD (teachers/teacher_text.py): this many extra training sequences written by the teacher
+    # itself, each continuing the first `teacher_text_prompt` tokens of a training sequence (cycling, so any
+    # number can be asked for), labelled like the rest and trained on by the student.
+    teacher_text_sequences: int = 0
+    teacher_text_prompt: int = 32
+    teacher_text_temperature: float = 1.0  # the teacher's sampling temperature (0: greedy)
+    teacher_text_seed: int = 0
 
     def validate(self) -> None:
         require(self.top_k >= 1, "logits.top_k must be >= 1")
+        require(self.teacher_text_sequences >= 0, "logits.teacher_text_sequences must be >= 0")
+        require(self.teacher_text_prompt >= 1, "logits.teacher_text_prompt must be >= 1 (tokens of training text "
+                "each teacher sequence starts from)")
+        require(self.teacher_text_temperature >= 0, "logits.teacher_text_temperature must be >= 0 (0: greedy)")
         require(self.batch_size >= 1, "logits.batch_size must be >= 1")
         require(self.sequences_per_shard >= 1, "logits.sequences_per_shard must be >= 1")

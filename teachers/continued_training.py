@@ -166,7 +166,7 @@ def tune_teacher(model: torch.nn.Module, sequences: torch.Tensor, cfg: TeacherTu
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
 
-    def step(micro_batches: list[list[int]]) -> tuple[dict[str, float], int]:
+    def step(_index: int, micro_batches: list[list[int]]) -> tuple[dict[str, float], int]:
         """Forward and backward of the step's micro-batches; their mean ce, aux and objective ("loss")."""
         accum = len(micro_batches)
         sums = torch.zeros(2, device=device)

@@ -13,7 +13,8 @@ from core.errors import ConfigError
 
 # What the sweep claims to search (README, "Searching for a recipe"): one row each, no more.
 CLAIMED_KNOBS = {"distill.loss", "distill.beta", "distill.alpha", "distill.temperature", "distill.kd_weight",
-                 "distill.ce_weight", "distill.lr", "distill.warmup_steps", "distill.hidden_weight"}
+                 "distill.ce_weight", "distill.lr", "distill.warmup_steps", "distill.hidden_weight",
+                 "distill.on_policy_rate", "distill.on_policy_loss", "distill.layer_weight"}
 
 
 def test_search_space_has_one_row_per_claimed_knob_and_every_value_is_valid() -> None:
@@ -27,10 +28,11 @@ def test_search_space_has_one_row_per_claimed_knob_and_every_value_is_valid() ->
     # Both ends of every range (every choice) pass DistillConfig's own rules, with the row's condition met.
     for key, knob in SEARCH_SPACE.items():
         for value in knob.dist.extremes():
-            cfg = PipelineConfig().distill
-            if knob.when is not None:
-                setattr(cfg, knob.when[0].split(".", 1)[1], knob.when[1][0])
-            cfg = dataclasses.replace(cfg, **{key.split(".", 1)[1]: value})
+            full = PipelineConfig()
+            for name, values in knob.conditions:
+                *parents, leaf = name.split(".")
+                setattr(getattr(full, parents[0]) if parents else full, leaf, values[0])
+            cfg = dataclasses.replace(full.distill, **{key.split(".", 1)[1]: value})
             cfg.validate(processes=1)
 
 
@@ -50,6 +52,14 @@ def test_conditional_rows_are_sampled_only_when_they_apply() -> None:
         assert ("distill.beta" in values) == (values["distill.loss"] == "jsd")
         assert ("distill.alpha" in values) == (values["distill.loss"] in ("skew_kl", "skew_reverse_kl"))
     assert len(set(seen)) > 3
+    # The rows that need the teacher in the loop: only with teacher_mode=online; layer_weight only for a
+    # derived student (both conditions of its row).
+    base["distill"]["teacher_mode"] = "online"
+    values = sample(study.ask(), base)
+    assert {"distill.on_policy_rate", "distill.on_policy_loss", "distill.layer_weight"} <= set(values)
+    base["student"] = "some/dense-model"
+    values = sample(study.ask(), base)
+    assert "distill.on_policy_rate" in values and "distill.layer_weight" not in values
 
 
 def test_split_holds_out_the_last_sequences() -> None:
@@ -58,6 +68,8 @@ def test_split_holds_out_the_last_sequences() -> None:
     train, val = split_sequences(16, 0.25, 2)
     assert val == [12, 13, 14, 15] and train == list(range(12))
     assert split_sequences(8, 0.01, 4)[1] == [7]  # at least one
+    # teacher-written sequences (after the corpus) always train; validation is the end of the corpus
+    assert split_sequences(20, 0.25, 2, corpus=16) == (list(range(12)) + [16, 17, 18, 19], [12, 13, 14, 15])
     with pytest.raises(ConfigError, match="distill.batch_size=4"):
         split_sequences(8, 0.75, 4)
 

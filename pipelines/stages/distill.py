@@ -1,7 +1,8 @@
 """Stage `distill`: train the student on the teacher's cached top-k distribution, or on the teacher itself.
 
 distill.teacher_mode=online runs the teacher inside the training loop on the same sequences the cache was
-built from (no cached logits used; needed for hidden-state alignment). LoRA students (distill.lora_rank)
+built from (no cached logits used; needed for hidden-state alignment); distill.on_policy_rate > 0 runs it on the
+student's own samples (distill/on_policy.py). Either way it runs on the fused MoE kernels on GPU. LoRA students (distill.lora_rank)
 leave this stage merged, as plain dense models. `train_student_stage` is shared with the `baseline` stage.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from logit_cache import LogitCache
 from pipelines.context import RunContext
 from pipelines.mlflow_datasets import log_training_data
 from pipelines.tracking import log_metrics
+from teachers.fused import use_fused_kernels
 from teachers.load import load_causal_lm, load_teacher, load_tokenizer
 
 if TYPE_CHECKING:
@@ -40,9 +42,10 @@ def train_student_stage(ctx: RunContext, out: Path, dcfg: DistillConfig, step_pr
     if dist.is_main():
         log_training_data(Path(ctx.output("data", "sequences")), ctx.records["data"]["output_hash"])
     teacher = None
-    if dcfg.teacher_mode == "online":
+    if dcfg.needs_teacher():
         teacher, _ = load_teacher(ctx.output("teacher_tune", "path"), ctx.device, ctx.dtype,
                                   cfg.teacher_options.allow_dense, trust)
+        use_fused_kernels(teacher, ctx.device)
     result = train_student(student, cache, dcfg, out / "checkpoints", cache.meta.vocab_size, ctx.device,
                            log_fn=lambda m, step: log_metrics({f"{step_prefix}/{k}": v for k, v in m.items()}, step),
                            teacher=teacher)

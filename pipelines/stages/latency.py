@@ -10,6 +10,7 @@ import torch
 from core.hashing import hash_files
 from eval.latency import LatencySettings, compare_latency, measure_latency
 from pipelines.context import RunContext
+from teachers.fused import use_fused_kernels
 from teachers.load import load_causal_lm, load_tokenizer
 
 
@@ -25,12 +26,7 @@ def latency_settings(ctx: RunContext) -> LatencySettings:
 
 def _fused_copy(model: torch.nn.Module) -> dict[str, Any]:
     """Switch a loaded teacher to our fused MoE kernels (GPU); {"experts_implementation": ...} either way."""
-    from kernels.hf_moe import enable_fused_moe
-
-    try:
-        return enable_fused_moe(model)
-    except ValueError as e:  # an unsupported model keeps transformers' own path; say why
-        return {"experts_implementation": "stock", "reason": str(e)}
+    return use_fused_kernels(model, torch.device("cuda"))
 
 
 def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:

@@ -23,9 +23,11 @@ from logit_cache import (
     part_range,
 )
 from pipelines.context import RunContext
+from teachers.fused import use_fused_kernels
 from teachers.load import is_moe, load_teacher, needs_several_gpus
 from teachers.logit_generation import COUNTS_FILE, generate_logit_cache, save_counts
 from teachers.router_analytics import RouterRecorder, summarise, write_heatmaps
+from teachers.teacher_text import SOURCE, write_teacher_text
 
 
 def _cache_complete(root: Path) -> bool:
@@ -48,16 +50,20 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     large for one GPU is instead spread over all of them by rank 0 alone.
     """
     cfg = ctx.cfg
-    seqs = load_file(ctx.output("data", "sequences"))["input_ids"]
+    corpus = load_file(ctx.output("data", "sequences"))["input_ids"]
+    n_corpus, n_text = len(corpus), cfg.logits.teacher_text_sequences
+    # The cache holds the corpus sequences, then the teacher's own text (sequence-level KD), made below by each
+    # process for its own range.
+    total = n_corpus + n_text
     teacher_path = ctx.output("teacher_tune", "path")
     parts = dist.world_size()
     if parts > 1 and dist.is_main() and (_cache_complete(out / "cache")
                                          or needs_several_gpus(teacher_path, ctx.device, ctx.dtype)):
         parts = 1
     parts = dist.share(parts)  # rank 0 decides: free GPU memory may differ between ranks
-    sources = list(ctx.output("data", "sources"))
+    sources = list(ctx.output("data", "sources")) + ([SOURCE] if n_text else [])
     seq_sources = json.loads((Path(ctx.output("data", "sequences")).parent / "sequence_sources.json").read_text())
-    source_ids = torch.tensor([sources.index(s) for s in seq_sources])
+    source_ids = torch.tensor([sources.index(s) for s in seq_sources] + [len(sources) - 1] * n_text)
     mine: dict[str, Any] | None = None
     error: BaseException | None = None
     teacher = tok = recorder = None
@@ -66,16 +72,17 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         if dist.rank() < parts:
             teacher, tok = load_teacher(teacher_path, ctx.device, ctx.dtype, cfg.teacher_options.allow_dense,
                                         cfg.teacher_options.trust_remote_code)
-            fused = _enable_fused(teacher, ctx.device)
-            a, b = part_range(len(seqs), cfg.logits.sequences_per_shard, dist.rank(), parts)
+            fused = use_fused_kernels(teacher, ctx.device)
+            a, b = part_range(total, cfg.logits.sequences_per_shard, dist.rank(), parts)
             # A part's folder is named by its range, so a rerun on another number of processes (other
             # ranges) never resumes a part holding other sequences; stale parts go with the merge.
             root = out / "cache" if parts == 1 else out / "parts" / f"{a:09d}-{b:09d}"
-            writer = LogitCacheWriter(root, _cache_meta(ctx, len(tok), seqs.shape[1]),
+            mine_seqs = _sequences(ctx, corpus, a, b, teacher, len(tok), out / "teacher_text")
+            writer = LogitCacheWriter(root, _cache_meta(ctx, len(tok), corpus.shape[1]),
                                       sequences_per_shard=cfg.logits.sequences_per_shard)
             recorder = RouterRecorder(teacher, sources) if is_moe(teacher.config) else None
             with recorder if recorder is not None else contextlib.nullcontext():
-                gen = generate_logit_cache(teacher, seqs[a:b], writer, cfg.logits.top_k, len(tok),
+                gen = generate_logit_cache(teacher, mine_seqs, writer, cfg.logits.top_k, len(tok),
                                            cfg.logits.batch_size, recorder, source_ids[a:b])
             mine = {"root": str(root), "tokens": gen["tokens"], "seconds": gen["seconds"],
                     "analytics_sequences": gen["analytics_sequences"], "complete": gen["analytics_sequences"] == b - a,
@@ -89,25 +96,30 @@ def logits_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     if parts > 1:
         if all(r["complete"] for r in results) and counts is not None:
             (out / "cache").mkdir(parents=True, exist_ok=True)
-            save_counts(out / "cache" / COUNTS_FILE, counts, len(seqs))
+            save_counts(out / "cache" / COUNTS_FILE, counts, total)
         merge_parts([Path(r["root"]) for r in results], out / "cache")
         shutil.rmtree(out / "parts", ignore_errors=True)  # what the merge left: parts of other ranges
     seconds = max(r["seconds"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return _summarise_cache(ctx, out, teacher, len(tok), recorder, counts, fused,
                             {"tokens_per_s": tokens / seconds if tokens else 0.0, "processes": parts,
-                             "analytics_sequences": sum(r["analytics_sequences"] for r in results)})
+                             "analytics_sequences": sum(r["analytics_sequences"] for r in results),
+                             "corpus_sequences": n_corpus, "teacher_text_sequences": n_text})
 
 
-def _enable_fused(teacher: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    if device.type != "cuda" or not is_moe(teacher.config):
-        return {"experts_implementation": "stock"}
-    from kernels.hf_moe import enable_fused_moe
-
-    try:
-        return enable_fused_moe(teacher)
-    except ValueError as e:  # an unsupported model keeps transformers' own path; say why
-        return {"experts_implementation": "stock", "reason": str(e)}
+def _sequences(ctx: RunContext, corpus: torch.Tensor, a: int, b: int, teacher: torch.nn.Module, vocab: int,
+               folder: Path) -> torch.Tensor:
+    """Rows a..b of what the cache holds: the corpus sequences, then the teacher's own text (made here for the
+    rows in this range only, and kept in `folder` so that a resumed stage does not sample again)."""
+    n = len(corpus)
+    rows = [corpus[a:min(b, n)].long()]
+    if b > n:
+        lc = ctx.cfg.logits
+        lo, hi = max(a, n) - n, b - n
+        rows.append(write_teacher_text(teacher, corpus, lc.teacher_text_sequences, lc.teacher_text_prompt, vocab,
+                                       lc.teacher_text_temperature, lc.batch_size, lc.teacher_text_seed, lo, hi,
+                                       save_to=folder / f"{lo:09d}-{hi:09d}.safetensors"))
+    return torch.cat(rows)
 
 
 def _cache_meta(ctx: RunContext, vocab: int, seq_len: int) -> CacheMeta:
@@ -150,6 +162,8 @@ def _summarise_cache(ctx: RunContext, out: Path, teacher: torch.nn.Module, vocab
     return {"outputs": {"cache": str(out / "cache"), "tokens": ntok, "k": ctx.cfg.logits.top_k, "bytes": nbytes,
                         "bytes_per_token": nbytes / ntok, "fidelity_kl": kl, "topk_mass": mass,
                         "shards": len(manifest["shards"]), "tokens_per_s": gen["tokens_per_s"],
-                        "processes": gen["processes"], "fused": fused, "router": router},
+                        "processes": gen["processes"], "fused": fused, "router": router,
+                        "corpus_sequences": gen["corpus_sequences"],
+                        "teacher_text_sequences": gen["teacher_text_sequences"]},
             "output_hash": hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16],
             "metrics": metrics}

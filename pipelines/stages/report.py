@@ -195,6 +195,25 @@ def _training_curves(ctx: RunContext) -> tuple[dict[str, dict[str, list[list[flo
     return curves, notes
 
 
+def _recipe_note(cfg: Any, logits: dict[str, Any]) -> str:
+    """One line saying how the student was distilled: the loss, the teacher's form, the methods switched on."""
+    d = cfg.distill
+    parts = [f"{d.loss} KD at T={num(d.temperature)} (kd {num(d.kd_weight)}, ce {num(d.ce_weight)}) on the "
+             + ("teacher run online" if d.teacher_mode == "online" else "teacher's top-k cache")]
+    if d.on_policy_rate > 0:
+        parts.append(f"on-policy on {d.on_policy_rate:.0%} of the steps ({d.on_policy_loss} on the student's own "
+                     f"samples at temperature {num(d.sample_temperature)})")
+    if d.layer_weight > 0:
+        parts.append(f"layer-wise transfer ({d.layer_loss}, weight {num(d.layer_weight)})")
+    if d.hidden_weight > 0:
+        parts.append(f"last-hidden alignment (weight {num(d.hidden_weight)})")
+    text = logits.get("teacher_text_sequences", 0)
+    if text:
+        parts.append(f"{text} of the {logits.get('corpus_sequences', 0) + text} training sequences written by the "
+                     "teacher (sequence-level KD)")
+    return "Recipe: " + "; ".join(parts) + "."
+
+
 def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     scores = _per_example(ctx)
@@ -220,6 +239,7 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
         notes.append(f"Teacher logits generated at {num(logits.get('tokens_per_s'))} tokens/s with experts "
                      f"implementation `{fused.get('experts_implementation', 'stock')}`"
                      + (f" ({fused['reason']})" if fused.get("reason") else "") + ".")
+    notes.append(_recipe_note(cfg, logits))
     curves, curve_notes = _training_curves(ctx)
     notes += curve_notes
     report = {
