@@ -6,6 +6,8 @@
 
 Cases our kernels do not cover (expert biases, a custom gate function, expert parallelism, no GPU and no
 Triton interpreter, ...) run transformers' `grouped_mm` instead, and the reason is logged once per reason.
+Where they cover a case but another path is faster on this GPU (measured once per problem and token-count
+bucket, `kernels/dispatch.py`), that path runs: `enable_fused_moe` never makes a model slower than stock.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from transformers.integrations import moe as hf_moe
 
+from kernels.dispatch import OURS, can_measure, default_dispatcher, environment_key, token_bucket
 from kernels.interpreter import INTERPRETED
 from kernels.moe_experts import ExpertWeights, fused_experts
 from kernels.moe_grouped_gemm import ACTIVATIONS
@@ -74,7 +77,45 @@ def fused_triton_experts_forward(
         _fallback(reason)
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=transposed, concatenated=concatenated)
-    return fused_experts(hidden_states, weights, top_k_weights, top_k_index, activation=act)
+
+    def ours() -> torch.Tensor:
+        return fused_experts(hidden_states, weights, top_k_weights, top_k_index, activation=act)
+
+    path = _experts_path(self, weights, hidden_states, top_k_index, top_k_weights, act, ours)
+    if path == OURS:
+        return ours()
+    return STOCK_EXPERTS[path](self, hidden_states, top_k_index, top_k_weights)
+
+
+STOCK_EXPERTS = {"grouped_mm": hf_moe.grouped_mm_experts_forward, "batched_mm": hf_moe.batched_mm_experts_forward}
+# batched_mm gathers each token's k experts' weights ([T * k, 2I, H] and [T * k, H, I]): a candidate only while
+# that stays small.
+BATCHED_MM_MAX_BYTES = 1 << 30
+
+
+def _experts_path(module: torch.nn.Module, weights: ExpertWeights, x: torch.Tensor, idx: torch.Tensor,
+                  w: torch.Tensor, act: str, ours: Any) -> str:
+    """Which path runs this experts call: per (dtype, top-k, token bucket) a dict lookup after the first call."""
+    T, k = idx.shape
+    slot = (x.dtype, k, token_bucket(T))
+    chosen = module.__dict__.setdefault("_fused_paths", {})
+    got = chosen.get(slot)
+    if got is not None:
+        return got
+    if torch.compiler.is_compiling():  # nothing to time while tracing; the known choice or ours is traced
+        return OURS
+    E, H, I = weights.num_experts, weights.hidden, weights.intermediate
+    key = (f"{environment_key(x.device)}|experts E={E} H={H} I={I} k={k} {act} {str(x.dtype)[6:]} "
+           f"T<={slot[2]}")
+    candidates = {OURS: ours}
+    candidates["grouped_mm"] = lambda: hf_moe.grouped_mm_experts_forward(module, x, idx, w)
+    if T * k * 3 * H * I * x.element_size() <= BATCHED_MM_MAX_BYTES:
+        candidates["batched_mm"] = lambda: hf_moe.batched_mm_experts_forward(module, x, idx, w)
+    measurable = can_measure(x)
+    path = default_dispatcher().choose(key, candidates, measurable)
+    if measurable or path != OURS:  # an unmeasured default is asked again where timing is possible
+        chosen[slot] = path
+    return path
 
 
 def register() -> None:
@@ -116,9 +157,25 @@ def _fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) ->
         return self._stock_forward(hidden_states)
     spec, cast = self._fused_spec
     bias = getattr(self, "e_score_correction_bias", None)
-    logits, weights, idx = route(x, self.weight, spec, bias=bias if spec.scoring == "sigmoid" else None,
-                                 weights_dtype=x.dtype if cast else torch.float32)
-    return logits, weights, idx
+
+    def ours() -> tuple[Any, Any, Any]:
+        return route(x, self.weight, spec, bias=bias if spec.scoring == "sigmoid" else None,
+                     weights_dtype=x.dtype if cast else torch.float32)
+
+    slot = (x.dtype, token_bucket(x.shape[0]))
+    chosen = self.__dict__.setdefault("_fused_paths", {})
+    path = chosen.get(slot)
+    if path is None and torch.compiler.is_compiling():
+        path = OURS
+    if path is None:
+        key = (f"{environment_key(x.device)}|router {type(self).__name__} E={self.weight.shape[0]} "
+               f"H={x.shape[1]} k={spec.top_k} {str(x.dtype)[6:]} T<={slot[1]}")
+        measurable = can_measure(x)
+        path = default_dispatcher().choose(key, {OURS: ours, "stock": lambda: self._stock_forward(hidden_states)},
+                                           measurable)
+        if measurable or path != OURS:
+            chosen[slot] = path
+    return ours() if path == OURS else self._stock_forward(hidden_states)
 
 
 def install_fused_routers(model: torch.nn.Module) -> tuple[int, list[str]]:
@@ -152,8 +209,9 @@ def enable_fused_moe(model: torch.nn.Module, routers: bool = True) -> dict[str, 
     whose experts cannot switch implementation (not a transformers MoE with `@use_experts_implementation`).
     """
     register()
-    for module in model.modules():  # verdicts cached by an earlier call are worked out again
+    for module in model.modules():  # verdicts and paths cached by an earlier call are worked out again
         module.__dict__.pop("_fused_verdicts", None)
+        module.__dict__.pop("_fused_paths", None)
     if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
         raise ValueError(f"{type(model).__name__} does not route through transformers' experts interface; "
                          "fused_triton cannot be installed on it")

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 from triton import knobs
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
@@ -163,3 +164,35 @@ def fast(fn: Any) -> FastKernel:
         wrapped = FastKernel(fn)
         fn._distill_fast = wrapped
     return wrapped
+
+
+C = TypeVar("C")
+R = TypeVar("R")
+_fitted: dict[Hashable, int] = {}  # launch key -> index of the first candidate that the GPU could launch
+
+
+def launch_fitting(key: Hashable, candidates: Sequence[C], launch: Callable[[C], R]) -> R:
+    """`launch(c)` with the first of `candidates` (tile configs, best first) whose kernels the GPU can run.
+
+    Triton compiles a kernel before its first launch and checks its shared memory and registers against the
+    device's limits there, raising OutOfResources before anything runs; such a candidate is skipped (logged once
+    per key) and the next one tried. The index that launched is remembered under `key` (the problem's shape,
+    dtypes and the heuristic's choice), so later calls go straight to it. `launch` must be free of side effects
+    until it returns (ours allocate their outputs), since a candidate may fail after launching an earlier kernel.
+    Raises the last OutOfResources when no candidate fits.
+    """
+    start = _fitted.get(key, 0)
+    error: OutOfResources | None = None
+    for i in range(start, len(candidates)):
+        try:
+            out = launch(candidates[i])
+        except OutOfResources as e:
+            error = e
+            continue
+        if _fitted.get(key) != i:
+            if i > 0:
+                log.warning("tile config %s does not fit this GPU (%s); using %s", candidates[0], error, candidates[i])
+            _fitted[key] = i
+        return out
+    assert error is not None, "launch_fitting needs at least one candidate"
+    raise error

@@ -4,6 +4,7 @@ configuration for the shape, and launches with no host synchronisation (CUDA-gra
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -11,7 +12,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
-from kernels.launch import cdiv, fast
+from kernels.launch import cdiv, fast, launch_fitting
 from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
 from kernels.moe_grouped_gemm import ACTIVATIONS, down_kernel, gate_up_kernel
@@ -192,13 +193,35 @@ def fused_experts(
             TOP_K=k, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k, num_warps=gd.num_warps)
         return out
 
-    cfg_up, cfg_down = configs or pick_configs(T, k, E)
-    # Both GEMMs walk the same alignment, so they share one BLOCK_M.
-    if cfg_up.block_m != cfg_down.block_m:
-        raise ValueError("fused_experts: gate/up and down tile configs must share block_m")
-    al = align_slots(ids, E, cfg_up.block_m)
-    inter = grouped_gate_up(x, weights, al, k, act, cfg_up)
-    return grouped_down(inter, weights, al, topw, T, k, cfg_down)
+    def launch(pair: tuple[TileConfig, TileConfig]) -> torch.Tensor:
+        cfg_up, cfg_down = pair
+        # Both GEMMs walk the same alignment, so they share one BLOCK_M.
+        if cfg_up.block_m != cfg_down.block_m:
+            raise ValueError("fused_experts: gate/up and down tile configs must share block_m")
+        al = align_slots(ids, E, cfg_up.block_m)
+        inter = grouped_gate_up(x, weights, al, k, act, cfg_up)
+        return grouped_down(inter, weights, al, topw, T, k, cfg_down)
+
+    if configs is not None:
+        return launch(configs)
+    choice = pick_configs(T, k, E)
+    # The heuristic's tiles, then ones that need less shared memory, should a shape (a wide H or I, fp32) not
+    # fit this GPU with them.
+    return launch_fitting((choice, H, I, x.dtype, weights.gate_up.dtype), grouped_fallbacks(choice), launch)
+
+
+def grouped_fallbacks(choice: tuple[TileConfig, TileConfig]) -> list[tuple[TileConfig, TileConfig]]:
+    """`choice`, then the same tiles with two stages, then 64-row tiles of K step 32 on the pointer kernels, then
+    the smallest tiles (16 rows, two stages): each needs less shared memory than the one before."""
+    up, down = choice
+    fewer = tuple(dataclasses.replace(c, num_stages=min(c.num_stages, 2)) for c in choice)
+    mid = (TileConfig(64, 64, 32, 8, 4, 2), TileConfig(64, 64, 32, 8, 4, 2))
+    small = (TileConfig(16, 64, 64, 1, 4, 2), TileConfig(16, 64, 64, 1, 4, 2))
+    out: list[tuple[TileConfig, TileConfig]] = []
+    for pair in (choice, fewer, mid, small):
+        if pair not in out:
+            out.append(pair)  # type: ignore[arg-type]
+    return out
 
 
 def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: int, act: int,

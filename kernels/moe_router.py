@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import INTERPRETED
-from kernels.launch import cdiv, fast, next_pow2
+from kernels.launch import cdiv, fast, launch_fitting, next_pow2
 
 SOFTMAX, SIGMOID = 0, 1
 
@@ -186,14 +186,38 @@ def route(
         block_t, block_h, warps, stages = tiles
     if bias is not None:
         bias = bias.contiguous()
-    fast(_router_kernel)[(cdiv(T, block_t),)](
-        hidden, weight, bias if bias is not None else topw, logits, topw, topi,
-        T, H, E, hidden.stride(0), weight.stride(0), float(spec.scaling),
-        SCORING=SOFTMAX if spec.scoring == "softmax" else SIGMOID, RENORM=spec.renormalize,
-        HAS_BIAS=bias is not None, FP32_LOGITS=spec.fp32_logits,
-        N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e, BLOCK_K=next_pow2(spec.top_k),
-        BLOCK_G=max(2, next_pow2(spec.n_group)), DOT_F32=INTERPRETED,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(c: tuple[int, int, int, int]) -> None:
+        bt, bh, nw, ns = c
+        fast(_router_kernel)[(cdiv(T, bt),)](
+            hidden, weight, bias if bias is not None else topw, logits, topw, topi,
+            T, H, E, hidden.stride(0), weight.stride(0), float(spec.scaling),
+            SCORING=SOFTMAX if spec.scoring == "softmax" else SIGMOID, RENORM=spec.renormalize,
+            HAS_BIAS=bias is not None, FP32_LOGITS=spec.fp32_logits,
+            N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
+            BLOCK_T=bt, BLOCK_H=bh, BLOCK_E=block_e, BLOCK_K=next_pow2(spec.top_k),
+            BLOCK_G=max(2, next_pow2(spec.n_group)), DOT_F32=INTERPRETED,
+            num_warps=nw, num_stages=ns,
+        )
+
+    choice = (block_t, block_h, warps, stages)
+    # A wide router (E = 256, 384) in float32 can ask more shared memory than the GPU has (DeepSeek-V3 at
+    # T = 16384: 288 KiB of 227); the heuristic's choice comes first, then ones that need less.
+    launch_fitting((choice, block_e, hidden.dtype, weight.dtype, spec), router_fallbacks(choice), launch)
     return logits, topw, topi
+
+
+def router_fallbacks(choice: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """`choice` (tokens per program, H step, warps, stages), then configs needing ever less shared memory: fewer
+    stages, then a shorter H step, then fewer tokens per program (each halving, down to 16 and 1 stage)."""
+    bt, bh, nw, ns = choice
+    out = [choice]
+    while ns > 1 or bh > 16 or bt > 16:
+        if ns > 1:
+            ns -= 1
+        elif bh > 16:
+            bh //= 2
+        else:
+            bt //= 2
+        out.append((bt, bh, nw, ns))
+    return out

@@ -305,7 +305,8 @@ def test_unreadable_routing_skips_analytics_with_one_warning_and_keeps_the_cache
     ctx = SimpleNamespace(device=torch.device("cpu"), cfg=SimpleNamespace(logits=SimpleNamespace(top_k=4)),
                           records={})
     got = _summarise_cache(ctx, tmp_path, model, V, rec, rec.counts, {"experts_implementation": "stock"},
-                           {"tokens_per_s": 1.0, "processes": 1, "analytics_sequences": gen["analytics_sequences"]})
+                           {"tokens_per_s": 1.0, "processes": 1, "analytics_sequences": gen["analytics_sequences"],
+                            "corpus_sequences": len(seqs), "teacher_text_sequences": 0})
     assert got["outputs"]["tokens"] == seqs.numel() and got["outputs"]["router"] == {"skipped": rec.skipped}
     assert not any(k.startswith("router/") for k in got["metrics"])
     with pytest.raises(UnsupportedModelError, match="cannot read the routing weights"):

@@ -1,0 +1,159 @@
+"""Never slower than stock: for each problem, the path that measured fastest on this GPU.
+
+Our fused kernels win on most MoE shapes, not all (a DeepSeek-V3-class layer at one token ran 3x slower than
+transformers' `grouped_mm` as a graph replay). So `kernels.hf_moe` does not assume: the first time a problem is
+seen (the experts module's shape, dtype and activation, top-k, the token count rounded up to a power of two,
+the GPU, the torch and Triton versions), each candidate path (ours, `grouped_mm`, `batched_mm` for experts;
+ours and the model's own for routers) runs on that very input, timed with CUDA events, and the fastest is kept:
+in memory, and on disk (`$DISTILL_CACHE/moe_dispatch.json`, default ~/.cache/moe-distill), so that a second
+process does not time again. A path that fails (out of memory, resources) is not a candidate. A choice other
+than ours is logged once, with both times.
+
+No timing happens where it cannot: inside CUDA-graph capture or torch.compile tracing (the known choice, or
+ours, runs), or off the GPU (ours: under the Triton interpreter, the tests). `DISTILL_MOE_DISPATCH=fused` or
+`=stock` turns measuring off and forces one side (benchmarks of our kernels alone, comparisons).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+ENV = "DISTILL_MOE_DISPATCH"  # "measure" (default), "fused", "stock"
+OURS = "fused_triton"
+FILE = "moe_dispatch.json"
+
+
+def cache_path() -> Path:
+    """Where choices persist: $DISTILL_CACHE/moe_dispatch.json (the project's cache folder), or ~/.cache."""
+    root = os.environ.get("DISTILL_CACHE") or str(Path.home() / ".cache" / "moe-distill")
+    return Path(root) / FILE
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two >= tokens: a choice measured at one count stands for counts up to it."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+def environment_key(device: torch.device) -> str:
+    """The GPU and software a timing holds for."""
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}|torch {torch.__version__}|triton {triton.__version__}"
+
+
+def _cuda_time(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of `fn` over `reps` timed calls after two warm-ups, with CUDA events."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+class Dispatcher:
+    """Choices by problem key, measured once and persisted. `timer(name, fn) -> seconds` times one candidate
+    (CUDA events by default); `path` is the JSON file (None: memory only)."""
+
+    def __init__(self, path: Path | None = None, timer: Callable[[str, Callable[[], object]], float] | None = None,
+                 reps: int = 7) -> None:
+        self.path = path
+        self.timer = timer or (lambda _name, fn: _cuda_time(fn, reps))
+        self.choices: dict[str, str] = {}
+        self.timings: dict[str, dict[str, float]] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        if self._loaded or self.path is None:
+            self._loaded = True
+            return
+        self._loaded = True
+        try:
+            saved = json.loads(self.path.read_text())
+            self.choices.update({k: v["choice"] for k, v in saved.items() if isinstance(v, dict) and "choice" in v})
+        except (OSError, ValueError):
+            pass  # no file yet, or a damaged one: measure again and rewrite it
+
+    def _save(self, key: str) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                saved = json.loads(self.path.read_text())  # another process may have added choices meanwhile
+            except (OSError, ValueError):
+                saved = {}
+            saved[key] = {"choice": self.choices[key], "seconds": self.timings.get(key, {})}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".moe_dispatch.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(saved, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only home: the choice holds for this process
+            log.warning("moe dispatch: could not save %s (%s)", self.path, e)
+
+    def known(self, key: str) -> str | None:
+        self._load()
+        return self.choices.get(key)
+
+    def choose(self, key: str, candidates: Mapping[str, Callable[[], object]], measurable: bool) -> str:
+        """The name of the candidate to run for `key`: the known choice, else (when `measurable`) the fastest of
+        `candidates` timed now, else ours. Candidates are called with no arguments and must not change state."""
+        forced = os.environ.get(ENV, "measure")
+        if forced == "fused":
+            return OURS
+        if forced == "stock":
+            return next(n for n in candidates if n != OURS)
+        got = self.known(key)
+        if got is not None and got in candidates:
+            return got
+        if not measurable:
+            return OURS
+        with self._lock:
+            times: dict[str, float] = {}
+            for name, fn in candidates.items():
+                try:
+                    times[name] = self.timer(name, fn)
+                except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:  # not a candidate here
+                    log.info("moe dispatch: %s failed on %s (%s)", name, key, str(e)[:200])
+            if not times:
+                return OURS
+            best = min(times, key=times.__getitem__)
+            self.choices[key], self.timings[key] = best, times
+            self._save(key)
+        if best != OURS and OURS in times:
+            log.warning("moe dispatch: %s runs %s (%.1f us) instead of our kernels (%.1f us)", key, best,
+                        times[best] * 1e6, times[OURS] * 1e6)
+        return best
+
+
+_default: Dispatcher | None = None
+
+
+def default_dispatcher() -> Dispatcher:
+    """The process's dispatcher, persisting to cache_path()."""
+    global _default
+    if _default is None:
+        _default = Dispatcher(cache_path())
+    return _default
+
+
+def can_measure(x: torch.Tensor) -> bool:
+    """Whether timing may happen now on x's device: a GPU, not capturing a CUDA graph, not tracing."""
+    return (x.is_cuda and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())

@@ -1,0 +1,165 @@
+"""Never slower than stock, never a launch failure: the measured dispatcher (kernels/dispatch.py) and the tile
+fallbacks (kernels/launch.py launch_fitting), on CPU with a scripted timer and scripted launch failures."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from kernels import dispatch
+from kernels.dispatch import OURS, Dispatcher, token_bucket
+from kernels.launch import launch_fitting
+
+
+def _timer(times: dict[str, float], calls: list[str]):
+    def timer(name: str, fn) -> float:
+        calls.append(name)
+        fn()
+        return times[name]
+    return timer
+
+
+def test_the_fastest_candidate_is_chosen_logged_once_and_kept_on_disk(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+    d = Dispatcher(tmp_path / "d.json", _timer({OURS: 3e-4, "grouped_mm": 1e-4, "batched_mm": 2e-4}, calls))
+    cands = {OURS: lambda: 1, "grouped_mm": lambda: 2, "batched_mm": lambda: 3}
+    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+        assert d.choose("k1", cands, measurable=True) == "grouped_mm"
+        assert d.choose("k1", cands, measurable=True) == "grouped_mm"
+    assert calls == [OURS, "grouped_mm", "batched_mm"]  # timed once
+    assert caplog.text.count("runs grouped_mm (100.0 us) instead of our kernels (300.0 us)") == 1
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved["k1"]["choice"] == "grouped_mm" and saved["k1"]["seconds"][OURS] == 3e-4
+    # A second process reads the choice and times nothing; a new key is timed and added beside the first.
+    calls2: list[str] = []
+    d2 = Dispatcher(tmp_path / "d.json", _timer({OURS: 1e-5, "grouped_mm": 1e-4}, calls2))
+    assert d2.choose("k1", cands, measurable=True) == "grouped_mm" and calls2 == []
+    assert d2.choose("k2", {OURS: lambda: 1, "grouped_mm": lambda: 2}, measurable=True) == OURS
+    assert set(json.loads((tmp_path / "d.json").read_text())) == {"k1", "k2"}
+
+
+def test_no_timing_where_it_cannot_happen_and_failures_are_not_candidates(tmp_path: Path) -> None:
+    calls: list[str] = []
+    d = Dispatcher(tmp_path / "d.json", _timer({OURS: 1.0, "grouped_mm": 0.1}, calls))
+    assert d.choose("k", {OURS: lambda: 1, "grouped_mm": lambda: 2}, measurable=False) == OURS
+    assert calls == [] and not (tmp_path / "d.json").exists()
+
+    def oom() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert d.choose("k", {OURS: lambda: 1, "grouped_mm": oom}, measurable=True) == OURS
+
+
+def test_a_damaged_file_is_measured_again(tmp_path: Path) -> None:
+    (tmp_path / "d.json").write_text("{not json")
+    d = Dispatcher(tmp_path / "d.json", _timer({OURS: 1.0, "grouped_mm": 0.5}, []))
+    assert d.choose("k", {OURS: lambda: 1, "grouped_mm": lambda: 2}, measurable=True) == "grouped_mm"
+    assert json.loads((tmp_path / "d.json").read_text())["k"]["choice"] == "grouped_mm"
+
+
+@pytest.mark.parametrize("mode, want", [("fused", OURS), ("stock", "grouped_mm")])
+def test_the_environment_forces_one_side(mode: str, want: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dispatch.ENV, mode)
+    d = Dispatcher(None, _timer({OURS: 1.0, "grouped_mm": 2.0}, []))
+    assert d.choose("k", {OURS: lambda: 1, "grouped_mm": lambda: 2}, measurable=True) == want
+
+
+def test_token_buckets() -> None:
+    assert [token_bucket(t) for t in (1, 2, 3, 16, 17, 4096, 16384)] == [1, 2, 4, 16, 32, 4096, 16384]
+
+
+def test_a_model_runs_the_measured_path_per_token_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside transformers: where grouped_mm measures faster, the experts run grouped_mm (its output, not ours);
+    each token bucket is measured once; the router's choice is its own."""
+    from transformers.integrations import moe as hf_moe_integration
+
+    from kernels import hf_moe
+    from tests.test_hf_moe import _model
+
+    calls: list[str] = []
+    times = {OURS: 2.0, "grouped_mm": 1.0, "batched_mm": 3.0, "stock": 5.0}
+    d = Dispatcher(tmp_path / "d.json", _timer(times, calls))
+    monkeypatch.setattr(hf_moe, "default_dispatcher", lambda: d)
+    monkeypatch.setattr(hf_moe, "can_measure", lambda x: True)
+    model = _model("mixtral", torch.float32)
+    hf_moe.enable_fused_moe(model)
+    experts = model.model.layers[0].mlp.experts
+    used: list[str] = []
+    real = hf_moe_integration.grouped_mm_experts_forward
+    monkeypatch.setitem(hf_moe.STOCK_EXPERTS, "grouped_mm", lambda *a: used.append("g") or real(*a))
+    x = torch.randn(5, 48)
+    idx = torch.randint(0, 8, (5, 2))
+    w = torch.rand(5, 2)
+    out = hf_moe.fused_triton_experts_forward(experts, x, idx, w)
+    assert used == ["g"] and torch.allclose(out, real(experts, x, idx, w))
+    n = len(calls)
+    hf_moe.fused_triton_experts_forward(experts, x[:7], idx[:7], w[:7])  # 5 tokens again: same bucket (8)
+    assert len(calls) == n
+    hf_moe.fused_triton_experts_forward(experts, x[:1], idx[:1], w[:1])  # a new bucket is measured
+    assert len(calls) > n
+    keys = json.loads((tmp_path / "d.json").read_text())
+    assert any("experts E=8 H=48 I=40 k=2" in k and "T<=8" in k for k in keys)
+    # routers: ours measured faster than stock (5.0) here
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 97, (1, 3)))
+    assert any("router MixtralTopKRouter E=8" in k and v["choice"] == OURS for k, v in
+               json.loads((tmp_path / "d.json").read_text()).items())
+
+
+def test_launch_fitting_skips_configs_the_gpu_cannot_run_and_remembers() -> None:
+    tried: list[int] = []
+
+    def launch(c: int) -> int:
+        tried.append(c)
+        if c > 2:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return c * 10
+
+    assert launch_fitting(("t", 1), [4, 3, 2, 1], launch) == 20
+    assert tried == [4, 3, 2]
+    tried.clear()
+    assert launch_fitting(("t", 1), [4, 3, 2, 1], launch) == 20 and tried == [2]
+    with pytest.raises(OutOfResources):
+        launch_fitting(("t", 2), [5, 4], launch)
+
+
+def test_the_router_falls_back_to_tiles_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router whose heuristic tiles do not fit (as DeepSeek-V3's at 16k tokens did) runs with smaller ones
+    and gives the same result; every fallback needs less shared memory than the one before."""
+    from kernels import moe_router
+    from kernels.moe_router import RouterSpec, route, router_fallbacks
+
+    chain = router_fallbacks((32, 128, 4, 3))
+    assert chain[0] == (32, 128, 4, 3) and chain[-1] == (16, 16, 4, 1)
+    smem = [bt * bh + bh * 256 for bt, bh, _, ns in chain for _ in [0]]
+    stages = [c[3] for c in chain]
+    assert all(a * sa >= b * sb for a, b, sa, sb in zip(smem, smem[1:], stages, stages[1:]))
+    spec = RouterSpec(top_k=8, scoring="sigmoid", n_group=8, topk_group=4, scaling=2.5, fp32_logits=True)
+    g = torch.Generator().manual_seed(0)
+    x, wt, bias = torch.randn(40, 64, generator=g), torch.randn(256, 64, generator=g), torch.randn(256, generator=g)
+    ref = route(x, wt, spec, bias=bias)
+    real_fast = moe_router.fast
+    refused: list[int] = []
+
+    def fast(kernel):
+        k = real_fast(kernel)
+
+        class Picky:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    if kw["num_stages"] > 1:  # as if only single-stage tiles fit
+                        refused.append(kw["num_stages"])
+                        raise OutOfResources(294_912, 232_448, "shared memory")
+                    return k[grid](*args, **kw)
+                return call
+        return Picky()
+
+    monkeypatch.setattr(moe_router, "fast", fast)
+    monkeypatch.setattr("kernels.launch._fitted", {})
+    got = route(x, wt, spec, bias=bias)
+    assert refused and all(torch.equal(a, b) for a, b in zip(ref[1:], got[1:]))
+    assert torch.allclose(ref[0], got[0])
