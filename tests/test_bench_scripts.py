@@ -26,3 +26,18 @@ def test_script_without_a_gpu_exits_2_and_writes_nothing(name: str, tmp_path: Pa
     assert module.main(["--out", str(out)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_moe_grid_is_made_by_rule_within_its_budgets() -> None:
+    """bench.moe_grid: the anchors first (the DeepSeek-V3 and 60-expert cases of the issue among them), then
+    shapes drawn by a seeded rule: the same every run, distinct, covering each axis, under the weight budget."""
+    from bench.moe_grid import ANCHORS, WEIGHT_BUDGET, grid
+
+    shapes = grid(24)
+    assert shapes == grid(24) and shapes[:len(ANCHORS)] == ANCHORS and len(shapes) == len(ANCHORS) + 24
+    assert len({(s.experts, s.top_k, s.hidden, s.width, s.shared) for s in shapes}) == len(shapes)
+    assert all(s.weight_bytes() <= WEIGHT_BUDGET and 1 <= s.top_k <= s.experts for s in shapes)
+    assert {s.shared for s in shapes} == {"none", "gated", "ungated"}
+    assert max(s.experts for s in shapes) == 384 and max(s.hidden for s in shapes) == 7168
+    ds = next(s for s in shapes if s.name == "deepseek-v3")
+    assert (ds.experts, ds.top_k, ds.hidden, ds.width, ds.groups) == (256, 8, 7168, 2048, 8)

@@ -1,0 +1,296 @@
+"""The MoE block over a grid of shapes made by rule, ours against transformers' stock backends, in one GPU run.
+
+    python -m bench.moe_grid [--out bench/results/moe_grid_h200.csv] [--tokens 1 16 64 256 4096 16384]
+                             [--shapes N] [--budget-s 420]
+
+Shapes: seven anchors (DeepSeek-V3, Kimi-K2, Qwen1.5/2-MoE-A2.7B with its 60 experts and gated shared expert,
+Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, the PRESET=h100 teacher), then N more drawn by a fixed rule (seed 0) from
+experts {8..384} x top-k {1..8} x hidden {576..7168} x expert width {256..14336} x shared expert {none, gated,
+ungated}, under a 40 GB weight budget. Each is one real transformers MoE block (Qwen3-MoE for no shared expert,
+Qwen2-MoE for a gated one, DeepSeek-V3 with group-limited sigmoid routing for an ungated one), bf16, random
+N(0, 0.02) experts, a Zipf-skewed router (bench.moe_layer.skew_router).
+
+Per shape and token count, the whole block (router, experts, shared expert) is timed as a plain call for:
+`eager`, `grouped_mm`, `batched_mm` (while its gathered weights stay under 8 GB), `fused_triton` (our kernels
+alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` runs: our kernels or a stock
+path, measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays. Rows per point: each time, the
+best stock backend and its time, `speedup_vs_best_stock` of ours and of dispatched (> 1: faster than the best
+stock), and correctness with the routing held equal: the relative error of our experts and of grouped_mm's
+against a float64 computation, and the share of tokens whose top-k set our router picks as stock's does. A
+summary (worst, median, best speedup) closes the CSV. Points are written as they finish; `--budget-s` stops
+before starting a shape that would not fit.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import bench, start_run, write_rows
+from bench.moe_layer import graph_time, skew_router
+from kernels import dispatch
+from kernels.hf_moe import install_fused_routers, register
+
+TOKENS = [1, 16, 64, 256, 4096, 16384]
+EXPERTS = [8, 16, 32, 60, 64, 128, 256, 384]
+TOPK = [1, 2, 4, 6, 8]
+HIDDEN = [576, 1024, 2048, 3072, 4096, 7168]
+WIDTH = [256, 512, 768, 1408, 2048, 4096, 8192, 14336]
+SHARED = ["none", "gated", "ungated"]
+WEIGHT_BUDGET = 40e9  # bytes of routed experts per block
+BATCHED_MM_BUDGET = 8e9  # bytes batched_mm gathers: T * k * 3 * H * I * 2
+STOCK = ["eager", "grouped_mm", "batched_mm"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    experts: int
+    top_k: int
+    hidden: int
+    width: int
+    shared: str  # none, gated, ungated
+    groups: int = 1  # DeepSeek group-limited routing (ungated shared only)
+
+    def weight_bytes(self) -> float:
+        return self.experts * 3 * self.hidden * self.width * 2
+
+
+ANCHORS = [
+    Shape("deepseek-v3", 256, 8, 7168, 2048, "ungated", groups=8),
+    Shape("kimi-k2", 384, 8, 7168, 2048, "ungated"),
+    Shape("qwen2-moe-a2.7b", 60, 4, 2048, 1408, "gated"),
+    Shape("qwen3-30b-a3b", 128, 8, 2048, 768, "none"),
+    Shape("olmoe-1b-7b", 64, 8, 2048, 1024, "none"),
+    Shape("mixtral-8x7b", 8, 2, 4096, 14336, "none"),
+    Shape("smollm2-moe", 8, 2, 576, 1536, "none"),
+]
+
+
+def grid(n: int, seed: int = 0) -> list[Shape]:
+    """The anchors, then n shapes drawn from the axes' product by a seeded rule, within the weight budget."""
+    rng = random.Random(seed)
+    out = list(ANCHORS)
+    seen = {(s.experts, s.top_k, s.hidden, s.width, s.shared) for s in out}
+    while len(out) < len(ANCHORS) + n:
+        e, h, w, sh = rng.choice(EXPERTS), rng.choice(HIDDEN), rng.choice(WIDTH), rng.choice(SHARED)
+        k = min(rng.choice(TOPK), e)
+        key = (e, k, h, w, sh)
+        if key in seen or e * 3 * h * w * 2 > WEIGHT_BUDGET:
+            continue
+        seen.add(key)
+        out.append(Shape(f"e{e}-k{k}-h{h}-i{w}-{sh}", e, k, h, w, sh, groups=8 if sh == "ungated" and e % 8 == 0
+                         and e >= 64 else 1))
+    return out
+
+
+def build_block(s: Shape) -> torch.nn.Module:
+    """One transformers MoE block of shape s, bf16, on the GPU (initialised there: 30 GB of experts in a second)."""
+    common = dict(hidden_size=s.hidden, num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
+                  num_hidden_layers=1, num_experts_per_tok=s.top_k)
+    if s.shared == "none":
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+        cfg = Qwen3MoeConfig(**common, num_experts=s.experts, moe_intermediate_size=s.width, norm_topk_prob=True)
+    elif s.shared == "gated":
+        from transformers import Qwen2MoeConfig
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as Block
+        cfg = Qwen2MoeConfig(**common, num_experts=s.experts, moe_intermediate_size=s.width,
+                             shared_expert_intermediate_size=4 * s.width, norm_topk_prob=False)
+    else:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as Block
+        cfg = DeepseekV3Config(**common, n_routed_experts=s.experts, moe_intermediate_size=s.width,
+                               n_shared_experts=1, n_group=s.groups, topk_group=max(1, s.groups // 2),
+                               routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None)
+    cfg._experts_implementation = "eager"
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16: Kimi-K2's 34 GB of experts never exist in fp32
+    try:
+        with torch.device("cuda"):
+            block = Block(cfg).eval()
+    finally:
+        torch.set_default_dtype(dtype)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02, generator=gen)
+        if hasattr(block.gate, "e_score_correction_bias"):
+            block.gate.e_score_correction_bias.zero_()
+    block.u = skew_router(block, s.hidden, gen)
+    return block
+
+
+def set_provider(block: torch.nn.Module, prov: str) -> None:
+    """Stock routers and experts backend `prov`, or ours (`fused_triton` forced, `dispatched` measured)."""
+    for m in block.modules():
+        if getattr(m, "_fused_spec", None) is not None:
+            m.forward, m._fused_spec = m._stock_forward, None
+        m.__dict__.pop("_fused_verdicts", None)
+        m.__dict__.pop("_fused_paths", None)
+    ours = prov in ("fused_triton", "dispatched")
+    block.experts.config._experts_implementation = "fused_triton" if ours else prov
+    if ours:
+        os.environ[dispatch.ENV] = "fused" if prov == "fused_triton" else "measure"
+        install_fused_routers(block)
+
+
+def _out(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = block(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _time(fn, budget: float = 0.25) -> float:
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-5)
+    return bench(fn, reps=max(3, min(30, int(budget / one))), warm=2)
+
+
+@torch.no_grad()
+def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) -> dict[str, float]:
+    """With the routing held equal (the stock router's top-k): relative error of our experts and of grouped_mm
+    against float64, on the first `tokens` tokens; and how often our router picks stock's top-k set."""
+    from kernels.hf_moe import fused_triton_experts_forward
+    from transformers.integrations import moe as hf_moe
+
+    h = x.view(-1, x.shape[-1])[:tokens]
+    set_provider(block, "grouped_mm")
+    _, w, idx = block.gate(h)
+    ex = block.experts
+    ref = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float64, device=h.device)
+    hd = h.double()
+    for e in idx.unique().tolist():
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        gu = ex.gate_up_proj[e].double()
+        g, u = (hd[rows] @ gu.T).chunk(2, dim=-1)
+        a = torch.nn.functional.silu(g) * u
+        ref.index_add_(0, rows, w[rows, slot].double()[:, None] * (a @ ex.down_proj[e].double().T))
+
+    def err(y: torch.Tensor) -> float:
+        return float((y.double() - ref).norm() / ref.norm())
+
+    os.environ[dispatch.ENV] = "fused"
+    ours = fused_triton_experts_forward(ex, h, idx, w)
+    stock = hf_moe.grouped_mm_experts_forward(ex, h, idx, w)
+    set_provider(block, "fused_triton")
+    _, _, idx_ours = block.gate(h)
+    same = (idx_ours.sort(-1).values == idx.sort(-1).values).all(-1).float().mean().item()
+    return {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock), "router_topk_agree": same}
+
+
+def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
+    register()
+    block = build_block(s)
+    rows: list[dict] = []
+    for T in tokens:
+        x = (torch.randn(1, T, s.hidden, device="cuda") + 4 * block.u).to(torch.bfloat16)
+        base = dict(kernel="moe_grid", shape=s.name, tokens=T)
+        times: dict[str, float] = {}
+        graphs: dict[str, float] = {}
+        for prov in STOCK + ["fused_triton", "dispatched"]:
+            if prov == "batched_mm" and T * s.top_k * 3 * s.hidden * s.width * 2 > BATCHED_MM_BUDGET:
+                continue
+            set_provider(block, prov)
+            if prov == "dispatched":
+                dispatch._default = dispatch.Dispatcher(None)  # measure in this run, not from an earlier one
+            try:
+                with torch.no_grad():
+                    _out(block, x)  # the dispatcher measures here, outside the timed calls
+                    times[prov] = _time(lambda: _out(block, x))
+                    if T <= 64 and prov != "eager":
+                        g = graph_time(lambda: _out(block, x))
+                        if g is not None:
+                            graphs[prov] = g
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                rows.append(run.row(**base, provider=prov, metric="failed", value=1, unit=type(e).__name__))
+                print(f"  {s.name} T={T} {prov}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                torch.cuda.empty_cache()
+        for prov, t in times.items():
+            rows.append(run.row(**base, provider=prov, metric="time", value=round(t * 1e6, 2), unit="us"))
+        for prov, t in graphs.items():
+            rows.append(run.row(**base, provider=prov + "+cudagraph", metric="time", value=round(t * 1e6, 2), unit="us"))
+        for kind, tt in (("plain", times), ("graph", graphs)):
+            stock = {p: t for p, t in tt.items() if p in STOCK}
+            if not stock:
+                continue
+            best = min(stock, key=stock.__getitem__)
+            rows.append(run.row(**base, provider=f"best_stock_{kind}", metric="time", value=round(stock[best] * 1e6, 2),
+                                unit=f"us ({best})"))
+            for ours in ("fused_triton", "dispatched"):
+                if ours in tt:
+                    rows.append(run.row(**base, provider=ours, metric=f"speedup_vs_best_stock_{kind}",
+                                        value=round(stock[best] / tt[ours], 4), unit=f"x ({best})"))
+        line = "  ".join(f"{p} {t * 1e6:.0f}" for p, t in times.items())
+        gline = "  ".join(f"{p} {t * 1e6:.0f}" for p, t in graphs.items())
+        print(f"{s.name:28s} T={T:6d} us: {line}" + (f" | graph: {gline}" if gline else ""), flush=True)
+        if T in (16, 256):
+            for metric, v in experts_errors(block, x).items():
+                rows.append(run.row(**base, provider="fused_triton", metric=metric, value=float(f"{v:.3e}"),
+                                    unit="ratio"))
+    del block
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def summary_rows(run, rows: list[dict]) -> list[dict]:
+    out = []
+    for prov in ("fused_triton", "dispatched"):
+        for kind in ("plain", "graph"):
+            vals = [r["value"] for r in rows if r["provider"] == prov and r["metric"] == f"speedup_vs_best_stock_{kind}"]
+            if not vals:
+                continue
+            for name, v in (("worst", min(vals)), ("median", statistics.median(vals)), ("best", max(vals)),
+                            ("points", len(vals)), ("points_below_1", sum(v < 1 for v in vals))):
+                out.append(run.row(kernel="moe_grid", provider=prov, shape="all", tokens=0,
+                                   metric=f"{name}_speedup_{kind}", value=round(v, 4), unit="x"))
+            print(f"{prov:13s} {kind:5s}: worst {min(vals):.2f}x  median {statistics.median(vals):.2f}x  best "
+                  f"{max(vals):.2f}x over {len(vals)} points, {sum(v < 1 for v in vals)} below 1.0x", flush=True)
+    fails = [r for r in rows if r["metric"] == "failed"]
+    out.append(run.row(kernel="moe_grid", provider="all", shape="all", tokens=0, metric="failures", value=len(fails),
+                       unit="count"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results/moe_grid.csv"))
+    ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    ap.add_argument("--shapes", type=int, default=10, help="shapes drawn by rule beside the anchors")
+    ap.add_argument("--only", nargs="*", default=None, help="shape names to run (default: all)")
+    ap.add_argument("--budget-s", type=float, default=0, help="stop starting shapes after this many seconds")
+    args = ap.parse_args(argv)
+    run = start_run("moe_grid")
+    if run is None:
+        return 2
+    t0 = time.perf_counter()
+    rows = list(run.rows)
+    shapes = [s for s in grid(args.shapes) if args.only is None or s.name in args.only]
+    for i, s in enumerate(shapes):
+        if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+            print(f"budget reached: {len(shapes) - i} shapes not run", flush=True)
+            break
+        try:
+            rows += shape_rows(run, s, args.tokens)
+        except torch.OutOfMemoryError as e:
+            rows.append(run.row(kernel="moe_grid", provider="all", shape=s.name, tokens=0, metric="failed", value=1,
+                                unit="OutOfMemoryError"))
+            print(f"{s.name}: out of memory building it ({str(e)[:100]})", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        write_rows(args.out, rows + summary_rows(run, rows))
+    write_rows(args.out, rows + summary_rows(run, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
