@@ -10,7 +10,8 @@ ungated}, under a 40 GB weight budget. Each is one real transformers MoE block (
 Qwen2-MoE for a gated one, DeepSeek-V3 with group-limited sigmoid routing for an ungated one), bf16, random
 N(0, 0.02) experts, a Zipf-skewed router (bench.moe_layer.skew_router).
 
-Per shape and token count, the whole block (router, experts, shared expert) is timed as a plain call for:
+Per shape and token count, the whole block (router, experts, shared expert) is timed as plain calls made back to
+back (as a forward's layers make them; the mean of a round, median of three rounds) for:
 `eager`, `grouped_mm`, `batched_mm` (while its gathered weights stay under 8 GB), `fused_triton` (our kernels
 alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` runs: our kernels or a stock
 path, measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays. Rows per point: each time, the
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import bench, start_run, write_rows
+from bench.common import start_run, write_rows
 from bench.moe_layer import graph_time, skew_router
 from kernels import dispatch
 from kernels.hf_moe import install_fused_routers, register
@@ -148,19 +149,21 @@ def _out(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _time(fn, budget: float = 0.25) -> float:
+    """Seconds per call, calls back to back as a forward's layers make them (kernels.dispatch times the same way)."""
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     one = max(time.perf_counter() - t0, 1e-5)
-    return bench(fn, reps=max(3, min(30, int(budget / one))), warm=2)
+    return dispatch._cuda_time(fn, reps=max(2, min(20, int(budget / 3 / one))))
 
 
 @torch.no_grad()
 def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) -> dict[str, float]:
     """With the routing held equal (the stock router's top-k): relative error of our experts and of grouped_mm
     against float64, on the first `tokens` tokens; and how often our router picks stock's top-k set."""
-    from kernels.hf_moe import fused_triton_experts_forward
     from transformers.integrations import moe as hf_moe
+
+    from kernels.hf_moe import fused_triton_experts_forward
 
     h = x.view(-1, x.shape[-1])[:tokens]
     set_provider(block, "grouped_mm")
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     ap.add_argument("--shapes", type=int, default=10, help="shapes drawn by rule beside the anchors")
     ap.add_argument("--only", nargs="*", default=None, help="shape names to run (default: all)")
+    ap.add_argument("--skip", nargs="*", default=(), help="shape names not to run")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting shapes after this many seconds")
     args = ap.parse_args(argv)
     run = start_run("moe_grid")
@@ -274,13 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     rows = list(run.rows)
-    shapes = [s for s in grid(args.shapes) if args.only is None or s.name in args.only]
+    shapes = [s for s in grid(args.shapes) if (args.only is None or s.name in args.only) and s.name not in args.skip]
     for i, s in enumerate(shapes):
         if args.budget_s and time.perf_counter() - t0 > args.budget_s:
             print(f"budget reached: {len(shapes) - i} shapes not run", flush=True)
             break
+        t_shape = time.perf_counter()
         try:
             rows += shape_rows(run, s, args.tokens)
+            print(f"{s.name}: {time.perf_counter() - t_shape:.0f} s", flush=True)
         except torch.OutOfMemoryError as e:
             rows.append(run.row(kernel="moe_grid", provider="all", shape=s.name, tokens=0, metric="failed", value=1,
                                 unit="OutOfMemoryError"))

@@ -105,13 +105,15 @@ def training_rows(run) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/on_policy_decode.csv"))
+    ap.add_argument("--skip-decode", action="store_true", help="only the training steps")
     args = ap.parse_args(argv)
     run = start_run("on_policy_decode")
     if run is None:
         return 2
     rows = list(run.rows)
-    rows += decode_rows(run)
-    write_rows(args.out, rows)
+    if not args.skip_decode:
+        rows += decode_rows(run)
+        write_rows(args.out, rows)
     rows += training_rows(run)
     write_rows(args.out, rows)
     return 0

@@ -18,6 +18,7 @@ document continue past its end in a way the student should learn from).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -98,3 +99,27 @@ class OnPolicy:
         seqs = sample_continuations(student, input_ids[:, :self.prompt], self.new, vocab_size,
                                     temperature=self.temperature, generator=gen, static=static, compiled=static)
         return seqs, loss_rows(seqs, self.prompt, self.eos)
+
+
+class SamplingTwin:
+    """A bf16 copy of the student that samples on GPU, its weights refreshed in place from the trained ones.
+
+    The student trains from float32 master weights under bf16 autocast, where a static KV cache cannot work:
+    RoPE promotes the keys to float32 while the values stay bf16, and the cache holds one dtype. The twin is
+    bf16 throughout, so its cache is too, and since `refresh` copies into the same tensors, the compiled decode
+    step (and its CUDA graphs) stays valid from step to step. Costs 2 bytes per parameter of GPU memory.
+    """
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        twin = copy.deepcopy(student)
+        for m in twin.modules():  # hooks of the training (layer taps) belong to the student, not to the twin
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        self.model = twin.to(torch.bfloat16).eval().requires_grad_(False)
+        self._src = list(student.parameters()) + list(student.buffers())
+        self._dst = list(self.model.parameters()) + list(self.model.buffers())
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the student's current weights into the twin (cast to bf16)."""
+        torch._foreach_copy_(self._dst, self._src)

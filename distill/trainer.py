@@ -48,7 +48,7 @@ from distill.batch_loss import (
 from distill.config import DistillConfig
 from distill.kd_losses import KDLossSpec
 from distill.layer_transfer import layer_map, tap_layers
-from distill.on_policy import OnPolicy, eos_ids, split_lengths
+from distill.on_policy import OnPolicy, SamplingTwin, eos_ids, split_lengths
 from distill.throughput import flops_per_token, peak_flops, peak_memory_gib
 
 # Re-exported: callers catch them as `from distill.trainer import BatchTooLargeError, NonFiniteLossError`.
@@ -210,8 +210,10 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
     seq_len = len(dataset[0]["input_ids"]) - 1
     on_policy = _on_policy(cfg, seq_len + 1, student)
     on_spec = cfg.on_policy_spec() if on_policy else None
-    # The decode path: static KV cache and a compiled one-token step on GPU (core/sampling.py).
-    static_decode = acc.device.type == "cuda"
+    # The decode path: static KV cache and a compiled one-token step on GPU (core/sampling.py), on a bf16 twin of
+    # the student; under FSDP2 the sharded student itself samples, on the default cache.
+    static_decode = on_policy is not None and acc.device.type == "cuda" and not fsdp
+    twin = SamplingTwin(trained.student) if static_decode else None
     model_flops = flops_per_token(student.get_base_model() if cfg.lora_rank else student, seq_len)
     peak = peak_flops(acc.device)
 
@@ -233,7 +235,10 @@ def train_student(student: torch.nn.Module, dataset: torch.utils.data.Dataset, c
                     rows = None
                     if policy:
                         t0 = time.perf_counter()
-                        ids, rows = on_policy.sample(trained.student, ids, vocab_size, index, acc.process_index, m,
+                        if twin is not None and m == 0:
+                            twin.refresh()  # the weights of this step, once for its micro-batches
+                        sampler = twin.model if twin is not None else trained.student
+                        ids, rows = on_policy.sample(sampler, ids, vocab_size, index, acc.process_index, m,
                                                      static_decode)
                         extra_vals = {"sample_s": time.perf_counter() - t0,
                                       "sampled_tokens": rows.numel() / ids.shape[0]}

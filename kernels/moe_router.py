@@ -18,6 +18,12 @@ from kernels.interpreter import INTERPRETED
 from kernels.launch import cdiv, fast, launch_fitting, next_pow2
 
 SOFTMAX, SIGMOID = 0, 1
+# float32 router logits (DeepSeek) at decode sizes on tensor cores: three TF32 products carry float32's precision
+# (about 1e-6 relative); an "ieee" dot on the CUDA cores made a DeepSeek-V3 router at 1-16 tokens 2.5x slower than
+# stock (bench/results/moe_grid_h200*.csv). At 16k tokens tf32x3 was slower still (its three products need the
+# shared memory of the smaller tile fallbacks): there "ieee", and the dispatcher runs stock's cuBLAS where it wins.
+# The interpreter computes in float32 anyway.
+DECODE_FP32_PRECISION = "ieee" if INTERPRETED else "tf32x3"
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ def _router_kernel(
     SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -65,7 +71,7 @@ def _router_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xt + h[None, :], mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_we + h[:, None], mask=col_ok[None, :] & (h[:, None] < H), other=0.0)
         if FP32_LOGITS:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=FP32_PRECISION)
         elif DOT_F32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
         else:
@@ -197,6 +203,7 @@ def route(
             N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
             BLOCK_T=bt, BLOCK_H=bh, BLOCK_E=block_e, BLOCK_K=next_pow2(spec.top_k),
             BLOCK_G=max(2, next_pow2(spec.n_group)), DOT_F32=INTERPRETED,
+            FP32_PRECISION=DECODE_FP32_PRECISION if T <= 64 else "ieee",
             num_warps=nw, num_stages=ns,
         )
 

@@ -219,3 +219,24 @@ def test_the_pipeline_distils_on_policy_with_teacher_text(tiny_moe_dir: Path, tm
     recipe = [n for n in report["notes"] if n.startswith("Recipe:")]
     assert recipe and "on-policy on 50% of the steps (reverse_kl" in recipe[0]
     assert "6 of the 22 training sequences written by the teacher" in recipe[0]
+
+
+def test_the_sampling_twin_follows_the_student_without_its_hooks() -> None:
+    """GPU sampling runs on a bf16 twin: refresh() copies the student's current weights into the same tensors,
+    and the training's layer taps do not fire on the twin."""
+    from distill.layer_transfer import tap_layers
+    from distill.on_policy import SamplingTwin
+
+    student = tiny_llama()
+    tap = tap_layers(student)
+    twin = SamplingTwin(student)
+    ptr = twin.model.lm_head.weight.data_ptr()
+    with torch.no_grad():
+        student.lm_head.weight.add_(1.0)
+    twin.refresh()
+    assert twin.model.lm_head.weight.dtype == torch.bfloat16 and twin.model.lm_head.weight.data_ptr() == ptr
+    assert torch.equal(twin.model.lm_head.weight, student.lm_head.weight.to(torch.bfloat16))
+    tap.clear()
+    sample_continuations(twin.model, torch.zeros(1, 3, dtype=torch.long), 2, VOCAB)
+    assert all(o is None for o in tap.outputs)
+    tap.remove()
