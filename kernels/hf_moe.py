@@ -79,7 +79,11 @@ def fused_triton_experts_forward(
     weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=transposed, concatenated=concatenated)
 
     def ours() -> torch.Tensor:
-        return fused_experts(hidden_states, weights, top_k_weights, top_k_index, activation=act)
+        # Under autocast a norm may hand the experts float32 activations with bf16 weights: the matmuls run in
+        # the weights' dtype, as autocast would run them, and the result goes back in the input's.
+        wdt = self.gate_up_proj.dtype
+        x = hidden_states if hidden_states.dtype == wdt else hidden_states.to(wdt)
+        return fused_experts(x, weights, top_k_weights, top_k_index, activation=act).to(hidden_states.dtype)
 
     path = _experts_path(self, weights, hidden_states, top_k_index, top_k_weights, act, ours)
     if path == OURS:
