@@ -22,7 +22,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: help install distill sweep show-config test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
+.PHONY: help install distill sweep ab show-config test ui compare compare-derivations bench-kernels bench-latency bench-distill bundle clean
 
 help: ## this list
 	@echo "Targets:"
@@ -93,6 +93,11 @@ sweep: $(VENV)/.installed ## search the KD recipe (Optuna, TRIALS, STEPS) and wr
 	@$(VENV)/bin/moe-distill sweep --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
 		--set "$(SET)" --data "$(DATA)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" \
 		$(if $(TRIALS),--trials "$(TRIALS)") $(if $(STEPS),--steps "$(STEPS)")
+
+BEST ?=
+ab: $(VENV)/.installed ## KD recipes side by side at one budget with intervals: cache, on-policy, layer-wise (BEST=<sweep preset> adds it)
+	@$(VENV)/bin/moe-distill ab --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
+		--set "$(SET)" --data "$(DATA)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" $(if $(BEST),--best "$(BEST)")
 
 show-config: $(VENV)/.installed ## every config key of a run (TEACHER, STUDENT, PRESET, SET, RUN) and where it came from
 	@$(VENV)/bin/moe-distill show-config --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \

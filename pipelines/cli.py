@@ -6,6 +6,7 @@
     moe-distill compare                          quality against speedup for every run in the MLflow store
     moe-distill show-config --preset smoke --set "distill.lr=1e-4"   every key, its value and where it came from
     moe-distill sweep --preset smoke --trials 8  search the KD recipe (Optuna); writes the best as a preset
+    moe-distill ab --preset smoke --variant otp "distill.on_policy_rate=0.25" ...   recipes side by side, with intervals
     moe-distill ui                               the MLflow UI on http://127.0.0.1:5000
 
 `run` keeps the pipeline's exit codes (0 done, 2 cannot start or a command-line mistake, 3 fix the input named
@@ -103,6 +104,28 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sw.add_argument("--seed", type=int, default=sweep_defaults.seed, help="the TPE sampler's seed (default %(default)s)")
     sw.add_argument("--out", type=Path, default=None,
                     help="the preset file to write (default: <run folder>/sweep/best.yaml)")
+    ab = sub.add_parser("ab", help="KD recipes side by side at one budget, with intervals (`make ab`)",
+                        description="Run the pipeline up to the student, logit cache, cross-entropy baseline and the "
+                        "teacher's and baseline's evaluations (reusing finished stages), then distil and evaluate "
+                        "each variant (the run's config plus its own distill.* settings: same student, data, "
+                        "order and steps) in <run folder>/ab/<variant>/, and write ab.md / ab.json: each "
+                        "variant's mean retained gain over the headline metrics with a paired bootstrap interval, "
+                        "and its difference to the first variant with its interval.")
+    ab.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "SETTINGS"),
+                    help='a variant: a name and its distill.* settings as SET text ("distill.on_policy_rate=0.25") '
+                    'or a preset file whose distill: section is taken (the sweep\'s best.yaml); "" is the run\'s own '
+                    'settings. The first is the reference. Default: cache (the run\'s own), on_policy '
+                    '(distill.on_policy_rate=0.25), layer_wise (distill.teacher_mode=online '
+                    'distill.layer_weight=0.5; derived students)')
+    ab.add_argument("--best", default="", help="a preset file from `make sweep` (its distill: section), compared "
+                    "as variant sweep_best after the others")
+    ab.add_argument("--preset", default="default", help="a preset name in configs/ or a path to a YAML file")
+    ab.add_argument("--set", default="", help="space-separated key=value overrides for every variant")
+    ab.add_argument("--data", default="", help="your own text, a file or folder (sets data.files)")
+    ab.add_argument("--teacher", default="")
+    ab.add_argument("--student", default="")
+    ab.add_argument("--run-name", default="", help="run folder (default: the one `make distill` would use)")
+    ab.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="default %(default)s")
     ui = sub.add_parser("ui", help="the MLflow UI (`make ui`)", description="mlflow ui on the project's store.")
     ui.add_argument("--port", type=int, default=5000, help="default %(default)s")
     ui.add_argument("--host", default="127.0.0.1",
@@ -192,7 +215,14 @@ def _sweep(opts: argparse.Namespace) -> int:
                       settings)
 
 
-COMMANDS = {"eval": _eval, "compare": _compare, "show-config": _show_config, "sweep": _sweep, "ui": _ui}
+def _ab(opts: argparse.Namespace) -> int:
+    from pipelines import ab
+
+    return ab.main(opts.preset, opts.set, opts.data, opts.teacher, opts.student, opts.run_name, opts.runs_dir,
+                   [tuple(v) for v in opts.variant], opts.best)
+
+
+COMMANDS = {"eval": _eval, "compare": _compare, "show-config": _show_config, "sweep": _sweep, "ab": _ab, "ui": _ui}
 
 
 def entry() -> None:

@@ -111,6 +111,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def apply_values(cfg: Any, updates: dict[str, Any]) -> None:
+    """Set nested {section: {key: value}} values on a config in place, typed and checked as SET values are
+    (an unknown key raises ConfigError); `validate` is the caller's to run afterwards."""
+    _apply(cfg, updates)
+
+
 def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
