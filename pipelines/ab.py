@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from core.errors import ConfigError, UserError, require
+from core.errors import ConfigError, require
 
 if TYPE_CHECKING:
     import torch
@@ -41,13 +41,6 @@ BUDGET_KEYS = frozenset({"max_steps", "epochs", "batch_size", "micro_batch_size"
 DEFAULT_VARIANTS = (("cache", ""), ("on_policy", "distill.on_policy_rate=0.25"),
                     ("layer_wise", "distill.teacher_mode=online distill.layer_weight=0.5"))
 NEEDED = ("student", "logits", "eval_teacher", "eval_baseline")
-
-
-class AbBusyError(UserError):
-    """Another pipeline run, sweep or comparison holds the run folder."""
-
-    kind = "busy"
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -218,37 +211,14 @@ def to_markdown(table: dict[str, Any], run: str) -> str:
 
 def run_ab(cfg: PipelineConfig, runs_dir: Path, variants: list[Variant]) -> Path:
     """Run the comparison in the run folder `make distill` would use for `cfg` (its lock held); returns ab.md."""
-    from filelock import FileLock, Timeout
-
-    from core import distributed as dist
-    from pipelines.preflight import check_writable, local_artifact_dir, preflight
-    from pipelines.run import run_name
-    from pipelines.tracking import artifact_location, setup_tracking
+    from pipelines.run_folder import locked_run_folder
 
     require(len(variants) >= 2, "a comparison needs at least two variants")
     names = [v.name for v in variants]
     require(len(set(names)) == len(names), f"variant names must differ: {', '.join(names)}")
-    require(dist.world_size() == 1, "moe-distill ab runs as one process: start it without accelerate launch")
-    try:
-        device = dist.setup(cfg.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     configs = {v.name: _variant_config(cfg, v) for v in variants}  # every variant checked before any stage
-    run_dir = runs_dir / run_name(cfg)
-    exp_id = setup_tracking()
-    check_writable(run_dir, "run folder")
-    lock = FileLock(run_dir / ".lock", timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise AbBusyError(f"another `make distill`, sweep or comparison is running in {run_dir}; wait for it or "
-                          "pass RUN=<other name>") from None
-    try:
-        for note in preflight(cfg, run_dir, local_artifact_dir(artifact_location(exp_id))):
-            print(f"note: {note}", flush=True)
+    with locked_run_folder(cfg, runs_dir, "ab") as (run_dir, device):
         return _run_locked(cfg, configs, variants, run_dir, device)
-    finally:
-        lock.release()
 
 
 def _variant_config(cfg: PipelineConfig, v: Variant) -> PipelineConfig:

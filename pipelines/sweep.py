@@ -44,13 +44,6 @@ SCORE = "val/ce_nats"  # the validation metric, per step, on each trial's MLflow
 TRIAL_STATES = ("complete", "pruned", "failed")
 
 
-class SweepBusyError(UserError):
-    """Another pipeline run or sweep holds the run folder."""
-
-    kind = "busy"
-    exit_code = 2
-
-
 class NoTrialFinishedError(UserError):
     """Every trial was pruned or failed: there is no recipe to write."""
 
@@ -302,40 +295,16 @@ def run_sweep(cfg: PipelineConfig, runs_dir: Path, settings: SweepSettings, fixe
 
     fixed: dotted keys the user set (SET), held at their value instead of searched. pruner: default a median
     pruner (after the first quarter of the trials, at least two; from the first scored step). space: default
-    SEARCH_SPACE. Raises UserError for bad input, SweepBusyError when the folder is in use, and
+    SEARCH_SPACE. Raises UserError for bad input, RunFolderBusyError when the folder is in use, and
     NoTrialFinishedError when every trial was pruned or failed.
     """
-    from filelock import FileLock, Timeout
-
-    from core import distributed as dist
-    from pipelines.preflight import check_writable, local_artifact_dir, preflight
-    from pipelines.run import run_name
-    from pipelines.tracking import artifact_location, setup_tracking
+    from pipelines.run_folder import locked_run_folder
 
     settings.validate()
     space = SEARCH_SPACE if space is None else space
     check_space(space, cfg)
-    require(dist.world_size() == 1, "moe-distill sweep runs as one process: start it without accelerate launch "
-                                    "(no GPUS=)")
-    try:
-        device = dist.setup(cfg.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    run_dir = runs_dir / run_name(cfg)
-    exp_id = setup_tracking()
-    check_writable(run_dir, "run folder")
-    lock = FileLock(run_dir / ".lock", timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise SweepBusyError(f"another `make distill` or sweep is running in {run_dir}; wait for it or pass "
-                             "RUN=<other name>") from None
-    try:
-        for note in preflight(cfg, run_dir, local_artifact_dir(artifact_location(exp_id))):
-            print(f"note: {note}", flush=True)
+    with locked_run_folder(cfg, runs_dir, "sweep") as (run_dir, device):
         return _sweep_locked(cfg, run_dir, device, settings, fixed, pruner, space)
-    finally:
-        lock.release()
 
 
 def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, settings: SweepSettings,
