@@ -84,20 +84,6 @@ def default_variants(cfg: PipelineConfig) -> list[Variant]:
     return [parse_variant(n, s) for n, s in DEFAULT_VARIANTS if n != "layer_wise" or cfg.student == "derived"]
 
 
-def _needed_stages(cfg: PipelineConfig) -> list[Any]:
-    from pipelines.stage_runner import active_stages
-    from pipelines.stage_table import BY_NAME
-
-    need: set[str] = set()
-    todo = list(NEEDED)
-    while todo:
-        name = todo.pop()
-        if name not in need:
-            need.add(name)
-            todo.extend(BY_NAME[name].upstream)
-    return [s for s in active_stages(cfg) if s.name in need]
-
-
 def _quality(ctx: RunContext, rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(quality rows, headline summary, per-example scores by role) of one variant's evaluation."""
     from eval import per_example
@@ -240,17 +226,13 @@ def _run_locked(cfg: PipelineConfig, configs: dict[str, PipelineConfig], variant
     import mlflow
 
     from pipelines.context import RunContext
+    from pipelines.run_folder import command_run
     from pipelines.stage_runner import run_stage
     from pipelines.stage_table import BY_NAME
-    from pipelines.tracking import git_commit, log_metrics
+    from pipelines.tracking import log_metrics
 
-    tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit()}
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
     folder = run_dir / "ab"
-    with mlflow.start_run(run_name=f"ab {run_dir.name}", tags={**tags, "stage": "ab"}) as parent:
-        parent_tags = {**tags, "parent": parent.info.run_id}
-        for stage in _needed_stages(cfg):
-            ctx.records[stage.name] = run_stage(stage, ctx, parent_tags)
+    with command_run(cfg, run_dir, device, "ab", NEEDED) as (ctx, parent_tags):
         records: dict[str, dict[str, Any]] = {}
         for v in variants:
             print(f"[ab] variant {v.name}: {v.source or '(the run own distill settings)'}", flush=True)

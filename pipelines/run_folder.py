@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipelines.config import PipelineConfig
+    from pipelines.context import RunContext
 
 
 class RunFolderBusyError(UserError):
@@ -54,3 +55,24 @@ def locked_run_folder(cfg: PipelineConfig, runs_dir: Path, command: str) -> Iter
         yield run_dir, device
     finally:
         lock.release()
+
+
+@contextmanager
+def command_run(cfg: PipelineConfig, run_dir: Path, device: torch.device, command: str,
+                targets: tuple[str, ...]) -> Iterator[tuple[RunContext, dict[str, str]]]:
+    """An MLflow parent run `<command> <run>` (tagged with teacher, student, preset, git commit and
+    stage=<command>) in which the stages `targets` need have run or been reused (pipelines.stage_runner, as
+    `make distill` runs them); yields (the run context holding their records, the tags for nested runs)."""
+    import mlflow
+
+    from pipelines.context import RunContext
+    from pipelines.stage_runner import run_stage, stages_for
+    from pipelines.tracking import git_commit
+
+    tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit()}
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
+    with mlflow.start_run(run_name=f"{command} {run_dir.name}", tags={**tags, "stage": command}) as parent:
+        parent_tags = {**tags, "parent": parent.info.run_id}
+        for stage in stages_for(cfg, targets):
+            ctx.records[stage.name] = run_stage(stage, ctx, parent_tags)
+        yield ctx, parent_tags

@@ -18,7 +18,7 @@ from core.hashing import hash_text
 from pipelines.code_identity import code_identity
 from pipelines.paths import REPO_ROOT
 from pipelines.stage_cache import is_fresh, read_stage, write_stage
-from pipelines.stage_table import STAGES, Stage
+from pipelines.stage_table import BY_NAME, STAGES, Stage
 
 if TYPE_CHECKING:
     from pipelines.config import PipelineConfig
@@ -27,6 +27,18 @@ if TYPE_CHECKING:
 def active_stages(cfg: PipelineConfig) -> Iterator[Stage]:
     """The stages this configuration runs, in order."""
     return (s for s in STAGES if s.enabled(cfg))
+
+
+def stages_for(cfg: PipelineConfig, targets: tuple[str, ...]) -> list[Stage]:
+    """The active stages that `targets` need: those and everything upstream of them, in run order."""
+    need: set[str] = set()
+    todo = list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo.extend(BY_NAME[name].upstream)
+    return [s for s in active_stages(cfg) if s.name in need]
 
 
 def stand_in_records(cfg: PipelineConfig, records: dict[str, dict]) -> None:

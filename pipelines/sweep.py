@@ -128,21 +128,6 @@ def validation_ce(student: torch.nn.Module, dataset: torch.utils.data.Dataset, i
     return total / tokens
 
 
-def _needed_stages(cfg: PipelineConfig) -> list[Any]:
-    """The active stages the trials read (`student`, `logits`) and everything upstream of them, in run order."""
-    from pipelines.stage_runner import active_stages
-    from pipelines.stage_table import BY_NAME
-
-    need: set[str] = set()
-    todo = ["student", "logits"]
-    while todo:
-        name = todo.pop()
-        if name not in need:
-            need.add(name)
-            todo.extend(BY_NAME[name].upstream)
-    return [s for s in active_stages(cfg) if s.name in need]
-
-
 def _with_values(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
     """A copy of `cfg` with the dotted keys of `values` set (the search space's own keys; types as sampled)."""
     out = copy.deepcopy(cfg)
@@ -316,20 +301,14 @@ def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, sett
     from distill.trainer import total_steps
     from logit_cache import LogitCache
     from pipelines.config import load_config
-    from pipelines.context import RunContext
-    from pipelines.stage_runner import run_stage
-    from pipelines.tracking import flat_params, git_commit, log_metrics
+    from pipelines.run_folder import command_run
+    from pipelines.tracking import flat_params, log_metrics
     from teachers.fused import use_fused_kernels
     from teachers.load import load_teacher
 
     t0 = time.perf_counter()
-    tags = {"teacher": cfg.teacher, "student": cfg.student, "preset": cfg.preset, "git_commit": git_commit()}
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
     folder = run_dir / "sweep"
-    with mlflow.start_run(run_name=f"sweep {run_dir.name}", tags={**tags, "stage": "sweep"}) as parent:
-        parent_tags = {**tags, "parent": parent.info.run_id}
-        for stage in _needed_stages(cfg):
-            ctx.records[stage.name] = run_stage(stage, ctx, parent_tags)
+    with command_run(cfg, run_dir, device, "sweep", ("student", "logits")) as (ctx, parent_tags):
         cache = LogitCache(Path(ctx.output("logits", "cache")))
         n = len(cache)
         steps = settings.steps or total_steps(n, cfg.distill)  # what `make distill` trains on all n sequences
@@ -371,7 +350,7 @@ def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, sett
         out.parent.mkdir(parents=True, exist_ok=True)
         command = _command(cfg, out)
         header = [f"Written by `moe-distill sweep` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-                  f"(MLflow run {parent.info.run_id}).",
+                  f"(MLflow run {parent_tags['parent']}).",
                   f"Best of {len(results)} trials ({len(done)} complete): trial {best.number}, {SCORE} "
                   f"{best.score:.4f} on the last {len(val_idx)} of {n} cached sequences after {steps} steps.",
                   f"Use it: {command}"]
@@ -386,7 +365,7 @@ def _sweep_locked(cfg: PipelineConfig, run_dir: Path, device: torch.device, sett
                      "sweep/pruned": sum(r.state == "pruned" for r in results),
                      "sweep/failed": sum(r.state == "failed" for r in results),
                      "sweep/seconds": time.perf_counter() - t0})
-    return SweepResult(out, best, results, parent.info.run_id, command, csv_path)
+    return SweepResult(out, best, results, parent_tags["parent"], command, csv_path)
 
 
 def _command(cfg: PipelineConfig, preset: Path) -> str:
