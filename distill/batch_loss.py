@@ -20,6 +20,7 @@ from distill.kd_losses import KDLossSpec, full_kd_loss, topk_kd_loss
 from distill.layer_transfer import LayerTap, layer_loss
 from logit_cache import topk_from_logits
 from teachers.moe_layout import decoder_module
+from teachers.output_head import plain_head_problem
 
 
 @dataclass
@@ -38,16 +39,7 @@ def student_parts(model: torch.nn.Module, fused: str = "auto") -> StudentParts:
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
-    cfg = base.config
-    why_not = None
-    if getattr(head, "bias", None) is not None:
-        why_not = "its output layer has a bias"
-    elif not isinstance(head, torch.nn.Linear) and not hasattr(head, "base_layer"):
-        why_not = f"its output layer is a {type(head).__name__}, not a Linear"
-    elif getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
-        why_not = "it rescales or soft-caps its logits"
-    elif hasattr(head, "base_layer"):
-        why_not = "its output layer has LoRA adapters"
+    why_not = plain_head_problem(model)
     if fused == "on" and why_not:
         raise ValueError(f"distill.fused_loss=on, but the student cannot use the fused loss: {why_not}; "
                          "use distill.fused_loss=auto or off")

@@ -15,9 +15,10 @@ from logit_cache.format import (
 )
 from logit_cache.merge import merge_parts, part_range
 from logit_cache.reader import LogitCache
-from logit_cache.topk import cache_fidelity_kl, topk_from_logits
+from logit_cache.topk import cache_fidelity_kl, topk_from_hidden, topk_from_logits
 from logit_cache.writer import LogitCacheWriter
 
 __all__ = ["MANIFEST_NAME", "CacheCorruptError", "CacheIncompleteError", "CacheMeta", "CacheMismatchError",
            "LogitCache", "LogitCacheWriter", "PackLayout", "_decode_range", "cache_fidelity_kl", "merge_parts",
-           "part_range", "quantize_logprobs", "reconstruct_logprobs", "topk_from_logits"]
+           "part_range", "quantize_logprobs", "reconstruct_logprobs", "topk_from_hidden",
+           "topk_from_logits"]

@@ -25,6 +25,32 @@ def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return ids, vals - lse, tail
 
 
+# Rows of one chunk of topk_from_hidden: about this many bytes of [rows, V] logits (bf16 product, float32 copy,
+# the masked copy for the tail), so the full [tokens, V] logits and their float32 copies never exist at once.
+CHUNK_BYTES = 1 << 30
+
+
+def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, vocab: int,
+                     chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_from_logits(hidden @ weight[:vocab].T) without the whole product: per chunk of rows.
+
+    hidden [N, H] (the model's last hidden states, after its final norm), weight [V', H] its output matrix
+    (V' >= vocab; rows past `vocab` are padding and never a target). Returns ids [N, k] int64, logprobs [N, k]
+    float32, tail_logmass [N] float32. The product is taken in the inputs' dtype like the model's own head
+    (F.linear), then everything in float32, as topk_from_logits does.
+    """
+    n = hidden.shape[0]
+    w = weight[:vocab]
+    rows = max(1, chunk_bytes // (vocab * (hidden.element_size() + 8)))
+    ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+    lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    tail = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, rows):
+        ids[s:s + rows], lps[s:s + rows], tail[s:s + rows] = topk_from_logits(
+            torch.nn.functional.linear(hidden[s:s + rows], w), k)
+    return ids, lps, tail
+
+
 def cache_fidelity_kl(full_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
                       tail: torch.Tensor, chunk: int = 256) -> float:
     """Mean over N of KL(teacher_full || reconstructed), in nats.

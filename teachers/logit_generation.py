@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from logit_cache import LogitCacheWriter, topk_from_logits
+from logit_cache import LogitCacheWriter, topk_from_hidden, topk_from_logits
+from teachers.moe_layout import decoder_module
+from teachers.output_head import plain_head_problem
 from teachers.router_analytics import RouterRecorder
 
 COUNTS_FILE = "router_counts.safetensors"
@@ -46,6 +48,18 @@ def _resume_counts(path: Path, recorder: RouterRecorder, start: int) -> int:
 
 
 @torch.inference_mode()
+def _teacher_topk(teacher: torch.nn.Module, decoder: torch.nn.Module | None, ids: torch.Tensor, k: int,
+                  vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k of ids [B, S]: ids [B, S, k], logprobs [B, S, k], tail [B, S]; through the decoder
+    and the chunked head when `decoder` is given, else through the model's own logits."""
+    if decoder is None:
+        return topk_from_logits(teacher(input_ids=ids, use_cache=False).logits[..., :vocab], k)
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+    b, s, h = hidden.shape
+    top_ids, top_lp, tail = topk_from_hidden(hidden.reshape(-1, h), teacher.get_output_embeddings().weight, k, vocab)
+    return top_ids.view(b, s, k), top_lp.view(b, s, k), tail.view(b, s)
+
+
 def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writer: LogitCacheWriter, k: int,
                          vocab: int, batch_size: int, recorder: RouterRecorder | None = None,
                          source_ids: torch.Tensor | None = None) -> dict[str, Any]:
@@ -56,6 +70,9 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
     Returns {"seconds", "tokens" (computed in this call), "tokens_per_s", "analytics_sequences"}.
     """
     device = next(teacher.parameters()).device
+    # A plain output layer: the decoder's hidden states, then the head and the top-k chunk by chunk, so the
+    # [batch, seq, vocab] logits and their float32 copies never exist whole (about 10 bytes per logit otherwise).
+    decoder = decoder_module(teacher) if plain_head_problem(teacher) is None else None
     n, seq_len = sequences.shape
     start = writer.num_completed_sequences
     counts_path = writer.root / COUNTS_FILE
@@ -94,8 +111,7 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
             ids = sequences[i:i + batch_size].long()
             if recorder is not None:
                 recorder.set_batch(source_ids[i:i + len(ids)], seq_len)
-            logits = teacher(input_ids=ids.to(device), use_cache=False).logits[..., :vocab]
-            top_ids, top_lp, tail = topk_from_logits(logits, k)
+            top_ids, top_lp, tail = _teacher_topk(teacher, decoder, ids.to(device), k, vocab)
             event = None
             if device.type == "cuda":
                 host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (top_ids, top_lp, tail)]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from teachers.moe_config import config_num_experts
-from teachers.moe_layout import moe_layers, some_layers
+from teachers.moe_layout import decoder_module, moe_layers, some_layers
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,10 @@ class RoutingTap:
                 if self.chosen is None or self.chosen[j] == c:
                     self._hooks[(j, c)] = r.register_forward_hook(self._router_hook(j, c))
         if self.chosen is None:
-            self._other.append(self.model.register_forward_hook(self._resolve))
+            # The routing is resolved when a forward ends: the model's own, or its decoder's alone (the logits
+            # stage runs the decoder and takes the head chunk by chunk); the second call finds it resolved.
+            ends = {id(m): m for m in (self.model, decoder_module(self.model))}
+            self._other += [m.register_forward_hook(self._resolve) for m in ends.values()]
         return self
 
     def _remove(self) -> None:

@@ -299,3 +299,41 @@ def test_truncated_shard_is_refused_then_regenerated(tmp_path: Path, reference_c
         LogitCache(root, verify=False)  # the size alone tells, without hashing
     write_sequences(root, make_meta(**RESUME_GEOMETRY), RESUME_TOTAL, RESUME_SPS, batch=3)
     assert_matches_reference(root, reference_cache)
+
+
+def test_topk_from_hidden_is_topk_of_the_product_in_chunks() -> None:
+    """The logits stage's chunked head: the same ids, log-probs and tail as the whole [N, V] product, with
+    chunks of a few rows and an output matrix padded past the vocabulary (those rows never chosen)."""
+    from logit_cache import topk_from_hidden, topk_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 16, generator=g), torch.randn(120, 16, generator=g)
+    weight[100:] = 50.0  # padding rows that would win if they were counted
+    whole = topk_from_logits(hidden @ weight[:100].T, 8)
+    for chunk_bytes in (1, 5000, 1 << 30):  # one row per chunk, a few rows, all at once
+        got = topk_from_hidden(hidden, weight, 8, 100, chunk_bytes=chunk_bytes)
+        assert torch.equal(got[0], whole[0]) and int(got[0].max()) < 100
+        assert torch.allclose(got[1], whole[1], atol=1e-6) and torch.allclose(got[2], whole[2], atol=1e-6)
+
+
+def test_the_teacher_top_k_goes_through_the_chunked_head_only_for_a_plain_head() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from teachers.logit_generation import _teacher_topk
+    from teachers.moe_layout import decoder_module
+    from teachers.output_head import plain_head_problem
+
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2)).eval()
+    ids = torch.randint(0, 290, (2, 17))
+    with torch.no_grad():
+        full = _teacher_topk(moe, None, ids, 8, 290)
+        chunked = _teacher_topk(moe, decoder_module(moe), ids, 8, 290)
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(full, chunked))
+    assert plain_head_problem(moe) is None
+    capped = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            final_logit_softcapping=30.0))
+    assert plain_head_problem(capped) == "it rescales or soft-caps its logits"
