@@ -97,7 +97,8 @@ sweep: $(VENV)/.installed ## search the KD recipe (Optuna, TRIALS, STEPS) and wr
 BEST ?=
 ab: $(VENV)/.installed ## KD recipes side by side at one budget with intervals: cache, on-policy, layer-wise (BEST=<sweep preset> adds it)
 	@$(VENV)/bin/moe-distill ab --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \
-		--set "$(SET)" --data "$(DATA)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" $(if $(BEST),--best "$(BEST)")
+		--set "$(SET)" --data "$(DATA)" --run-name "$(RUN)" --runs-dir "$(RUNS_DIR)" --time-limit "$(TIME_LIMIT)" \
+		$(if $(BEST),--best "$(BEST)")
 
 show-config: $(VENV)/.installed ## every config key of a run (TEACHER, STUDENT, PRESET, SET, RUN) and where it came from
 	@$(VENV)/bin/moe-distill show-config --teacher "$(TEACHER)" --student "$(STUDENT)" --preset "$(PRESET)" \

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -254,7 +255,7 @@ def _run_locked(cfg: PipelineConfig, configs: dict[str, PipelineConfig], variant
 
 
 def main(preset: str, overrides: str, data: str, teacher: str, student: str, run_name: str, runs_dir: Path,
-         specs: list[tuple[str, str]], best: str = "") -> int:
+         specs: list[tuple[str, str]], best: str = "", time_limit: float = 0) -> int:
     """`moe-distill ab`: the base config as `moe-distill run` loads it (the CE baseline switched on), the
     variants (default: DEFAULT_VARIANTS), the comparison; prints the table's path and its verdict."""
     from pipelines.config import load_config
@@ -263,10 +264,18 @@ def main(preset: str, overrides: str, data: str, teacher: str, student: str, run
     parsed = with_data(overrides, data)
     cfg = load_config(preset, parsed, teacher=teacher, student=student, run_name=run_name)
     cfg.baseline.enabled = True  # retained gain needs it; the stage is shared by every variant
+    from core.deadline import EXIT_CODE, TimeLimitReached, set_time_limit
+
     variants = [parse_variant(n, s) for n, s in specs] if specs else default_variants(cfg)
     if best:
         variants.append(parse_variant("sweep_best", best))
-    md = run_ab(cfg, runs_dir, variants)
+    set_time_limit(time_limit)
+    try:
+        md = run_ab(cfg, runs_dir, variants)
+    except TimeLimitReached as e:
+        print(f"\nstopped for the time limit: {e}. Finished stages and checkpoints are kept: run the same command "
+              f"again to continue (exit code {EXIT_CODE}).", file=sys.stderr)
+        return EXIT_CODE
     table = json.loads((md.parent / "ab.json").read_text())
     win = table.get("winner")
     print(f"\ncomparison: {md}")

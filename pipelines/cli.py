@@ -126,6 +126,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     ab.add_argument("--student", default="")
     ab.add_argument("--run-name", default="", help="run folder (default: the one `make distill` would use)")
     ab.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="default %(default)s")
+    ab.add_argument("--time-limit", type=float, default=0,
+                    help="seconds this invocation may take: it stops cleanly before (exit 75) and a rerun resumes")
     ui = sub.add_parser("ui", help="the MLflow UI (`make ui`)", description="mlflow ui on the project's store.")
     ui.add_argument("--port", type=int, default=5000, help="default %(default)s")
     ui.add_argument("--host", default="127.0.0.1",
@@ -219,7 +221,7 @@ def _ab(opts: argparse.Namespace) -> int:
     from pipelines import ab
 
     return ab.main(opts.preset, opts.set, opts.data, opts.teacher, opts.student, opts.run_name, opts.runs_dir,
-                   [tuple(v) for v in opts.variant], opts.best)
+                   [tuple(v) for v in opts.variant], opts.best, opts.time_limit)
 
 
 COMMANDS = {"eval": _eval, "compare": _compare, "show-config": _show_config, "sweep": _sweep, "ab": _ab, "ui": _ui}

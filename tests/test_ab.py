@@ -141,3 +141,19 @@ def test_the_comparison_counts_the_headline_metrics_and_names_a_clear_winner(tmp
                                "lead_over_reference": lead, "clear": True}
     md = to_markdown(table, "synthetic")
     assert "Highest mean retained gain: **b**" in md and "excludes zero" in md and "| arc_easy/acc |" in md
+
+
+def test_a_time_limit_stops_cleanly_with_exit_75(tiny_moe_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """TIME_LIMIT: `make ab` in several calls, as on a machine lent for a few minutes at a time."""
+    from core import deadline
+    from pipelines.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv(deadline.ENV, raising=False)
+    code = main(["ab", "--preset", "ci", "--teacher", str(tiny_moe_dir), "--runs-dir", str(tmp_path / "runs"),
+                 "--time-limit", "0.001", "--variant", "a", "", "--variant", "b", "distill.lr=1e-4"])
+    monkeypatch.delenv(deadline.ENV, raising=False)
+    assert code == deadline.EXIT_CODE == 75
+    assert "run the same command again to continue" in capsys.readouterr().err
