@@ -236,7 +236,7 @@ def _run_locked(cfg: PipelineConfig, configs: dict[str, PipelineConfig], variant
     with command_run(cfg, run_dir, device, "ab", NEEDED) as (ctx, parent_tags):
         records: dict[str, dict[str, Any]] = {}
         for v in variants:
-            print(f"[ab] variant {v.name}: {v.source or '(the run own distill settings)'}", flush=True)
+            print(f"[ab] variant {v.name}: {v.source or '(the run's own distill settings)'}", flush=True)
             vctx = RunContext(cfg=configs[v.name], run_dir=folder / v.name, device=device)
             vctx.records = dict(ctx.records)
             for name in ("distill", "eval_student"):
