@@ -236,7 +236,8 @@ def _run_locked(cfg: PipelineConfig, configs: dict[str, PipelineConfig], variant
     with command_run(cfg, run_dir, device, "ab", NEEDED) as (ctx, parent_tags):
         records: dict[str, dict[str, Any]] = {}
         for v in variants:
-            print(f"[ab] variant {v.name}: {v.source or '(the run's own distill settings)'}", flush=True)
+            settings = v.source or "(the run's own distill settings)"
+            print(f"[ab] variant {v.name}: {settings}", flush=True)
             vctx = RunContext(cfg=configs[v.name], run_dir=folder / v.name, device=device)
             vctx.records = dict(ctx.records)
             for name in ("distill", "eval_student"):
