@@ -111,6 +111,7 @@ def compare(ctx: RunContext, variants: list[Variant], records: dict[str, dict[st
     ref = variants[0].name
     counted = per[ref]["summary"]["headline"]["metrics"]  # the rule reads teacher and baseline only: one set
     out: dict[str, Any] = {"reference": ref, "counted_metrics": counted, "rule": per[ref]["summary"]["headline"]["rule"],
+                           "higher_is_better": {k: bool(per[ref]["quality"][k]["higher_is_better"]) for k in counted},
                            "variants": {}}
     for v in variants:
         p = per[v.name]
@@ -189,7 +190,8 @@ def to_markdown(table: dict[str, Any], run: str) -> str:
                 d = table["variants"][n]["minus_reference"]["metrics"].get(k)
                 cells.append("n/a" if d is None else f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
                              + (" *" if d["excludes_zero"] else ""))
-            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+            better = "higher" if table.get("higher_is_better", {}).get(k, True) else "lower"
+            lines.append(f"| {k} ({better} is better) | " + " | ".join(cells) + " |")
         lines += ["", "\\* the interval excludes zero."]
     else:
         lines.append("None: no headline metric counted, or a single variant.")

@@ -140,7 +140,7 @@ def test_the_comparison_counts_the_headline_metrics_and_names_a_clear_winner(tmp
     assert table["winner"] == {"variant": "b", "retained_gain_mean": b["retained_gain_mean"],
                                "lead_over_reference": lead, "clear": True}
     md = to_markdown(table, "synthetic")
-    assert "Highest mean retained gain: **b**" in md and "excludes zero" in md and "| arc_easy/acc |" in md
+    assert "Highest mean retained gain: **b**" in md and "excludes zero" in md and "| arc_easy/acc (higher is better) |" in md
 
 
 def test_a_time_limit_stops_cleanly_with_exit_75(tiny_moe_dir: Path, tmp_path: Path,
