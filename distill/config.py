@@ -28,7 +28,8 @@ class DistillConfig:
     fused_loss: str = "auto"  # "auto" (fused when the output layer allows), "on", "off"
     hidden_weight: float = 0.0  # online: weight of the MSE between (projected) student and teacher last hidden
     # online, derived students: weight of the loss matching each student layer's output to the teacher layer it
-    # was derived from (distill/layer_transfer.py); layer_loss: "mse" or "cosine"
+    # was derived from (distill/layer_transfer.py); layer_loss: "mse" or "cosine". Online only, on purpose: cached
+    # layer outputs would take tokens x layers x width x 2 bytes (110 GB for PRESET=h100, 93x its logit cache)
     layer_weight: float = 0.0
     layer_loss: str = "mse"
     # On-policy distillation (distill/on_policy.py; GKD): this share of the optimizer steps, spread evenly, trains
