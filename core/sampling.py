@@ -14,7 +14,11 @@ and the step eager.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -65,8 +69,22 @@ def sample_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_toke
         out = lm(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         tokens = [draw(out.logits[:, -1, :vocab_size], temperature, generator)]
-        for _ in range(new_tokens - 1):
-            out = step(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for i in range(new_tokens - 1):
+            kwargs = dict(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            try:
+                out = step(**kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - compiling a model's step can fail in many ways
+                if step is lm.__call__ or i > 0:
+                    raise
+                # A model whose step does not compile (custom kernels, graph breaks the backend refuses) still
+                # samples, eagerly on the same static cache: the step writes its own position, so redoing it
+                # after a failed first attempt is safe.
+                log.warning("sampling: the compiled decode step failed (%s: %s); decoding eagerly",
+                            type(e).__name__, str(e)[:200])
+                step = lm.__call__
+                out = step(**kwargs)
             tokens.append(draw(out.logits[:, -1, :vocab_size], temperature, generator))
     finally:
         lm.train(was_training)

@@ -240,3 +240,22 @@ def test_the_sampling_twin_follows_the_student_without_its_hooks() -> None:
     sample_continuations(twin.model, torch.zeros(1, 3, dtype=torch.long), 2, VOCAB)
     assert all(o is None for o in tap.outputs)
     tap.remove()
+
+
+def test_a_decode_step_that_does_not_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A model whose compiled step fails (a teacher with custom kernels, say) still samples, the same tokens."""
+    import logging
+
+    model = tiny_llama().eval()
+    prompts = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(0))
+    want = sample_continuations(model, prompts, 5, VOCAB, temperature=0, static=True)
+
+    def broken(*_a, **_k):
+        def step(**_kw):
+            raise RuntimeError("backend compiler failed")
+        return step
+    monkeypatch.setattr(type(model), "get_compiled_call", broken)
+    with caplog.at_level(logging.WARNING, logger="core.sampling"):
+        got = sample_continuations(model, prompts, 5, VOCAB, temperature=0, static=True, compiled=True)
+    assert torch.equal(got, want) and "decoding eagerly" in caplog.text
