@@ -34,6 +34,24 @@ def bench(fn: Callable[[], object], reps: int = 20, warm: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def random_bf16_on_gpu(make: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
+    """`make()`'s module built in bf16 directly on the GPU (a 30B-parameter teacher never exists in float32 or on
+    the host), in eval mode, every parameter N(0, 0.02) from a seeded generator: speed does not depend on the
+    values, and every benchmark run sees the same ones."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            module = make().eval()
+    finally:
+        torch.set_default_dtype(dtype)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    return module
+
+
 def ceilings() -> tuple[float, float]:
     """Measured bf16 matmul FLOP/s (8192^3) and device copy bytes/s (read + write of 2 GiB) on this GPU."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

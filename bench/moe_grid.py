@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import start_run, write_rows
+from bench.common import random_bf16_on_gpu, start_run, write_rows
 from bench.moe_layer import graph_time, skew_router
 from kernels import dispatch
 from kernels.hf_moe import install_fused_routers, register
@@ -112,20 +112,11 @@ def build_block(s: Shape) -> torch.nn.Module:
                                n_shared_experts=1, n_group=s.groups, topk_group=max(1, s.groups // 2),
                                routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None)
     cfg._experts_implementation = "eager"
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # made in bf16: Kimi-K2's 34 GB of experts never exist in fp32
-    try:
-        with torch.device("cuda"):
-            block = Block(cfg).eval()
-    finally:
-        torch.set_default_dtype(dtype)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02, generator=gen)
-        if hasattr(block.gate, "e_score_correction_bias"):
+    block = random_bf16_on_gpu(lambda: Block(cfg))  # Kimi-K2's 34 GB of experts never exist in float32
+    if hasattr(block.gate, "e_score_correction_bias"):
+        with torch.no_grad():
             block.gate.e_score_correction_bias.zero_()
-    block.u = skew_router(block, s.hidden, gen)
+    block.u = skew_router(block, s.hidden, torch.Generator(device="cuda").manual_seed(1))
     return block
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import start_run, write_rows
+from bench.common import random_bf16_on_gpu, start_run, write_rows
 
 
 def qwen3_30b_a3b(layers: int):
@@ -37,18 +37,7 @@ def build(layers: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     cfg = qwen3_30b_a3b(layers)
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(cfg).eval()
-    finally:
-        torch.set_default_dtype(dtype)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=gen)
-    return model
+    return random_bf16_on_gpu(lambda: AutoModelForCausalLM.from_config(cfg))
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
