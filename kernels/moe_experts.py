@@ -210,7 +210,8 @@ def fused_experts(
     return launch_fitting((choice, H, I, x.dtype, weights.gate_up.dtype), grouped_fallbacks(choice), launch)
 
 
-def grouped_fallbacks(choice: tuple[TileConfig, TileConfig]) -> list[tuple[TileConfig, TileConfig]]:
+@lru_cache(maxsize=None)
+def grouped_fallbacks(choice: tuple[TileConfig, TileConfig]) -> tuple[tuple[TileConfig, TileConfig], ...]:
     """`choice`, then the same tiles with two stages, then 64-row tiles of K step 32 on the pointer kernels, then
     the smallest tiles (16 rows, two stages): each needs less shared memory than the one before."""
     up, down = choice
@@ -221,7 +222,7 @@ def grouped_fallbacks(choice: tuple[TileConfig, TileConfig]) -> list[tuple[TileC
     for pair in (choice, fewer, mid, small):
         if pair not in out:
             out.append(pair)  # type: ignore[arg-type]
-    return out
+    return tuple(out)  # cached: every grouped launch asks, and the answer depends on the choice alone
 
 
 def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: int, act: int,

@@ -9,6 +9,7 @@ program owns BLOCK_T tokens and keeps their [BLOCK_T, E] scores in registers fro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -214,7 +215,8 @@ def route(
     return logits, topw, topi
 
 
-def router_fallbacks(choice: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+@lru_cache(maxsize=None)
+def router_fallbacks(choice: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int], ...]:
     """`choice` (tokens per program, H step, warps, stages), then configs needing ever less shared memory: fewer
     stages, then a shorter H step, then fewer tokens per program (each halving, down to 16 and 1 stage)."""
     bt, bh, nw, ns = choice
@@ -227,4 +229,4 @@ def router_fallbacks(choice: tuple[int, int, int, int]) -> list[tuple[int, int, 
         else:
             bt //= 2
         out.append((bt, bh, nw, ns))
-    return out
+    return tuple(out)  # cached: every router launch asks
