@@ -90,12 +90,16 @@ class LoopSettings:
 
 @dataclass
 class Progress:
-    """Where a run stands; saved in every checkpoint ("tokens", "seconds", "last") and returned at the end."""
+    """Where a run stands; saved in every checkpoint ("tokens", "seconds", "last", "latest") and returned at the
+    end."""
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # tokens trained on, all processes
     seconds: float = 0.0  # time inside steps only (no loading, no checkpoint saves)
     last: dict[str, float] = field(default_factory=dict)  # the last step's logged numbers
+    # Each number's value at the last step that logged it: steps of different kinds log different numbers (an
+    # on-policy step has no CE), and a run's summary wants each one's final value whatever the last step was.
+    latest: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -107,8 +111,8 @@ class Progress:
                 "tokens_per_s": self.tokens_per_s}
 
     def final(self, keys: Iterable[str]) -> dict[str, float]:
-        """The last step's values of `keys` as final_<key> (those it has)."""
-        return {f"final_{k}": v for k, v in self.last.items() if k in set(keys)}
+        """The latest logged values of `keys` as final_<key> (those ever logged)."""
+        return {f"final_{k}": v for k, v in self.latest.items() if k in set(keys)}
 
 
 def _state_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -125,7 +129,9 @@ def resume(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     if not ckpts:
         return None
     state = load_checkpoint(ckpts[-1], model, _state_optimizer(optimizer), scheduler)
-    return Progress(state["step"], state["tokens"], state["seconds"], state["last"])
+    # Checkpoints written before "latest" existed: the last step's numbers are the best there is.
+    return Progress(state["step"], state["tokens"], state["seconds"], state["last"],
+                    dict(state.get("latest") or state["last"]))
 
 
 def _grad_norm(norm: torch.Tensor | float) -> float:
@@ -191,6 +197,7 @@ def run_training(step_fn: StepFn, num_sequences: int, settings: LoopSettings, mo
         progress.seconds += dt
         progress.last = {**numbers, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                          "tokens_per_s": step_tokens / dt, **(extra_metrics(step_tokens, dt) if extra_metrics else {})}
+        progress.latest.update(progress.last)
         bar.set_postfix({k: f"{numbers[k]:.3f}" for k in shown if k in numbers})
         if log_fn and main:
             log_fn(progress.last, step + 1)
@@ -200,7 +207,8 @@ def run_training(step_fn: StepFn, num_sequences: int, settings: LoopSettings, mo
             deadline.training_should_stop(dt))
         if (step + 1) % s.checkpoint_every == 0 or done or stop:
             save_checkpoint(ckpt_dir, step + 1, model, _state_optimizer(optimizer), scheduler,
-                            {"tokens": progress.tokens, "seconds": progress.seconds, "last": progress.last})
+                            {"tokens": progress.tokens, "seconds": progress.seconds, "last": progress.last,
+                             "latest": progress.latest})
         if stop:
             raise deadline.TimeLimitReached(f"{s.section} stopped at step {step + 1} of {s.steps} for the time "
                                             "limit; its checkpoint is saved and a rerun resumes from it")

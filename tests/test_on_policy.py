@@ -259,3 +259,17 @@ def test_a_decode_step_that_does_not_compile_falls_back_to_eager(monkeypatch: py
     with caplog.at_level(logging.WARNING, logger="core.sampling"):
         got = sample_continuations(model, prompts, 5, VOCAB, temperature=0, static=True, compiled=True)
     assert torch.equal(got, want) and "decoding eagerly" in caplog.text
+
+
+def test_the_summary_keeps_the_last_ce_when_the_run_ends_on_policy(tmp_path: Path) -> None:
+    """Steps 2 and 4 of 4 are on-policy and log no CE: the summary's final_ce is step 3's, also when the summary
+    comes from a resumed run that has no step left to take (its checkpoint carries each number's latest value)."""
+    cfg = tiny_config(on_policy_rate=0.5, on_policy_prompt=6, on_policy_tokens=8, max_steps=4, checkpoint_every=4)
+    logs: list[dict] = []
+    teacher = tiny_llama(hidden=48, seed=5, layers=1)
+    done = train_student(tiny_llama(), tiny_dataset(), cfg, tmp_path, VOCAB, torch.device("cpu"),
+                         lambda m, step: logs.append({"step": step, **m}), teacher=teacher)
+    assert [r["on_policy"] for r in logs] == [0.0, 1.0, 0.0, 1.0] and "ce" not in logs[-1]
+    assert done["final_ce"] == logs[2]["ce"] and done["final_kd"] == logs[3]["kd"]
+    again = train_student(tiny_llama(), tiny_dataset(), cfg, tmp_path, VOCAB, torch.device("cpu"), teacher=teacher)
+    assert again["final_ce"] == logs[2]["ce"] and again["steps"] == 4

@@ -261,7 +261,8 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                   "bytes_per_token": logits["bytes_per_token"], "fidelity_kl": logits["fidelity_kl"],
                   "tokens_per_s": logits.get("tokens_per_s")},
         "router": logits.get("router") or {},
-        "training": {k: ctx.output("distill", k) for k in
+        # final_ce is absent when every step was on-policy (they log no CE): null in the report, not a failure
+        "training": {k: ctx.records["distill"]["outputs"].get(k) for k in
                      ("steps", "tokens", "final_loss", "final_kd", "final_ce", "seconds")},
         "curves": curves,
         "mlflow": ctx.records.get("_mlflow", {}),
