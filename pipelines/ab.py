@@ -11,9 +11,11 @@
    run tagged with the variant.
 3. `runs/<run>/ab/ab.md` and `ab.json`: per variant the mean retained gain over the headline metrics (the
    report's rule: counted where the teacher beats chance and the baseline by two standard errors) with its
-   paired bootstrap interval, the loss positions it trained on; against the first variant (the reference),
+   paired bootstrap interval, the loss positions it trained on; against the first variant that finished (the reference),
    the interval of the difference in mean retained gain and, per counted metric, of the difference in score;
-   and the winner, with whether its lead over the reference excludes zero.
+   and the winner, with whether its lead over the reference excludes zero. A variant that fails is named in
+   the table with its error and the others still run; the command then exits 1 (rerun it: finished
+   variants are reused).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -172,6 +174,8 @@ def to_markdown(table: dict[str, Any], run: str) -> str:
         d = (r.get("minus_reference") or {}).get("retained_gain_mean")
         lines.append(f"| {name} | {settings} | {r['trained_tokens']} | {_pct(r['retained_gain_mean'])} | "
                      f"{_ci(r['retained_gain_mean_ci'])} | {_pct(d['estimate']) if d else '-'} | {_ci(d) if d else '-'} |")
+    for name, error in (table.get("failed") or {}).items():
+        lines.append(f"| {name} | failed: {error} | - | - | - | - | - |")
     win = table.get("winner")
     lines += [""]
     if win:
@@ -210,6 +214,32 @@ def run_ab(cfg: PipelineConfig, runs_dir: Path, variants: list[Variant]) -> Path
         return _run_locked(cfg, configs, variants, run_dir, device)
 
 
+def run_variants(variants: list[Variant], run_one: Callable[[Variant], dict[str, Any]]
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Run each variant with `run_one` (its stage records back); a variant that fails is recorded (its error
+    in one line) and the others still run, so that one broken recipe costs its own stages, not the comparison's
+    (on a lent GPU, the rest of the budget). A time limit or Ctrl-C stops everything, as anywhere else. Returns
+    (records of the finished variants, {failed variant: error}); raises the first error when none finished."""
+    from core.deadline import TimeLimitReached
+
+    records: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    first: BaseException | None = None
+    for v in variants:
+        try:
+            records[v.name] = run_one(v)
+        except (TimeLimitReached, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of one recipe; the table names it
+            first = first or e
+            failed[v.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"[ab] variant {v.name} failed ({failed[v.name]}); going on with the others", file=sys.stderr,
+                  flush=True)
+    if not records and first is not None:
+        raise first
+    return records, failed
+
+
 def _variant_config(cfg: PipelineConfig, v: Variant) -> PipelineConfig:
     import copy
 
@@ -236,16 +266,18 @@ def _run_locked(cfg: PipelineConfig, configs: dict[str, PipelineConfig], variant
 
     folder = run_dir / "ab"
     with command_run(cfg, run_dir, device, "ab", NEEDED) as (ctx, parent_tags):
-        records: dict[str, dict[str, Any]] = {}
-        for v in variants:
+        def run_one(v: Variant) -> dict[str, Any]:
             settings = v.source or "(the run's own distill settings)"
             print(f"[ab] variant {v.name}: {settings}", flush=True)
             vctx = RunContext(cfg=configs[v.name], run_dir=folder / v.name, device=device)
             vctx.records = dict(ctx.records)
             for name in ("distill", "eval_student"):
                 vctx.records[name] = run_stage(BY_NAME[name], vctx, {**parent_tags, "variant": v.name})
-            records[v.name] = vctx.records
-        table = compare(ctx, variants, records)
+            return vctx.records
+
+        records, failed = run_variants(variants, run_one)
+        table = compare(ctx, [v for v in variants if v.name in records], records)
+        table["failed"] = failed
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ab.json").write_text(json.dumps(table, indent=1, default=str))
         md = folder / "ab.md"
@@ -280,10 +312,13 @@ def main(preset: str, overrides: str, data: str, teacher: str, student: str, run
               f"again to continue (exit code {EXIT_CODE}).", file=sys.stderr)
         return EXIT_CODE
     table = json.loads((md.parent / "ab.json").read_text())
+    for name, error in (table.get("failed") or {}).items():
+        print(f"error (ab): variant {name} failed: {error}; the others are compared in {md}. Fix it and run the "
+              "same command again: finished variants are reused", file=sys.stderr)
     win = table.get("winner")
     print(f"\ncomparison: {md}")
     if win:
         print(f"highest mean retained gain: {win['variant']} ({_pct(win['retained_gain_mean'])})"
               + ("" if win["variant"] == table["reference"] else
                  f"; lead over {table['reference']} {'excludes' if win['clear'] else 'does not exclude'} zero"))
-    return 0
+    return 1 if table.get("failed") else 0

@@ -160,3 +160,33 @@ def test_a_time_limit_stops_cleanly_with_exit_75(tiny_moe_dir: Path, tmp_path: P
         os.environ.pop(deadline.ENV, None)
     assert code == deadline.EXIT_CODE == 75
     assert "run the same command again to continue" in capsys.readouterr().err
+
+
+def test_a_failing_variant_is_named_and_the_others_still_run() -> None:
+    """One broken recipe costs its own stages, not the comparison; a time limit still stops everything."""
+    from core.deadline import TimeLimitReached
+    from pipelines.ab import Variant, run_variants, to_markdown
+
+    ran: list[str] = []
+
+    def run_one(v: Variant) -> dict:
+        ran.append(v.name)
+        if v.name == "bad":
+            raise RuntimeError("CUDA error: an illegal memory access\nsecond line")
+        return {"eval_student": v.name}
+
+    variants = [Variant(n, {}, "") for n in ("a", "bad", "c")]
+    records, failed = run_variants(variants, run_one)
+    assert ran == ["a", "bad", "c"] and set(records) == {"a", "c"}
+    assert failed == {"bad": "RuntimeError: CUDA error: an illegal memory access"}
+    md = to_markdown({"reference": "a", "counted_metrics": [], "rule": "r", "variants": {}, "failed": failed}, "x")
+    assert "| bad | failed: RuntimeError: CUDA error: an illegal memory access |" in md
+
+    with pytest.raises(RuntimeError, match="illegal memory"):  # nothing finished: the first error itself
+        run_variants([Variant("bad", {}, "")], run_one)
+
+    def out_of_time(v: Variant) -> dict:
+        raise TimeLimitReached("no time left")
+
+    with pytest.raises(TimeLimitReached):
+        run_variants(variants, out_of_time)
