@@ -124,6 +124,14 @@ def compare(ctx: RunContext, variants: list[Variant], records: dict[str, dict[st
                                "metrics": {k: {"score": p["quality"][k]["student"],
                                                "stderr": p["quality"][k]["stderr"].get("student")}
                                            for k in counted}}
+        # Against the CE baseline, per metric: what the recipe bought over plain fine-tuning, in the metric's units.
+        row["minus_baseline"] = {}
+        for k in counted:
+            have = {"a": p["scores"]["student"].get(k), "b": p["scores"]["baseline"].get(k)}
+            if all(x is not None for x in have.values()):
+                paired = per_example.paired(have)
+                row["minus_baseline"][k] = bootstrap.paired_difference(paired["a"], paired["b"],
+                                                                       stream=k.rpartition("/")[0])
         if v.name != ref:
             tasks, diffs = [], {}
             for k in counted:
@@ -158,6 +166,12 @@ def _ci(ci: Any) -> str:
     return f"[{_pct(ci['low'])}, {_pct(ci['high'])}]"
 
 
+def _diff(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "n/a"
+    return f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" + (" *" if d["excludes_zero"] else "")
+
+
 def to_markdown(table: dict[str, Any], run: str) -> str:
     """ab.md: the variants, their mean retained gain with its interval, and the differences to the reference."""
     ref = table["reference"]
@@ -184,6 +198,16 @@ def to_markdown(table: dict[str, Any], run: str) -> str:
         lines.append(f"Highest mean retained gain: **{win['variant']}** ({_pct(win['retained_gain_mean'])}); {clear}.")
     else:
         lines.append("No variant has a defined mean retained gain: no headline metric was counted (see the rule).")
+    lines += ["", "## Per metric: variant minus CE baseline (score, paired bootstrap 95%)", ""]
+    names = list(table["variants"])
+    if names and table["counted_metrics"]:
+        lines += ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for k in table["counted_metrics"]:
+            cells = [_diff(table["variants"][n].get("minus_baseline", {}).get(k)) for n in names]
+            better = "higher" if table.get("higher_is_better", {}).get(k, True) else "lower"
+            lines.append(f"| {k} ({better} is better) | " + " | ".join(cells) + " |")
+    else:
+        lines.append("None: no headline metric counted.")
     lines += ["", "## Per metric: variant minus reference (score, paired bootstrap 95%)", ""]
     others = [n for n in table["variants"] if n != ref]
     if others and table["counted_metrics"]:
@@ -191,9 +215,7 @@ def to_markdown(table: dict[str, Any], run: str) -> str:
         for k in table["counted_metrics"]:
             cells = []
             for n in others:
-                d = table["variants"][n]["minus_reference"]["metrics"].get(k)
-                cells.append("n/a" if d is None else f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
-                             + (" *" if d["excludes_zero"] else ""))
+                cells.append(_diff(table["variants"][n]["minus_reference"]["metrics"].get(k)))
             better = "higher" if table.get("higher_is_better", {}).get(k, True) else "lower"
             lines.append(f"| {k} ({better} is better) | " + " | ".join(cells) + " |")
         lines += ["", "\\* the interval excludes zero."]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError
+from tests.mlflow_store import fresh_store
 
 
 @pytest.mark.parametrize("name, spec, message", [
@@ -75,7 +76,7 @@ def test_two_recipes_side_by_side_on_the_ci_preset(tiny_moe_dir: Path, tmp_path:
     from kernels import kd_loss
     from pipelines.cli import main
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(tmp_path))
     monkeypatch.setattr(kd_loss, "TRITON_ON_CPU", False)
     args = ["ab", "--preset", "ci", "--teacher", str(tiny_moe_dir), "--run-name", "abrun", "--runs-dir",
             str(tmp_path / "runs"), "--set", "latency.enabled=false eval.limit=4",
@@ -140,7 +141,12 @@ def test_the_comparison_counts_the_headline_metrics_and_names_a_clear_winner(tmp
     assert lead["excludes_zero"] and b["minus_reference"]["metrics"]["arc_easy/acc"]["excludes_zero"]
     assert table["winner"] == {"variant": "b", "retained_gain_mean": b["retained_gain_mean"],
                                "lead_over_reference": lead, "clear": True}
+    # Against the CE baseline: b is 30 points above it, a 5 (noise at 600 questions).
+    assert b["minus_baseline"]["arc_easy/acc"]["estimate"] == pytest.approx(0.3, abs=0.06)
+    assert b["minus_baseline"]["arc_easy/acc"]["excludes_zero"]
+    assert a["minus_baseline"]["arc_easy/acc"]["low"] < a["minus_baseline"]["arc_easy/acc"]["estimate"]
     md = to_markdown(table, "synthetic")
+    assert "## Per metric: variant minus CE baseline" in md
     assert "Highest mean retained gain: **b**" in md and "excludes zero" in md and "| arc_easy/acc (higher is better) |" in md
 
 
@@ -151,7 +157,7 @@ def test_a_time_limit_stops_cleanly_with_exit_75(tiny_moe_dir: Path, tmp_path: P
     from core import deadline
     from pipelines.cli import main
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(tmp_path))
     assert deadline.ENV not in os.environ
     try:
         code = main(["ab", "--preset", "ci", "--teacher", str(tiny_moe_dir), "--runs-dir", str(tmp_path / "runs"),
