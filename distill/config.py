@@ -12,7 +12,7 @@ from distill.kd_losses import KDLossSpec
 TEACHER_MODES = ("cache", "online")
 SWITCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
-LAYER_LOSSES = ("mse", "cosine")  # distill/layer_transfer.py
+LAYER_LOSSES = ("nmse", "mse", "cosine")  # distill/layer_transfer.py
 
 
 @dataclass
@@ -28,10 +28,12 @@ class DistillConfig:
     fused_loss: str = "auto"  # "auto" (fused when the output layer allows), "on", "off"
     hidden_weight: float = 0.0  # online: weight of the MSE between (projected) student and teacher last hidden
     # online, derived students: weight of the loss matching each student layer's output to the teacher layer it
-    # was derived from (distill/layer_transfer.py); layer_loss: "mse" or "cosine". Online only, on purpose: cached
+    # was derived from (distill/layer_transfer.py); layer_loss: "nmse" (MSE over the teacher layer's mean square:
+    # scale-free, so one weight means the same for any model; on the h100 teacher the raw "mse" was 97% of the
+    # loss at weight 0.5, docs/results/ab_h100), "mse" or "cosine". Online only, on purpose: cached
     # layer outputs would take tokens x layers x width x 2 bytes (110 GB for PRESET=h100, 93x its logit cache)
     layer_weight: float = 0.0
-    layer_loss: str = "mse"
+    layer_loss: str = "nmse"
     # On-policy distillation (distill/on_policy.py; GKD): this share of the optimizer steps, spread evenly, trains
     # on continuations the student samples from prompts cut from the training text, scored by the teacher run
     # online (loaded for it even with teacher_mode=cache); the other steps use `teacher_mode` as usual.

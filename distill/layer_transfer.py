@@ -8,8 +8,15 @@ forward hooks on the decoder layers (the residual stream each layer hands to the
 norm), registered once for the whole training: hooks per call would break a compiled graph and cost
 a Python round trip per layer and micro-batch.
 
-    loss_layers = mean over pairs j of  MSE(h_student[j], h_teacher[map[j]])        (kind "mse")
-                                   or  mean over tokens of 1 - cos(h_student[j], h_teacher[map[j]])  ("cosine")
+    loss_layers = mean over pairs j of  MSE(h_s, h_t) / mean(h_t^2)        (kind "nmse", the default)
+                                   or  MSE(h_s, h_t)                     ("mse")
+                                   or  mean over tokens of 1 - cos(h_s, h_t)  ("cosine")
+    with h_s = h_student[j], h_t = h_teacher[map[j]].
+
+The residual stream's scale grows with depth and differs between models (SmolLM2's reaches mean squares in the
+tens), so a raw MSE's weight means nothing from one model to the next: on the h100 teacher it was 97% of the loss
+at weight 0.5 and made the student worse on every task (docs/results/ab_h100). "nmse" divides each pair's MSE by
+the teacher layer's mean square (detached): 1.0 is a student layer that outputs zeros.
 """
 from __future__ import annotations
 
@@ -85,9 +92,10 @@ def tap_layers(model: torch.nn.Module, indices: list[int] | None = None) -> Laye
     return LayerTap([layers[i] for i in (range(len(layers)) if indices is None else indices)])
 
 
-def layer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str = "mse") -> torch.Tensor:
+def layer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str = "nmse") -> torch.Tensor:
     """Mean over layer pairs of the distance between student[j] and teacher[j] (each [B, S, H]), in float32:
-    "mse" (mean squared difference) or "cosine" (mean over tokens of 1 - cosine similarity)."""
+    "nmse" (mean squared difference over the teacher's mean square), "mse" (mean squared difference) or
+    "cosine" (mean over tokens of 1 - cosine similarity)."""
     if kind not in LAYER_LOSSES:
         raise ValueError(f"unknown layer loss {kind!r} (available: {', '.join(LAYER_LOSSES)})")
     if len(student) != len(teacher) or not student:
@@ -95,7 +103,9 @@ def layer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: s
     terms = []
     for s, t in zip(student, teacher):
         s, t = s.float(), t.detach().float()
-        if kind == "mse":
+        if kind == "nmse":
+            terms.append(torch.nn.functional.mse_loss(s, t) / t.square().mean().clamp_min(1e-12))
+        elif kind == "mse":
             terms.append(torch.nn.functional.mse_loss(s, t))
         else:
             terms.append((1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).mean())

@@ -42,16 +42,18 @@ def test_a_student_without_a_map_is_refused(tmp_path: Path) -> None:
         layer_map(student, _teacher())
 
 
-@pytest.mark.parametrize("kind", ["mse", "cosine"])
+@pytest.mark.parametrize("kind", ["nmse", "mse", "cosine"])
 def test_layer_loss_matches_a_float64_reference(kind: str) -> None:
     g = torch.Generator().manual_seed(0)
     s = [torch.randn(2, 5, 8, generator=g, requires_grad=True) for _ in range(3)]
-    t = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    t = [torch.randn(2, 5, 8, generator=g) * (1 + 10 * i) for i in range(3)]  # layers of different scales
     got = layer_loss(s, t, kind)
     ref = []
     for a, b in zip(s, t):
         a, b = a.detach().double(), b.double()
-        if kind == "mse":
+        if kind == "nmse":
+            ref.append(((a - b) ** 2).mean() / (b ** 2).mean())
+        elif kind == "mse":
             ref.append(((a - b) ** 2).mean())
         else:
             cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
@@ -91,3 +93,15 @@ def test_training_with_layer_transfer_lowers_the_layer_loss(tmp_path: Path) -> N
     assert len(logged) == summary["steps"] and all(v == v and v >= 0 for v in logged)
     assert logged[-1] < logged[0], logged
     assert summary["final_layers"] == pytest.approx(logged[-1])
+
+
+def test_nmse_does_not_depend_on_the_scale_of_the_residual_stream() -> None:
+    """One weight means the same for a model whose hidden states are 100x larger; raw MSE grows 10,000x."""
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(2, 5, 8, generator=g)]
+    t = [torch.randn(2, 5, 8, generator=g)]
+    assert layer_loss([x * 100 for x in s], [x * 100 for x in t], "nmse").item() == pytest.approx(
+        layer_loss(s, t, "nmse").item(), rel=1e-5)
+    assert layer_loss([x * 100 for x in s], [x * 100 for x in t], "mse").item() == pytest.approx(
+        1e4 * layer_loss(s, t, "mse").item(), rel=1e-5)
+    assert layer_loss([torch.zeros(2, 5, 8)], t, "nmse").item() == pytest.approx(1.0)
