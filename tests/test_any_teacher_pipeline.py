@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mlflow_store import fresh_store
+
 pytestmark = pytest.mark.slow
 
 FAST = ("baseline.enabled=false latency.enabled=false eval.limit=2 data.train_tokens=512 "
@@ -40,7 +42,7 @@ def test_the_pipeline_runs_on_teachers_of_other_layouts(arch, student, smollm2_t
     from pipelines.config import load_config
     from pipelines.run import run_pipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(tmp_path))
     monkeypatch.setattr(kd_loss, "TRITON_ON_CPU", False)  # as in test_pipeline_e2e: the CPU path of the loss
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     teacher = _teacher(arch, tmp_path / arch, tok)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.paths import REPO_ROOT
+from tests.mlflow_store import fresh_store
 from tests.tiny_teacher import write_tiny_mixtral
 
 V = 49152  # SmolLM2's tokenizer
@@ -43,6 +44,7 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
     """The pipeline's entry point with a private MLflow store and runs folder: (exit code, stderr, runs dir)."""
     from pipelines.run import main
 
+    # A URI, not a store: most of these inputs must be refused before the store is even created.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tmp_path / "runs"
     code = main(["--preset", "ci", "--teacher", str(teacher), "--student", student, "--runs-dir", str(runs),
@@ -264,7 +266,7 @@ def test_report_json_is_strict_json_with_reasons_for_undefined_numbers() -> None
 # ----------------------------------------------------------------------------------- Ctrl-C and exit codes
 
 def _start(cmd: list[str], tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_store(tmp_path), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
 
@@ -299,14 +301,14 @@ def test_make_distill_passes_ctrl_c_and_names_the_pipeline_s_exit_code(teacher_d
             f"RUNS_DIR={tmp_path / 'runs'}"]
     # A bad input: make itself can only exit 2, so the pipeline's code is printed, and moe-distill returns it.
     done = subprocess.run([*make, "SET=logits.top_k=60000"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                          env={**os.environ, "MLFLOW_TRACKING_URI": fresh_store(tmp_path)},
                           timeout=300)
     assert done.returncode == 2 and "pipeline exit code 3" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     cli = subprocess.run([str(Path(sys.executable).parent / "moe-distill"), "run", "--preset", "ci", "--teacher",
                           str(teacher_dir), "--runs-dir", str(tmp_path / "runs"), "--set", "logits.top_k=60000"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+                         env={**os.environ, "MLFLOW_TRACKING_URI": fresh_store(tmp_path)})
     assert cli.returncode == 3 and "logits.top_k=60000" in cli.stderr
     # Ctrl-C: make dies of SIGINT too, so the shell sees 130 (128 + 2).
     proc = _start([*make, "RUN=make-ctrl-c"], tmp_path)

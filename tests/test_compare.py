@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from eval.compare import main, pareto_front
+from tests.mlflow_store import fresh_store
 
 
 def _report(name: str, retained: float, speedup: float) -> dict:
@@ -24,7 +25,7 @@ def _report(name: str, retained: float, speedup: float) -> dict:
 @pytest.fixture()
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.chdir(tmp_path)  # anything MLflow writes relative to the working directory stays in tmp
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = fresh_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     # Artifacts under tmp_path too: the default root is ./mlruns relative to wherever pytest runs.

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from logit_cache import part_range
 from pipelines.config import REPO_ROOT
+from tests.mlflow_store import fresh_store
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def test_part_ranges_are_whole_shards_covering_every_sequence_once() -> None:
 
 def test_two_processes_write_the_same_cache_and_train_to_the_same_losses(tiny_moe_dir: Path,
                                                                          tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORLD_SIZE", "RANK")}
     env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=uri)
     runs = tmp_path / "runs"
@@ -115,7 +116,7 @@ def test_an_error_on_rank_0_stops_every_process_with_its_message(tiny_moe_dir: P
     """The student stage runs on rank 0 alone; its config error reaches the waiting rank, and the run ends
     (no hang) with rank 0's actionable message."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=fresh_store(tmp_path))
     proc = _run(tiny_moe_dir, tmp_path / "runs", "bad", env, 2, "student_options.keep_layers=top_16", ok=False)
     assert proc.returncode != 0
     assert "error (config)" in proc.stderr and "keep_layers" in proc.stderr

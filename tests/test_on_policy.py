@@ -14,6 +14,7 @@ from distill.on_policy import OnPolicy, is_on_policy_step, loss_rows, split_leng
 from distill.trainer import train_student
 from kernels import kd_loss
 from tests.distill_child import VOCAB, tiny_config, tiny_dataset, tiny_llama
+from tests.mlflow_store import fresh_store
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +198,7 @@ def test_the_pipeline_distils_on_policy_with_teacher_text(tiny_moe_dir: Path, tm
     from pipelines.config import load_config
     from pipelines.run import run_pipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(tmp_path))
     sets = ("distill.on_policy_rate=0.5 distill.on_policy_prompt=16 distill.on_policy_tokens=24 "
             "logits.teacher_text_sequences=6 logits.teacher_text_prompt=8 baseline.enabled=true "
             "latency.enabled=false eval.limit=2")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_store import fresh_store
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,7 +28,7 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     from pipelines.run import run_pipeline
     from pipelines.stage_table import STAGES
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "e2e-experiment")  # honoured, as by MLflow's own clients
     # Long stages record system metrics; the tiny run's stages last seconds, so sample often enough to see them.

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import REPO_ROOT
+from tests.mlflow_store import fresh_store
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def _digests(cache: Path) -> dict[str, str]:
 def test_killed_runs_resume_to_the_same_result_and_concurrent_runs_coexist(tiny_moe_dir: Path,
                                                                           tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # row ops in PyTorch, as on CPU
-    env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.update(PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=fresh_store(tmp_path))
     runs = tmp_path / "runs"
     # Two runs at once on one MLflow store and resource cache, with different students.
     a = _start(tiny_moe_dir, runs, "plain", env)
@@ -96,7 +97,7 @@ def test_killed_runs_resume_to_the_same_result_and_concurrent_runs_coexist(tiny_
 def test_time_limit_stops_before_a_stage_and_says_to_rerun(tiny_moe_dir: Path, tmp_path: Path) -> None:
     """TIME_LIMIT with less left than a stage needs to start: exit 75, the message says to rerun, and no stage
     folder was touched (what an earlier call finished stays as it was)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_store(tmp_path)}
     cmd = [sys.executable, "-m", "pipelines.run", "--teacher", str(tiny_moe_dir), "--student", "derived",
            "--preset", "ci", "--run-name", "limited", "--runs-dir", str(tmp_path / "runs"), "--time-limit", "30"]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

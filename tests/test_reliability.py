@@ -19,6 +19,7 @@ from logit_cache import MANIFEST_NAME, CacheIncompleteError, LogitCache
 from pipelines.config import DistillConfig, load_config
 from pipelines.run import run_pipeline
 from tests.distill_child import VOCAB, tiny_dataset, tiny_llama
+from tests.mlflow_store import fresh_store
 from tests.test_logit_cache import (
     RESUME_GEOMETRY,
     RESUME_SPS,
@@ -116,7 +117,7 @@ def test_an_unreachable_mlflow_server_fails_before_any_stage(tmp_path: Path, mon
 
 def test_a_wrong_teacher_path_is_a_clear_error_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(tmp_path))
     cfg = load_config("ci", teacher=str(tmp_path / "no-such-model"), run_name="wrong-path")
     assert run_pipeline(cfg, tmp_path / "runs") == 3
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ from eval.chance import TASK_CHOICES, chance_level  # noqa: E402
 from eval.headline_metrics import headline_metrics  # noqa: E402
 from eval.report import retained_gain, retained_value, write_report  # noqa: E402
 from eval.report_plots import model_points  # noqa: E402
+from tests.mlflow_store import fresh_store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -260,7 +261,7 @@ def test_training_curves_read_back_from_a_real_mlflow_store(tmp_path: Path) -> N
     from pipelines.context import RunContext
     from pipelines.stages.report import _training_curves
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(fresh_store(tmp_path))
     # Its own experiment: an earlier test of the session may have left another store's experiment active.
     mlflow.set_experiment("curves")
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
+from tests.mlflow_store import fresh_store
 
 # What the sweep claims to search (README, "Searching for a recipe"): one row each, no more.
 CLAIMED_KNOBS = {"distill.loss", "distill.beta", "distill.alpha", "distill.temperature", "distill.kd_weight",
@@ -99,7 +100,7 @@ def test_sweep_on_ci_preset(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pyt
     from pipelines.config import load_config
     from pipelines.sweep import SCORE, SweepSettings, run_sweep
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep-test")
     monkeypatch.setattr(kd_loss, "TRITON_ON_CPU", False)  # as the CPU pipeline runs it (test_pipeline_e2e.py)

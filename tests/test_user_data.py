@@ -18,6 +18,7 @@ from core.errors import ConfigError
 from pipelines.config import PipelineConfig, load_config
 from resources.config import DataError
 from resources.user_data import DataFileError, Fields, iter_records, iter_user_documents, source_labels
+from tests.mlflow_store import fresh_store
 
 
 def _docstrings() -> list[tuple[str, str]]:
@@ -335,7 +336,7 @@ def _run_ci_on(data: Path, tiny_moe_dir: Path, tmp_path: Path, monkeypatch: pyte
     from kernels import kd_loss
     from pipelines.run import run_pipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(tmp_path))
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(kd_loss, "TRITON_ON_CPU", False)  # as in test_pipeline_e2e: PyTorch row ops on CPU
     cfg = load_config("ci", f"data.files=[{data}] teacher_tune.steps=0 baseline.enabled=false "
