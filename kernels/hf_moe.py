@@ -4,8 +4,10 @@
     from kernels.hf_moe import enable_fused_moe
     summary = enable_fused_moe(model)   # one call on a loaded model
 
-Cases our kernels do not cover (expert biases, a custom gate function, expert parallelism, no GPU and no
-Triton interpreter, ...) run transformers' `grouped_mm` instead, and the reason is logged once per reason.
+Expert biases (`has_bias`) are covered, and so are the custom gate functions in `KNOWN_GATES` (GPT-OSS's clamped
+SwiGLU). Cases our kernels do not cover (another custom gate function, no gate projection, a post-expert norm,
+expert parallelism, no GPU and no Triton interpreter, ...) run transformers' `grouped_mm` instead, and the reason
+is logged once per reason.
 Where they cover a case but another path is faster on this GPU (measured once per problem and token-count
 bucket, `kernels/dispatch.py`), that path runs: `enable_fused_moe` never makes a model slower than stock.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.integrations import moe as hf_moe
@@ -22,7 +24,7 @@ from transformers.integrations import moe as hf_moe
 from kernels.dispatch import OURS, can_measure, default_dispatcher, environment_key, token_bucket
 from kernels.interpreter import INTERPRETED
 from kernels.moe_experts import ExpertWeights, fused_experts
-from kernels.moe_grouped_gemm import ACTIVATIONS
+from kernels.moe_grouped_gemm import ACTIVATIONS, CLAMPED_SWIGLU
 from kernels.moe_router import RouterSpec, route
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,53 @@ def _fallback(reason: str) -> None:
         log.warning("fused_triton: %s; this experts module runs transformers' grouped_mm instead", reason)
 
 
+# The gate `fused_experts` computes: (activation name, swiglu_alpha, swiglu_limit); the last two matter only to
+# the clamped SwiGLU.
+Gate = tuple[str, float, float]
+_PLAIN = (1.702, 7.0)  # fused_experts' defaults, ignored by hidden_act activations
+
+# Experts classes with their own `_apply_gate` that our kernels compute, by class name (so that no architecture
+# module is imported just to be recognised) -> the gate, read off the module. Any other custom gate falls back.
+KNOWN_GATES: dict[str, Callable[[torch.nn.Module], Gate]] = {
+    # GPT-OSS: gate = min(gate, limit), up = clamp(up, -limit, limit), (up + 1) * gate * sigmoid(alpha * gate),
+    # on interleaved gate/up columns (the layout `is_concatenated=False` already describes).
+    "GptOssExperts": lambda m: (CLAMPED_SWIGLU, float(m.alpha), float(m.limit)),
+}
+
+
+def _gate(experts: torch.nn.Module) -> Gate | str:
+    """The gate our kernels compute for this experts module, or why they cannot."""
+    cls = type(experts)
+    apply_gate = getattr(cls, "_apply_gate", hf_moe._default_apply_gate)
+    if apply_gate is not hf_moe._default_apply_gate:
+        known = KNOWN_GATES.get(cls.__name__)
+        # The registry is keyed by name: the gate must still be the one that class defines, not a subclass's or a
+        # patched one that happens to sit on a class of that name.
+        if known is None or getattr(apply_gate, "__qualname__", None) != f"{cls.__name__}._apply_gate":
+            return f"{cls.__name__} has its own gate function"
+        try:
+            return known(experts)
+        except (AttributeError, TypeError, ValueError) as e:  # e.g. a config without swiglu_limit
+            return f"{cls.__name__}'s gate parameters are unreadable ({e})"
+    act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    if act not in ACTIVATIONS:
+        return f"activation {act!r} is not supported"
+    return (act, *_PLAIN)
+
+
+def _bias_problem(experts: torch.nn.Module) -> str | None:
+    """Why this module's expert biases cannot go to our kernels (None when it has none, or usable ones)."""
+    if not getattr(experts, "has_bias", False):
+        return None
+    gb, db = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    E, H = experts.down_proj.shape[0], experts.down_proj.shape[2 if getattr(experts, "is_transposed", False) else 1]
+    two_i = experts.gate_up_proj.shape[2 if getattr(experts, "is_transposed", False) else 1]
+    if gb is None or db is None or tuple(gb.shape) != (E, two_i) or tuple(db.shape) != (E, H):
+        return (f"expert biases of shapes {None if gb is None else tuple(gb.shape)} / "
+                f"{None if db is None else tuple(db.shape)} are not [E, 2I] = {(E, two_i)} / [E, H] = {(E, H)}")
+    return None
+
+
 def _unsupported(experts: torch.nn.Module, hidden: torch.Tensor) -> str | None:
     """Why our kernels cannot run this experts module on this input (None when they can)."""
     if not (hidden.is_cuda or (INTERPRETED and hidden.device.type == "cpu")):
@@ -44,19 +93,15 @@ def _unsupported(experts: torch.nn.Module, hidden: torch.Tensor) -> str | None:
         return f"dtype {hidden.dtype} is not supported"
     if not getattr(experts, "has_gate", True):
         return "experts without a gate projection are not supported"
-    if getattr(experts, "has_bias", False):
-        return "expert biases are not supported"
     if getattr(experts, "has_post_expert_norm", False):
         return "a post-expert norm is not supported"
     if getattr(experts, "_is_expert_parallel", False):
         return "expert parallelism is not supported"
-    apply_gate = getattr(type(experts), "_apply_gate", hf_moe._default_apply_gate)
-    if apply_gate is not hf_moe._default_apply_gate:
-        return f"{type(experts).__name__} has its own gate function"
-    act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    if act not in ACTIVATIONS:
-        return f"activation {act!r} is not supported"
-    return None
+    bias = _bias_problem(experts)
+    if bias is not None:
+        return bias
+    gate = _gate(experts)
+    return gate if isinstance(gate, str) else None
 
 
 def fused_triton_experts_forward(
@@ -69,21 +114,27 @@ def fused_triton_experts_forward(
     verdicts = self.__dict__.setdefault("_fused_verdicts", {})
     got = verdicts.get(key)
     if got is None:
-        got = verdicts[key] = (_unsupported(self, hidden_states), bool(getattr(self, "is_transposed", False)),
-                               bool(getattr(self, "is_concatenated", True)),
-                               getattr(getattr(self, "config", None), "hidden_act", None))
-    reason, transposed, concatenated, act = got
+        reason = _unsupported(self, hidden_states)
+        gate = _gate(self) if reason is None else ("", *_PLAIN)
+        got = verdicts[key] = (reason, bool(getattr(self, "is_transposed", False)),
+                               bool(getattr(self, "is_concatenated", True)), gate,
+                               bool(getattr(self, "has_bias", False)))
+    reason, transposed, concatenated, (act, alpha, limit), has_bias = got
     if reason is not None:
         _fallback(reason)
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=transposed, concatenated=concatenated)
+    # The parameters are read at every call (not cached with the verdict), so reloaded weights are seen.
+    weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=transposed, concatenated=concatenated,
+                            gate_up_bias=self.gate_up_proj_bias if has_bias else None,
+                            down_bias=self.down_proj_bias if has_bias else None)
 
     def ours() -> torch.Tensor:
         # Under autocast a norm may hand the experts float32 activations with bf16 weights: the matmuls run in
         # the weights' dtype, as autocast would run them, and the result goes back in the input's.
         wdt = self.gate_up_proj.dtype
         x = hidden_states if hidden_states.dtype == wdt else hidden_states.to(wdt)
-        return fused_experts(x, weights, top_k_weights, top_k_index, activation=act).to(hidden_states.dtype)
+        return fused_experts(x, weights, top_k_weights, top_k_index, activation=act, swiglu_alpha=alpha,
+                             swiglu_limit=limit).to(hidden_states.dtype)
 
     path = _experts_path(self, weights, hidden_states, top_k_index, top_k_weights, act, ours)
     if path == OURS:
@@ -99,7 +150,8 @@ BATCHED_MM_MAX_BYTES = 1 << 30
 
 def _experts_path(module: torch.nn.Module, weights: ExpertWeights, x: torch.Tensor, idx: torch.Tensor,
                   w: torch.Tensor, act: str, ours: Any) -> str:
-    """Which path runs this experts call: per (dtype, top-k, token bucket) a dict lookup after the first call."""
+    """Which path runs this experts call: per (dtype, top-k, token bucket) a dict lookup after the first call.
+    The problem key names the activation and, for biased experts, "+bias" (unbiased keys are as they were)."""
     T, k = idx.shape
     slot = (x.dtype, k, token_bucket(T))
     chosen = module.__dict__.setdefault("_fused_paths", {})
@@ -109,7 +161,8 @@ def _experts_path(module: torch.nn.Module, weights: ExpertWeights, x: torch.Tens
     if torch.compiler.is_compiling():  # nothing to time while tracing; the known choice or ours is traced
         return OURS
     E, H, I = weights.num_experts, weights.hidden, weights.intermediate
-    key = (f"{environment_key(x.device)}|experts E={E} H={H} I={I} k={k} {act} {str(x.dtype)[6:]} "
+    bias = "+bias" if weights.gate_up_bias is not None else ""
+    key = (f"{environment_key(x.device)}|experts E={E} H={H} I={I} k={k} {act}{bias} {str(x.dtype)[6:]} "
            f"T<={slot[2]}")
     candidates = {OURS: ours}
     candidates["grouped_mm"] = lambda: hf_moe.grouped_mm_experts_forward(module, x, idx, w)

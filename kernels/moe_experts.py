@@ -1,5 +1,8 @@
 """The MoE experts forward on our Triton kernels: picks the decode (GEMV) or the grouped-GEMM path, the tile
 configuration for the shape, and launches with no host synchronisation (CUDA-graph capturable).
+
+Expert biases and GPT-OSS's clamped SwiGLU run on the GEMV and pointer GEMM kernels; the descriptor (TMA)
+kernels take neither, so such experts never go there, whatever the tile config asks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from kernels.interpreter import INTERPRETED
 from kernels.launch import cdiv, fast, launch_fitting
 from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
-from kernels.moe_grouped_gemm import ACTIVATIONS, down_kernel, gate_up_kernel
+from kernels.moe_grouped_gemm import ACT_CLAMPED_SWIGLU, KERNEL_ACTIVATIONS, down_kernel, gate_up_kernel
 from kernels.moe_grouped_tma import down_tma_kernel, gate_up_tma_kernel, tma_layout_ok
 
 # Up to this many tokens the experts run as matrix-vector products (see moe_gemv); above, as grouped GEMMs.
@@ -28,12 +31,16 @@ class ExpertWeights:
 
     gate_up: [E, 2I, H] (or [E, H, 2I] when transposed); gate rows first (`concatenated`) or alternating
     gate/up rows (interleaved). down: [E, H, I] (or [E, I, H] when transposed).
+    gate_up_bias: optional [E, 2I], its columns in gate_up's output-row order (concatenated or interleaved alike);
+    down_bias: optional [E, H]. Both or neither; any strides, any float dtype (added in float32).
     """
 
     gate_up: torch.Tensor
     down: torch.Tensor
     transposed: bool = False
     concatenated: bool = True
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -60,6 +67,23 @@ class ExpertWeights:
         """(stride_e, stride_n, stride_k) with n over H and k over I."""
         w = self.down
         return (w.stride(0), w.stride(2), w.stride(1)) if self.transposed else (w.stride(0), w.stride(1), w.stride(2))
+
+    def check_biases(self) -> None:
+        """Raise ValueError unless the biases are absent, or both present with shapes [E, 2I] and [E, H]."""
+        gb, db = self.gate_up_bias, self.down_bias
+        if gb is None and db is None:
+            return
+        E, H, I = self.num_experts, self.hidden, self.intermediate
+        if gb is None or db is None or tuple(gb.shape) != (E, 2 * I) or tuple(db.shape) != (E, H):
+            raise ValueError(f"ExpertWeights: biases must be both None or [E, 2I] = {(E, 2 * I)} and [E, H] = "
+                             f"{(E, H)}; got {None if gb is None else tuple(gb.shape)} and "
+                             f"{None if db is None else tuple(db.shape)}")
+
+
+def _bias_args(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
+    # (pointer, stride over experts, stride over columns) for a kernel's bias operand; (None, 0, 0) without one,
+    # which HAS_BIAS=False never reads.
+    return (None, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
 
 
 @dataclass(frozen=True)
@@ -154,22 +178,32 @@ def fused_experts(
     configs: tuple[TileConfig, TileConfig] | None = None,
     force_path: str | None = None,
     gemv: tuple[GemvConfig, GemvConfig] | None = None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
-    """sum_j topk_weights[t, j] * Down_e(act(Gate_e x_t) * Up_e x_t), e = topk_ids[t, j].
+    """sum_j topk_weights[t, j] * (Down_e(act(Gate_e x_t + bg_e) * (Up_e x_t + bu_e)) + bd_e), e = topk_ids[t, j];
+    the biases (weights.gate_up_bias [E, 2I], weights.down_bias [E, H]) are 0 when absent.
 
     hidden: [T, H] bf16/fp16/fp32; topk_weights: [T, k] (any float dtype); topk_ids: [T, k] int.
-    Returns [T, H] in hidden's dtype. force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up,
-    down) tiles of the grouped path, gemv: (gate/up, down) of the decode path (default: pick_configs, GEMV_TILES).
+    Returns [T, H] in hidden's dtype. activation: a `hidden_act` name of moe_grouped_gemm.ACTIVATIONS, or
+    "clamped_swiglu" (GPT-OSS: act(g) * u = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
+    g' = min(g, limit), with alpha = swiglu_alpha and limit = swiglu_limit; the other activations ignore both).
+    force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up, down) tiles of the grouped path, gemv:
+    (gate/up, down) of the decode path (default: pick_configs, GEMV_TILES).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"fused_experts: activation {activation!r} not supported; one of {sorted(ACTIVATIONS)}")
+    if activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"fused_experts: activation {activation!r} not supported; one of "
+                         f"{sorted(KERNEL_ACTIVATIONS)}")
+    if weights.gate_up_bias is not None or weights.down_bias is not None:
+        weights.check_biases()  # unbiased experts skip even this call
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E, I = weights.num_experts, weights.intermediate
     if H != weights.hidden or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
         raise ValueError(f"fused_experts: hidden {tuple(hidden.shape)}, experts H={weights.hidden}, "
                          f"topk {tuple(topk_weights.shape)}/{tuple(topk_ids.shape)} do not agree")
-    act = ACTIVATIONS[activation]
+    act = KERNEL_ACTIVATIONS[activation]
+    alpha, limit = float(swiglu_alpha), float(swiglu_limit)
     x = hidden.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
     topw = topk_weights.contiguous()
@@ -185,12 +219,15 @@ def fused_experts(
         inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
         fast(gate_up_gemv_kernel)[(T * k, cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
-            gate_off, up_off, row_mult, TOP_K=k, ACT=act, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit,
+            TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
             num_warps=gu.num_warps)
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
         fast(down_gemv_kernel)[(T, cdiv(H, gd.block_n))](
             inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
-            TOP_K=k, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k, num_warps=gd.num_warps)
+            *_bias_args(weights.down_bias),
+            TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k,
+            num_warps=gd.num_warps)
         return out
 
     def launch(pair: tuple[TileConfig, TileConfig]) -> torch.Tensor:
@@ -199,15 +236,17 @@ def fused_experts(
         if cfg_up.block_m != cfg_down.block_m:
             raise ValueError("fused_experts: gate/up and down tile configs must share block_m")
         al = align_slots(ids, E, cfg_up.block_m)
-        inter = grouped_gate_up(x, weights, al, k, act, cfg_up)
+        inter = grouped_gate_up(x, weights, al, k, act, cfg_up, alpha, limit)
         return grouped_down(inter, weights, al, topw, T, k, cfg_down)
 
     if configs is not None:
         return launch(configs)
     choice = pick_configs(T, k, E)
     # The heuristic's tiles, then ones that need less shared memory, should a shape (a wide H or I, fp32) not
-    # fit this GPU with them.
-    return launch_fitting((choice, H, I, x.dtype, weights.gate_up.dtype), grouped_fallbacks(choice), launch)
+    # fit this GPU with them. What fits is remembered per key, and biases (both or neither: check_biases) or the
+    # clamped gate send a TMA choice to the pointer kernels, which need other resources: both are in the key.
+    fit_key = (choice, H, I, x.dtype, weights.gate_up.dtype, act, weights.gate_up_bias is None)
+    return launch_fitting(fit_key, grouped_fallbacks(choice), launch)
 
 
 @lru_cache(maxsize=None)
@@ -226,14 +265,18 @@ def grouped_fallbacks(choice: tuple[TileConfig, TileConfig]) -> tuple[tuple[Tile
 
 
 def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: int, act: int,
-                    c: TileConfig) -> torch.Tensor:
-    """The gate/up grouped GEMM with the gated activation: x [T, H], al from align_slots(ids [T, k]) with
-    c.block_m. Returns the activation [P, I] in x's dtype, rows in al's sorted order (padding rows unwritten)."""
+                    c: TileConfig, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """The gate/up grouped GEMM with the gate/up bias (if weights have one) and the gated activation (act: a
+    moe_grouped_gemm ACT_* code; alpha, limit: ACT_CLAMPED_SWIGLU's): x [T, H], al from align_slots(ids [T, k])
+    with c.block_m. Returns the activation [P, I] in x's dtype, rows in al's sorted order (padding rows
+    unwritten)."""
     T, H = x.shape
     E, I = weights.num_experts, weights.intermediate
     P = al.sorted_slots.numel()
     inter = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    if (c.tma and x.dtype == weights.gate_up.dtype and _has_tma(x.device)
+    # The descriptor kernel takes no bias and no clamped-gate parameters: such experts take the pointer kernel.
+    if (c.tma and weights.gate_up_bias is None and act != ACT_CLAMPED_SWIGLU and x.dtype == weights.gate_up.dtype
+            and _has_tma(x.device)
             and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated)):
         n = _programs(c, P // c.block_m * cdiv(I, c.block_n), x.device)
         w_desc = TensorDescriptor(weights.gate_up.view(E * 2 * I, H), [E * 2 * I, H], [H, 1], [c.block_n, c.block_k])
@@ -248,15 +291,17 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
     fast(gate_up_kernel)[(P // c.block_m * cdiv(I, c.block_n),)](
         x, weights.gate_up, inter, al.sorted_slots, al.block_expert, al.num_padded,
         T * k, P, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0), gate_off, up_off, row_mult,
-        TOP_K=k, ACT=act, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED, num_warps=c.num_warps, num_stages=c.num_stages)
+        *_bias_args(weights.gate_up_bias), alpha, limit,
+        TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, GROUP_M=c.group_m, EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED,
+        num_warps=c.num_warps, num_stages=c.num_stages)
     return inter
 
 
 def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, topw: torch.Tensor, T: int, k: int,
                  c: TileConfig) -> torch.Tensor:
-    """The down grouped GEMM with the routing weight and the sum over k: inter [P, I] from grouped_gate_up, topw
-    [T, k] contiguous. Returns [T, H] in inter's dtype."""
+    """The down grouped GEMM with the down bias (if weights have one), the routing weight and the sum over k:
+    inter [P, I] from grouped_gate_up, topw [T, k] contiguous. Returns [T, H] in inter's dtype."""
     E, H, I = weights.num_experts, weights.hidden, weights.intermediate
     P = inter.shape[0]
     per_slot = c.per_slot and k > 1
@@ -266,7 +311,8 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
         # k == 1 stores each row once (no atomics), straight in the output dtype.
         acc = (torch.zeros(T, H, device=inter.device, dtype=torch.float32) if k > 1
                else torch.empty(T, H, device=inter.device, dtype=inter.dtype))
-    if (c.tma and inter.dtype == weights.down.dtype and _has_tma(inter.device)
+    # The descriptor kernel takes no bias: biased experts take the pointer kernel.
+    if (c.tma and weights.down_bias is None and inter.dtype == weights.down.dtype and _has_tma(inter.device)
             and tma_layout_ok(weights.gate_up, weights.down, weights.transposed, weights.concatenated)):
         n = _programs(c, P // c.block_m * cdiv(H, c.block_n), inter.device)
         a_desc = TensorDescriptor(inter, [P, I], [inter.stride(0), 1], [c.block_m, c.block_k])
@@ -282,8 +328,9 @@ def grouped_down(inter: torch.Tensor, weights: ExpertWeights, al: Alignment, top
         fast(down_kernel)[(P // c.block_m * cdiv(H, c.block_n),)](
             inter, weights.down, acc, topw, al.sorted_slots, al.block_expert, al.num_padded,
             T * k, P, I, H, inter.stride(0), d_se, d_sn, d_sk, acc.stride(0),
-            TOP_K=k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-            EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, PER_SLOT=per_slot,
+            *_bias_args(weights.down_bias),
+            TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, GROUP_M=c.group_m, EVEN_K=I % c.block_k == 0, DOT_F32=INTERPRETED, PER_SLOT=per_slot,
             num_warps=c.num_warps, num_stages=c.num_stages)
     if per_slot:
         return acc.view(T, k, H).sum(dim=1)  # float32 accumulation inside, one launch

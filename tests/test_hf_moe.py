@@ -1,4 +1,4 @@
-"""`fused_triton` inside transformers: whole tiny models of four MoE architectures give eager's logits."""
+"""`fused_triton` inside transformers: whole tiny models of five MoE architectures give eager's logits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen3MoeConfig,
+)
+from transformers.integrations.moe import grouped_mm_experts_forward
 
+from kernels import hf_moe
 from kernels.hf_moe import enable_fused_moe, fused_triton_experts_forward
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +33,15 @@ CONFIGS = {
                                             n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None,
                                             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                             v_head_dim=12, routed_scaling_factor=2.0),
+    # GPT-OSS: expert biases, the clamped SwiGLU on interleaved, transposed gate/up weights, attention sinks and
+    # alternating sliding-window layers. swiglu_limit well under the default 7 so that the clamp bites on these
+    # small activations (and a limit that did not reach the kernels would show); alpha also not the default.
+    "gpt_oss": lambda: GptOssConfig(**SMALL, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                                    head_dim=12, sliding_window=4, swiglu_limit=0.4, swiglu_alpha=1.5),
 }
+# Routers left unfused, by architecture: GPT-OSS's has a logit bias and a softmax over the top-k logits only, not
+# a scoring our router kernel has; it keeps its stock forward and is reported as unrecognised.
+UNFUSED_ROUTERS = {"gpt_oss": ["GptOssTopKRouter"]}
 
 
 def _model(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -34,7 +51,9 @@ def _model(name: str, dtype: torch.dtype) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     with torch.no_grad():  # routers start at zero in some architectures: give them real preferences
         for n, p in model.named_parameters():
-            if p.dim() >= 2:
+            if n.endswith("proj_bias"):  # GPT-OSS's expert biases [E, 2I] / [E, H], zeros at init: make them count
+                p.normal_(0, 0.2)
+            elif p.dim() >= 2:
                 p.normal_(0, 0.3 if "gate" in n.split(".")[-2:][0] else 0.05)
         for m in model.modules():
             if hasattr(m, "e_score_correction_bias"):
@@ -51,7 +70,9 @@ def test_fused_model_matches_eager(name: str) -> None:
     with torch.no_grad():
         ref = model(input_ids=ids).logits.double()
     summary = enable_fused_moe(model)
-    assert summary["routers_fused"] == model.config.num_hidden_layers and not summary["routers_unrecognised"]
+    unfused = UNFUSED_ROUTERS.get(name, [])
+    assert summary["routers_unrecognised"] == unfused
+    assert summary["routers_fused"] == (0 if unfused else model.config.num_hidden_layers)
     with torch.no_grad():
         out = model(input_ids=ids).logits.double()
     err = ((out - ref).norm() / ref.norm()).item()
@@ -81,3 +102,63 @@ def test_dense_model_is_refused() -> None:
     dense = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL, intermediate_size=32))
     with pytest.raises(ValueError, match="experts interface"):
         enable_fused_moe(dense)
+
+
+@pytest.mark.parametrize("T", [3, 9])  # the decode (GEMV) path and the grouped GEMMs
+def test_gpt_oss_experts_run_our_kernels(T: int, caplog: pytest.LogCaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-OSS's experts (biases, clamped SwiGLU, transposed interleaved weights) go to our kernels, not the
+    fallback, and give transformers' grouped_mm result on the same inputs, with the clamp biting."""
+    model = _model("gpt_oss", torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "GptOssExperts" and experts.has_bias
+    assert experts.is_transposed and not experts.is_concatenated
+    for b in (experts.gate_up_proj_bias, experts.down_proj_bias):
+        assert b.abs().min() > 0, "expert biases left at zero: the test would not see them"
+    enable_fused_moe(model)
+    monkeypatch.setenv("DISTILL_MOE_DISPATCH", "fused")  # on a GPU the dispatcher might time grouped_mm faster
+    calls: list[tuple[str, float, float, bool]] = []
+    real = hf_moe.fused_experts
+
+    def spy(x, weights, *args, **kwargs):
+        calls.append((kwargs["activation"], kwargs["swiglu_alpha"], kwargs["swiglu_limit"],
+                      weights.gate_up_bias is not None and weights.down_bias is not None))
+        return real(x, weights, *args, **kwargs)
+
+    monkeypatch.setattr(hf_moe, "fused_experts", spy)
+    gen = torch.Generator().manual_seed(T)
+    x = (torch.randn(T, 48, generator=gen) * 3).to(DEV)
+    idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)]).to(DEV)
+    w = torch.rand(T, 2, generator=gen).softmax(-1).to(DEV)
+    pre = torch.einsum("th,tkhi->tki", x.double(), experts.gate_up_proj.double()[idx]) + \
+        experts.gate_up_proj_bias.double()[idx]
+    assert (pre[..., ::2] > experts.limit).any() and (pre[..., 1::2].abs() > experts.limit).any(), "no clamping"
+    caplog.clear()  # enable_fused_moe's note on the unfused router is not about the experts
+    with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"), torch.no_grad():
+        out = fused_triton_experts_forward(experts, x, idx, w)
+    assert "fused_triton:" not in caplog.text, caplog.text
+    assert calls == [("clamped_swiglu", 1.5, 0.4, True)], calls
+    with torch.no_grad():
+        ref = grouped_mm_experts_forward(experts, x, idx, w)
+    # fp32 inputs: our dots and cuBLAS's may both use tf32-class arithmetic on GPU
+    assert ((out - ref).norm() / ref.norm()).item() < (5e-3 if DEV == "cuda" else 1e-5)
+
+
+def test_unknown_custom_gate_still_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A custom `_apply_gate` not in KNOWN_GATES (here GPT-OSS's gate patched on one module's class) still runs
+    transformers' grouped_mm, and says why."""
+    model = _model("gpt_oss", torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    patched = type("GptOssExperts", (type(experts),), {"_apply_gate": lambda self, gu: gu[..., ::2] * gu[..., 1::2]})
+    experts.__class__ = patched  # same name, different gate: the registry must not take it
+    assert hf_moe._unsupported(experts, torch.zeros(1, 48, device=DEV)) == "GptOssExperts has its own gate function"
+    hf_moe._warned.discard("GptOssExperts has its own gate function")
+    enable_fused_moe(model)
+    x = torch.randn(5, 48, device=DEV)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(5)]).to(DEV)
+    w = torch.rand(5, 2, device=DEV)
+    with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"), torch.no_grad():
+        out = fused_triton_experts_forward(experts, x, idx, w)
+        ref = grouped_mm_experts_forward(experts, x, idx, w)
+    assert "has its own gate function" in caplog.text
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)

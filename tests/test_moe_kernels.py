@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import moe_align
+from kernels import moe_align, moe_experts
 from kernels.moe_align import align_slots
 from kernels.moe_experts import ExpertWeights, TileConfig, fused_experts
 from kernels.moe_grouped_tma import tma_layout_ok
@@ -130,19 +130,32 @@ def test_alignment_groups_and_pads(T: int, E: int, k: int, block_m: int, program
     assert torch.equal(real, torch.sort(flat * (T * k) + torch.arange(T * k)).indices), "not expert-then-slot order"
 
 
-def ref_experts(x, gate_up, down, topw, topi, act="silu"):
-    """float64 loop over experts in transformers' [E, 2I, H] / [E, H, I] layout."""
+def ref_gate(h: torch.Tensor, act: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """act(gate) * up of a [.., 2I] pre-activation, gate columns first; "clamped_swiglu" as GPT-OSS's _apply_gate."""
+    I = h.shape[-1] // 2
+    g, u = h[..., :I], h[..., I:]
+    if act == "clamped_swiglu":
+        g = g.clamp(max=limit)
+        return (u.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)
+    f = {"silu": torch.nn.functional.silu, "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+         "gelu": torch.nn.functional.gelu, "relu": torch.relu}[act]
+    return f(g) * u
+
+
+def ref_experts(x, gate_up, down, topw, topi, act="silu", gate_up_bias=None, down_bias=None, alpha=1.702, limit=7.0):
+    """float64 loop over experts in transformers' [E, 2I, H] / [E, H, I] layout; optional biases [E, 2I] (gate
+    columns first) and [E, H], the down bias added before the routing weight."""
     T, H = x.shape
     out = torch.zeros(T, H, dtype=torch.float64)
     x, gu, dn = x.double().cpu(), gate_up.double().cpu(), down.double().cpu()
-    I = dn.shape[2]
-    f = {"silu": torch.nn.functional.silu, "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
-         "gelu": torch.nn.functional.gelu, "relu": torch.relu}[act]
+    E = gu.shape[0]
+    gb = gate_up_bias.double().cpu() if gate_up_bias is not None else torch.zeros(E, gu.shape[1], dtype=torch.float64)
+    db = down_bias.double().cpu() if down_bias is not None else torch.zeros(E, H, dtype=torch.float64)
     for t in range(T):
         for j in range(topi.shape[1]):
             e = int(topi[t, j])
-            h = gu[e] @ x[t]
-            out[t] += float(topw[t, j]) * (dn[e] @ (f(h[:I]) * h[I:]))
+            h = gu[e] @ x[t] + gb[e]
+            out[t] += float(topw[t, j]) * (dn[e] @ ref_gate(h, act, alpha, limit) + db[e])
     return out
 
 
@@ -193,6 +206,131 @@ def test_experts_layouts_and_activations(layout: str, act: str) -> None:
     for path in ("gemv", "grouped"):
         out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation=act, force_path=path)
         assert rel_err(out.cpu(), ref) < 5e-3, path  # fp32 inputs, tf32-class dots
+
+
+def as_layout(gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
+              down_bias: torch.Tensor | None, layout: str) -> ExpertWeights:
+    """ExpertWeights on DEV in `layout` ("default", "transposed", "interleaved", "transposed+interleaved"), from
+    [E, 2I, H] / [E, H, I] weights with gate rows first; the gate/up bias [E, 2I] follows the rows' order."""
+    E, I2, H = gate_up.shape
+    interleaved = "interleaved" in layout
+    if interleaved:  # rows g0, u0, g1, u1, ... and the bias's columns likewise
+        gate_up = torch.stack([gate_up[:, :I2 // 2], gate_up[:, I2 // 2:]], dim=2).reshape(E, I2, H)
+        if gate_up_bias is not None:
+            gate_up_bias = torch.stack([gate_up_bias[:, :I2 // 2], gate_up_bias[:, I2 // 2:]], dim=2).reshape(E, I2)
+    transposed = "transposed" in layout
+    if transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    return ExpertWeights(gate_up.to(DEV), down.to(DEV), transposed=transposed, concatenated=not interleaved,
+                         gate_up_bias=gate_up_bias.to(DEV) if gate_up_bias is not None else None,
+                         down_bias=down_bias.to(DEV) if down_bias is not None else None)
+
+
+def gpt_oss_like(T: int, E: int, k: int, H: int, I: int, dtype: torch.dtype, bias: bool, seed: int):
+    """Random experts whose gate/up pre-activations reach past the clamp limit (7) for some entries: (x, gate_up,
+    down, gate_up_bias, down_bias, topw, ids), weights in [E, 2I, H] / [E, H, I], already rounded to dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) * (4.0 / H**0.5)).to(dtype)  # pre-activations ~ N(0, 16)
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
+    gate_up_bias = (torch.randn(E, 2 * I, generator=gen) * 2.0).to(dtype) if bias else None
+    down_bias = torch.randn(E, H, generator=gen).to(dtype) if bias else None
+    ids = skewed_ids(T, E, k, gen)
+    topw = torch.rand(T, k, generator=gen).softmax(-1)
+    return x, gate_up, down, gate_up_bias, down_bias, topw, ids
+
+
+def assert_clamp_bites(x, gate_up, gate_up_bias, ids, limit: float = 7.0) -> None:
+    """Some routed gate pre-activations exceed limit, some up ones lie outside [-limit, limit], and most of both
+    do not: the clamp is exercised without flattening the test."""
+    pre = torch.einsum("th,teih->tei", x.double(), gate_up.double()[ids.long()])  # [T, k, 2I]
+    if gate_up_bias is not None:
+        pre = pre + gate_up_bias.double()[ids.long()]
+    I = pre.shape[-1] // 2
+    g, u = pre[..., :I], pre[..., I:]
+    assert (g > limit).any() and (u.abs() > limit).any(), "the clamp never bites"
+    assert (g <= limit).float().mean() > 0.5 and (u.abs() <= limit).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("layout", ["default", "transposed", "interleaved", "transposed+interleaved"])
+@pytest.mark.parametrize("path", ["gemv", "grouped"])
+def test_experts_clamped_swiglu_and_biases(path: str, layout: str, bias: bool) -> None:
+    """GPT-OSS's experts: clamped SwiGLU (alpha 1.702, limit 7, reached by some entries), optional gate/up and
+    down biases, every weight layout (GPT-OSS's own is transposed+interleaved); bf16 and fp32."""
+    T = 3 if path == "gemv" else 29
+    E, k, H, I = 8, 2, 40, 24
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 5e-3)):  # fp32: tf32-class dots on GPU
+        x, gate_up, down, gb, db, topw, ids = gpt_oss_like(T, E, k, H, I, dtype, bias, seed=T + 10 * bias)
+        assert_clamp_bites(x, gate_up, gb, ids)
+        ref = ref_experts(x, gate_up, down, topw, ids, act="clamped_swiglu", gate_up_bias=gb, down_bias=db)
+        w = as_layout(gate_up, down, gb, db, layout)
+        out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation="clamped_swiglu",
+                            swiglu_alpha=1.702, swiglu_limit=7.0, force_path=path)
+        assert out.dtype == dtype and out.shape == (T, H)
+        assert rel_err(out.cpu(), ref) < tol, (dtype, rel_err(out.cpu(), ref))
+
+
+def test_experts_biases_with_plain_silu_and_other_alpha_limit() -> None:
+    """Biases work with a hidden_act gate too, and alpha/limit really reach the kernels (values other than
+    GPT-OSS's; a kernel that ignored them would miss the reference)."""
+    T, E, k, H, I = 21, 8, 2, 40, 24
+    x, gate_up, down, gb, db, topw, ids = gpt_oss_like(T, E, k, H, I, torch.float32, True, seed=4)
+    w = as_layout(gate_up, down, gb, db, "interleaved")
+    for act, alpha, limit in (("silu", 1.702, 7.0), ("clamped_swiglu", 1.0, 3.0)):
+        ref = ref_experts(x, gate_up, down, topw, ids, act=act, gate_up_bias=gb, down_bias=db, alpha=alpha,
+                          limit=limit)
+        for path in ("gemv", "grouped"):
+            out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation=act, swiglu_alpha=alpha,
+                                swiglu_limit=limit, force_path=path)
+            assert rel_err(out.cpu(), ref) < 5e-3, (act, path)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the descriptor path's unwritten padding rows, see below
+@pytest.mark.parametrize("act,bias", [("silu", True), ("clamped_swiglu", True), ("clamped_swiglu", False)])
+def test_tma_configs_send_biases_and_clamped_gate_to_pointer_kernels(act: str, bias: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout the descriptor kernels take (concatenated, bf16, aligned) with tile configs asking for them: biased
+    experts, or the clamped gate, still match float64, because they went to the pointer kernels (the descriptor
+    kernels take neither). Launches are recorded; an unbiased silu control shows the recording sees TMA."""
+    T, E, k, H, I = 33, 8, 2, 32, 16
+    x, gate_up, down, gb, db, topw, ids = gpt_oss_like(T, E, k, H, I, torch.bfloat16, bias, seed=7)
+    w = as_layout(gate_up, down, gb, db, "default")
+    assert tma_layout_ok(w.gate_up, w.down, w.transposed, w.concatenated)
+    tma = (TileConfig(16, 32, 32, 2, 4, 2, tma=True), TileConfig(16, 32, 32, 2, 4, 2, per_slot=True, tma=True))
+    launched: list[str] = []
+    real_fast = moe_experts.fast
+    monkeypatch.setattr(moe_experts, "fast", lambda fn: launched.append(getattr(fn, "__name__", str(fn)))
+                        or real_fast(fn))
+
+    plain = as_layout(gate_up, down, None, None, "default")
+    fused_experts(x.to(DEV), plain, topw.to(DEV), ids.to(DEV), configs=tma, force_path="grouped")
+    assert {"gate_up_tma_kernel", "down_tma_kernel"} <= set(launched), launched  # the control took TMA
+    launched.clear()
+
+    ref = ref_experts(x, gate_up, down, topw, ids, act=act, gate_up_bias=gb, down_bias=db)
+    out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation=act, configs=tma, force_path="grouped")
+    assert rel_err(out.cpu(), ref) < 1e-2
+    assert "gate_up_kernel" in launched and "gate_up_tma_kernel" not in launched, launched
+    assert ("down_kernel" in launched) == bias and ("down_tma_kernel" in launched) == (not bias), launched
+
+
+def test_expert_biases_must_come_in_pairs_of_the_right_shape() -> None:
+    gate_up, down = torch.zeros(4, 32, 24), torch.zeros(4, 24, 16)
+    x, ids, topw = torch.zeros(2, 24), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1)
+    for gb, db in ((torch.zeros(4, 32), None), (torch.zeros(4, 32), torch.zeros(4, 16)),
+                   (torch.zeros(4, 16), torch.zeros(4, 24))):
+        w = ExpertWeights(gate_up, down, gate_up_bias=gb, down_bias=db)
+        with pytest.raises(ValueError, match="biases"):
+            fused_experts(x, w, topw, ids)
+
+
+def test_clamped_swiglu_is_not_a_hidden_act() -> None:
+    """A config's hidden_act can never select the clamped gate: ACTIVATIONS (what hf_moe checks hidden_act
+    against) does not hold it."""
+    from kernels.moe_grouped_gemm import ACTIVATIONS, CLAMPED_SWIGLU, KERNEL_ACTIVATIONS
+
+    assert CLAMPED_SWIGLU not in ACTIVATIONS and CLAMPED_SWIGLU in KERNEL_ACTIVATIONS
 
 
 def test_experts_per_slot_reduction_matches() -> None:
