@@ -246,6 +246,14 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
                          f"load-balancing loss {num(tr.get('final_aux'))} (top-k = perfectly even)."),
                    ("table", ["measure", "before", "after"],
                     [[label, num(before.get(k)), num(after.get(k))] for k, label in keys])]
+        held = tune.get("heldout") or {}
+        if held:
+            d = held.get("after_minus_before") or {}
+            change = (f"after minus before {d['estimate']:+.4f}, 95% interval [{d['low']:+.4f}, {d['high']:+.4f}]"
+                      + ("" if d.get("excludes_zero") else ": not distinguishable from no change")
+                      if d else "no per-document scores for an interval")
+            blocks.append(("p", f"Held-out text, bits per byte (lower is better): {num(held.get('before'))} before "
+                                f"the continued training, {num(held.get('after'))} after ({change})."))
         spec = tune.get("specialisation_by_source") or {}
         names = sorted(set(spec.get("before") or {}) | set(spec.get("after") or {}))
         if names:

@@ -92,6 +92,11 @@ def _latency_on(cfg: PipelineConfig) -> bool:
     return cfg.latency.enabled
 
 
+def _teacher_before_on(cfg: PipelineConfig) -> bool:
+    # Only where there is a before: a teacher trained further, and held-out text to compare on.
+    return cfg.teacher_tune.steps > 0 and cfg.eval.heldout
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", teacher.teacher_stage, ("teacher", "teacher_options"), (), external=_teacher_files),
     Stage("data", data.data_stage, ("data", "teacher_options"), ("teacher",), external=_data_files),
@@ -108,6 +113,8 @@ STAGES: tuple[Stage, ...] = (
           uses_device=True, distributed=True, enabled=_baseline_on, long=True),
     Stage("eval_teacher", eval_model.eval_teacher, ("eval", "teacher_options"), ("teacher_tune", "data"),
           uses_device=True, long=True),
+    Stage("eval_teacher_before", eval_model.eval_teacher_before, ("eval", "teacher_options"), ("teacher", "data"),
+          uses_device=True, enabled=_teacher_before_on),
     Stage("eval_student_init", eval_model.eval_student_init, ("eval", "teacher_options"), ("student", "data"),
           uses_device=True),
     Stage("eval_student", eval_model.eval_student, ("eval", "teacher_options"), ("distill", "data"),
@@ -118,8 +125,8 @@ STAGES: tuple[Stage, ...] = (
           uses_device=True, enabled=_latency_on),
     Stage("report", report.report_stage, ("teacher", "student", "preset", "run_name", "overrides", "eval", "latency",
                                           "baseline", "logits", "distill"),
-          ("teacher", "teacher_tune", "logits", "student", "distill", "eval_teacher", "eval_student_init",
-           "eval_student", "latency", "eval_baseline")),
+          ("teacher", "teacher_tune", "logits", "student", "distill", "eval_teacher", "eval_teacher_before",
+           "eval_student_init", "eval_student", "latency", "eval_baseline")),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

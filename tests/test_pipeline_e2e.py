@@ -75,6 +75,13 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert tune["training"]["steps"] == 2 and math.isfinite(tune["training"]["final_ce"])
     assert tune["before"]["expert_spread"] > 0 and tune["after"]["routing_entropy"] > 0
     assert "Teacher's continued training" in (run_dir / "report.md").read_text()
+    # ... and what it bought on held-out text: the teacher before (eval_teacher_before) against after, paired.
+    held = tune["heldout"]
+    assert held["after"] == report["quality"]["heldout_text/bits_per_byte"]["teacher"]
+    assert math.isfinite(held["before"]) and held["before"] != held["after"]
+    d = held["after_minus_before"]
+    assert d["estimate"] == pytest.approx(held["after"] - held["before"]) and d["low"] <= d["estimate"] <= d["high"]
+    assert "bits per byte (lower is better)" in (run_dir / "report.md").read_text()
     assert report["teacher"]["path"].endswith("teacher_tune/model")
 
     client = mlflow.MlflowClient(uri)

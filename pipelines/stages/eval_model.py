@@ -1,7 +1,10 @@
-"""Stages `eval_teacher`, `eval_student_init`, `eval_student`, `eval_baseline`: lm-eval scores of one model each.
+"""Stages `eval_teacher`, `eval_student_init`, `eval_student`, `eval_baseline`, `eval_teacher_before`: lm-eval
+scores of one model each.
 
-One stage applied to four models: each scores the model of one upstream stage (the teacher is teacher_tune's
-model, trained further or not) on the configured tasks and the held-out text."""
+One stage applied to five models: each scores the model of one upstream stage (the teacher is teacher_tune's
+model, trained further or not) on the configured tasks and the held-out text. `eval_teacher_before` scores the
+teacher stage's model, the teacher before its continued training, on the held-out text only: what teacher_tune
+bought (for the built-in teacher, SmolLM2 upcycled with identical experts, which computes the dense model)."""
 from __future__ import annotations
 
 import json
@@ -19,15 +22,18 @@ from teachers.load import load_causal_lm, load_tokenizer
 ROLES = {"teacher_tune": "teacher"}
 
 
-def evaluate(ctx: RunContext, out: Path, target: str) -> dict[str, Any]:
-    """lm-eval on the model of stage `target`; metrics as eval/<role>/<task>/<metric>."""
+def evaluate(ctx: RunContext, out: Path, target: str, tasks: list[str] | None = None,
+             role: str | None = None) -> dict[str, Any]:
+    """lm-eval on the model of stage `target`; metrics as eval/<role>/<task>/<metric>. tasks: default the
+    configured ones plus the held-out text (eval.heldout); role: default the stage's name (ROLES)."""
     cfg = ctx.cfg
     path = ctx.output(target, "path")
     trust = cfg.teacher_options.trust_remote_code
-    role = ROLES.get(target, target)
+    role = role or ROLES.get(target, target)
     model = load_causal_lm(path, role, ctx.device, ctx.dtype, trust)
     tok = load_tokenizer(path, role, trust)
-    tasks = list(cfg.eval.tasks) + (["local_heldout_text"] if cfg.eval.heldout else [])
+    if tasks is None:
+        tasks = list(cfg.eval.tasks) + (["local_heldout_text"] if cfg.eval.heldout else [])
     heldout = ctx.output("data", "heldout")
     raw = run_lm_eval(model, tok, tasks, limit=cfg.eval.limit or None, batch_size=cfg.eval.batch_size,
                       metadata={"heldout_path": heldout})
@@ -61,3 +67,7 @@ def eval_student(ctx: RunContext, out: Path) -> dict[str, Any]:
 
 def eval_baseline(ctx: RunContext, out: Path) -> dict[str, Any]:
     return evaluate(ctx, out, "baseline")
+
+
+def eval_teacher_before(ctx: RunContext, out: Path) -> dict[str, Any]:
+    return evaluate(ctx, out, "teacher", tasks=["local_heldout_text"], role="teacher_before")

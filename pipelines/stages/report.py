@@ -141,7 +141,29 @@ def _tune_summary(ctx: RunContext) -> dict[str, Any]:
     per_source = {when: (out[when].get("routing") or {}).get("specialisation_js_bits", {})
                   for when in ("before", "after")}
     return {"training": out["training"], "before": side["before"], "after": side["after"],
-            "specialisation_by_source": per_source}
+            "specialisation_by_source": per_source, "heldout": _tune_heldout(ctx)}
+
+
+HELDOUT_KEY = "heldout_text/bits_per_byte"
+
+
+def _tune_heldout(ctx: RunContext) -> dict[str, Any]:
+    """Held-out bits per byte of the teacher before (eval_teacher_before) and after (eval_teacher) its continued
+    training, and the paired bootstrap interval of after minus before over the same documents ({} without the
+    before stage, or without the held-out text in either)."""
+    recs = {role: (ctx.records.get(stage) or {}).get("outputs") or {}
+            for stage, role in (("eval_teacher_before", "before"), ("eval_teacher", "after"))}
+    values = {role: (r.get("metrics") or {}).get(HELDOUT_KEY, {}).get("value") for role, r in recs.items()}
+    if any(v is None for v in values.values()):
+        return {}
+    out: dict[str, Any] = {"metric": HELDOUT_KEY, **values}
+    have = {role: per_example.read(Path(r["per_example"])).get(HELDOUT_KEY) if r.get("per_example") else None
+            for role, r in recs.items()}
+    if all(v is not None for v in have.values()):
+        p = per_example.paired(have)
+        if p["after"].n:
+            out["after_minus_before"] = bootstrap.paired_difference(p["after"], p["before"], stream="heldout_text")
+    return out
 
 
 # Per-step series the training stages log to MLflow (pipelines/stages/distill.py): stage -> (metric prefix, series).
