@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from core import deadline
+from core import deadline, interrupt
 from core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from core.errors import ConfigError, UserError
 
@@ -201,6 +201,7 @@ def run_training(step_fn: StepFn, num_sequences: int, settings: LoopSettings, mo
         bar.set_postfix({k: f"{numbers[k]:.3f}" for k in shown if k in numbers})
         if log_fn and main:
             log_fn(progress.last, step + 1)
+        interrupt.check()  # a Ctrl-C swallowed during the step (a finalizer, a library) stops here
         done = step + 1 == s.steps
         # remaining() first: without a time limit no collective is needed to agree on not stopping.
         stop = not done and deadline.remaining() is not None and (agree or bool)(

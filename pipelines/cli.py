@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run.main(args[1:], prog=f"{PROG} run")
     opts = ap.parse_args(args)
+    from core import interrupt
+
     try:
-        return COMMANDS[opts.command](opts)
+        with interrupt.remembered():
+            return COMMANDS[opts.command](opts)
     except UserError as e:
         print(e.describe(), file=sys.stderr)
         return e.exit_code

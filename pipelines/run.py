@@ -99,8 +99,11 @@ def publish_report(ctx: Any, mlflow_info: dict[str, str]) -> Path:
 def main(argv: list[str] | None = None, prog: str = "make distill") -> int:
     """The entry point: `_main`, with Ctrl-C turned into one line and exit code 130 (finished stages, shards
     and checkpoints are on disk; the same command resumes)."""
+    from core import interrupt
+
     try:
-        return _main(argv, prog)
+        with interrupt.remembered():
+            return _main(argv, prog)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting must not print a trace
         print("\ninterrupted; run the same command to resume", file=sys.stderr, flush=True)

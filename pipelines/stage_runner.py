@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from core import deadline
+from core import deadline, interrupt
 from core import distributed as dist
 from core.deadline import TimeLimitReached
 from core.errors import UserError
@@ -109,6 +109,7 @@ def run_stage(stage: Stage, ctx: Any, parent_tags: dict[str, str]) -> dict[str, 
     # full disk in the bookkeeping) is handed to them as an error instead of leaving them waiting.
     handoff_due = True
     try:
+        interrupt.check()  # a Ctrl-C swallowed somewhere in the stage before stops the run here
         if rec is None:  # before the stage's MLflow run opens or anything of its folder changes
             deadline.check_stage_start(stage.name)
         reused = rec is not None

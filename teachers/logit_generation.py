@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from core import interrupt
 from logit_cache import LogitCacheWriter, topk_from_hidden, topk_from_logits
 from teachers.moe_layout import decoder_module
 from teachers.output_head import plain_head_problem
@@ -106,6 +107,7 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
     bar = tqdm(total=n, initial=start, desc="teacher logits", unit="seq")
     try:
         for i in range(start, n, batch_size):
+            interrupt.check()  # a Ctrl-C swallowed during a batch stops the stage here, the shards kept
             if failure:
                 break
             ids = sequences[i:i + batch_size].long()

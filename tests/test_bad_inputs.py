@@ -285,6 +285,25 @@ def _interrupt_when_running(proc: subprocess.Popen, timeout: float = 240) -> tup
     return "".join(seen) + out, err
 
 
+def test_a_swallowed_ctrl_c_still_stops_at_the_next_safe_point() -> None:
+    """A KeyboardInterrupt that lands in a finalizer or a library that catches it is remembered: check(),
+    called before each stage and after each training step, raises it again. The handler is put back after."""
+    from core import interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.remembered():
+        interrupt.check()  # nothing pressed yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler raises in here
+        except KeyboardInterrupt:
+            pass  # what a finalizer or a careless library does with it
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+    assert signal.getsignal(signal.SIGINT) is before
+    interrupt.check()  # forgotten once the command is over
+
+
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130(teacher_dir, tmp_path) -> None:
     proc = _start([sys.executable, "-m", "pipelines.run", "--preset", "ci", "--teacher", str(teacher_dir),
