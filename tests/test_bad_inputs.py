@@ -304,6 +304,30 @@ def test_a_swallowed_ctrl_c_still_stops_at_the_next_safe_point() -> None:
     interrupt.check()  # forgotten once the command is over
 
 
+def test_ctrl_c_in_a_finalizer_is_raised_in_ordinary_code_just_after(recwarn) -> None:
+    """Raised inside __del__ (tqdm's, at the end of every progress bar), KeyboardInterrupt would be printed as
+    "Exception ignored" and dropped: the handler sends the signal again once the finalizer has returned."""
+    import threading
+
+    from core import interrupt
+
+    finalized = []
+
+    class SlowToFinalize:
+        def __del__(self) -> None:
+            time.sleep(0.5)  # the signal arrives in here
+            finalized.append(True)
+
+    with interrupt.remembered():
+        obj = SlowToFinalize()
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            del obj
+            assert finalized  # the finalizer ran to its end: nothing was raised in it
+            time.sleep(2.0)  # the signal sent again is raised here
+    assert not [w for w in recwarn if "nraisable" in type(w.message).__name__]
+
+
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130(teacher_dir, tmp_path) -> None:
     proc = _start([sys.executable, "-m", "pipelines.run", "--preset", "ci", "--teacher", str(teacher_dir),
