@@ -11,9 +11,10 @@
    run tagged with the variant.
 3. `runs/<run>/ab/ab.md` and `ab.json`: per variant the mean retained gain over the headline metrics (the
    report's rule: counted where the teacher beats chance and the baseline by two standard errors) with its
-   paired bootstrap interval, the loss positions it trained on; against the first variant that finished (the reference),
-   the interval of the difference in mean retained gain and, per counted metric, of the difference in score;
-   and the winner, with whether its lead over the reference excludes zero. A variant that fails is named in
+   paired bootstrap interval, the loss positions it trained on, and per counted metric its paired difference
+   to the CE baseline; against the first variant that finished (the reference), the interval of the
+   difference in mean retained gain and, per counted metric, of the difference in score; and the winner, with
+   whether its lead over the reference excludes zero. A variant that fails is named in
    the table with its error and the others still run; the command then exits 1 (rerun it: finished
    variants are reused).
 """
