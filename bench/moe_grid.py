@@ -3,8 +3,9 @@
     python -m bench.moe_grid [--out bench/results/moe_grid_h200.csv] [--tokens 1 16 64 256 4096 16384]
                              [--shapes N] [--budget-s 420]
 
-Shapes: seven anchors (DeepSeek-V3, Kimi-K2, Qwen1.5/2-MoE-A2.7B with its 60 experts and gated shared expert,
-Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, the PRESET=h100 teacher), then N more drawn by a fixed rule (seed 0) from
+Shapes: eight anchors (DeepSeek-V3, Kimi-K2, Qwen1.5/2-MoE-A2.7B with its 60 experts and gated shared expert,
+Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, the PRESET=h100 teacher, GPT-OSS-20B with expert biases and its clamped
+SwiGLU), then N more drawn by a fixed rule (seed 0) from
 experts {8..384} x top-k {1..8} x hidden {576..7168} x expert width {256..14336} x shared expert {none, gated,
 ungated}, under a 40 GB weight budget. Each is one real transformers MoE block (Qwen3-MoE for no shared expert,
 Qwen2-MoE for a gated one, DeepSeek-V3 with group-limited sigmoid routing for an ungated one), bf16, random
@@ -59,6 +60,7 @@ class Shape:
     width: int
     shared: str  # none, gated, ungated
     groups: int = 1  # DeepSeek group-limited routing (ungated shared only)
+    arch: str = ""  # "gpt_oss": GPT-OSS's block (expert biases, clamped SwiGLU, router with a bias); "": by `shared`
 
     def weight_bytes(self) -> float:
         return self.experts * 3 * self.hidden * self.width * 2
@@ -72,6 +74,7 @@ ANCHORS = [
     Shape("olmoe-1b-7b", 64, 8, 2048, 1024, "none"),
     Shape("mixtral-8x7b", 8, 2, 4096, 14336, "none"),
     Shape("smollm2-moe", 8, 2, 576, 1536, "none"),
+    Shape("gpt-oss-20b", 32, 4, 2880, 2880, "none", arch="gpt_oss"),
 ]
 
 
@@ -96,7 +99,11 @@ def build_block(s: Shape) -> torch.nn.Module:
     """One transformers MoE block of shape s, bf16, on the GPU (initialised there: 30 GB of experts in a second)."""
     common = dict(hidden_size=s.hidden, num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
                   num_hidden_layers=1, num_experts_per_tok=s.top_k)
-    if s.shared == "none":
+    if s.arch == "gpt_oss":
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as Block
+        cfg = GptOssConfig(**common, num_local_experts=s.experts, intermediate_size=s.width)
+    elif s.shared == "none":
         from transformers import Qwen3MoeConfig
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
         cfg = Qwen3MoeConfig(**common, num_experts=s.experts, moe_intermediate_size=s.width, norm_topk_prob=True)
@@ -113,11 +120,38 @@ def build_block(s: Shape) -> torch.nn.Module:
                                routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None)
     cfg._experts_implementation = "eager"
     block = random_bf16_on_gpu(lambda: Block(cfg))  # Kimi-K2's 34 GB of experts never exist in float32
-    if hasattr(block.gate, "e_score_correction_bias"):
+    if hasattr(router(block), "e_score_correction_bias"):
         with torch.no_grad():
-            block.gate.e_score_correction_bias.zero_()
+            router(block).e_score_correction_bias.zero_()
     block.u = skew_router(block, s.hidden, torch.Generator(device="cuda").manual_seed(1))
     return block
+
+
+def router(block: torch.nn.Module) -> torch.nn.Module:
+    """The block's router module (`gate` in most architectures, `router` in GPT-OSS)."""
+    return block.gate if hasattr(block, "gate") else block.router
+
+
+@torch.no_grad()
+def experts_reference(ex: torch.nn.Module, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """float64 experts output [T, H] for tokens h [T, H] routed to idx [T, k] with weights w [T, k], in the
+    module's own layout (transposed or not), with its biases and its own gate function (`_apply_gate`: GPT-OSS's
+    clamped SwiGLU on interleaved columns, or the default act(gate) * up), so any architecture is checked."""
+    transposed = bool(getattr(ex, "is_transposed", False))
+    bias = bool(getattr(ex, "has_bias", False))
+    hd = h.double()
+    ref = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float64, device=h.device)
+    for e in idx.unique().tolist():
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        gu_w, dn_w = ex.gate_up_proj[e].double(), ex.down_proj[e].double()
+        gu = hd[rows] @ (gu_w if transposed else gu_w.T)
+        if bias:
+            gu = gu + ex.gate_up_proj_bias[e].double()
+        out = ex._apply_gate(gu) @ (dn_w if transposed else dn_w.T)
+        if bias:
+            out = out + ex.down_proj_bias[e].double()
+        ref.index_add_(0, rows, w[rows, slot].double()[:, None] * out)
+    return ref
 
 
 def set_provider(block: torch.nn.Module, prov: str) -> None:
@@ -158,16 +192,9 @@ def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) ->
 
     h = x.view(-1, x.shape[-1])[:tokens]
     set_provider(block, "grouped_mm")
-    _, w, idx = block.gate(h)
+    _, w, idx = router(block)(h)
     ex = block.experts
-    ref = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float64, device=h.device)
-    hd = h.double()
-    for e in idx.unique().tolist():
-        rows, slot = (idx == e).nonzero(as_tuple=True)
-        gu = ex.gate_up_proj[e].double()
-        g, u = (hd[rows] @ gu.T).chunk(2, dim=-1)
-        a = torch.nn.functional.silu(g) * u
-        ref.index_add_(0, rows, w[rows, slot].double()[:, None] * (a @ ex.down_proj[e].double().T))
+    ref = experts_reference(ex, h, w, idx)
 
     def err(y: torch.Tensor) -> float:
         return float((y.double() - ref).norm() / ref.norm())
@@ -176,7 +203,7 @@ def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) ->
     ours = fused_triton_experts_forward(ex, h, idx, w)
     stock = hf_moe.grouped_mm_experts_forward(ex, h, idx, w)
     set_provider(block, "fused_triton")
-    _, _, idx_ours = block.gate(h)
+    _, _, idx_ours = router(block)(h)
     same = (idx_ours.sort(-1).values == idx.sort(-1).values).all(-1).float().mean().item()
     return {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock), "router_topk_agree": same}
 

@@ -56,7 +56,7 @@ def skew_router(block: torch.nn.Module, hidden: int, gen: torch.Generator) -> to
 
     logits_e = x . W_e with W_e = noise/sqrt(H) + b_e * u and x = noise + 4u, so expert e's logit is shifted by
     about 4 b_e; b_e = log(1/rank^ZIPF) / 4 makes popularity fall off roughly as 1/rank."""
-    w = block.gate.weight
+    w = (block.gate if hasattr(block, "gate") else block.router).weight  # GPT-OSS names its router `router`
     E, H = w.shape
     u = torch.randn(H, device="cuda", generator=gen)
     u /= u.norm()

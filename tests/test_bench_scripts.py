@@ -41,3 +41,37 @@ def test_the_moe_grid_is_made_by_rule_within_its_budgets() -> None:
     assert max(s.experts for s in shapes) == 384 and max(s.hidden for s in shapes) == 7168
     ds = next(s for s in shapes if s.name == "deepseek-v3")
     assert (ds.experts, ds.top_k, ds.hidden, ds.width, ds.groups) == (256, 8, 7168, 2048, 8)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe", "qwen2_moe"])
+def test_the_grids_float64_reference_is_each_blocks_own_experts_math(arch: str) -> None:
+    """bench.moe_grid checks our experts against `experts_reference`, which reads the module's layout, biases and
+    gate function: it must equal the architecture's own eager experts (GPT-OSS: transposed, interleaved, biased,
+    clamped SwiGLU; Qwen3/Qwen2: the default layout and gate)."""
+    from transformers import GptOssConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from bench.moe_grid import experts_reference, router
+
+    common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=64, num_hidden_layers=1,
+                  num_experts_per_tok=2)
+    torch.manual_seed(0)
+    if arch == "gpt_oss":
+        block = GptOssMLP(GptOssConfig(**common, num_local_experts=6, intermediate_size=24, swiglu_limit=0.5))
+    elif arch == "qwen3_moe":
+        block = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(**common, num_experts=6, moe_intermediate_size=24))
+    else:
+        block = Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(**common, num_experts=6, moe_intermediate_size=24,
+                                                      shared_expert_intermediate_size=48))
+    block.experts.config._experts_implementation = "eager"
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)  # biases and router too: every term of the math shows
+    h = torch.randn(9, 32)
+    with torch.no_grad():
+        _, w, idx = router(block)(h)
+        own = block.experts(h, idx, w)
+    ref = experts_reference(block.experts, h, w, idx)
+    assert ((own.double() - ref).norm() / ref.norm()).item() < 1e-5
