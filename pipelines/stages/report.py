@@ -130,8 +130,9 @@ def reproduce_command(cfg: Any) -> str:
     return " ".join(parts)
 
 
-def _tune_summary(ctx: RunContext) -> dict[str, Any]:
-    """The teacher's continued training for the report: steps, final losses, routing and spread before/after."""
+def _tune_summary(ctx: RunContext, teacher_scores: dict[str, tuple[list[int], Any]]) -> dict[str, Any]:
+    """The teacher's continued training for the report: steps, final losses, routing and spread before/after, and
+    held-out text before/after (teacher_scores: eval_teacher's per-example scores, already read)."""
     out = ctx.records.get("teacher_tune", {}).get("outputs", {})
     if not out.get("tuned"):
         return {}
@@ -141,13 +142,13 @@ def _tune_summary(ctx: RunContext) -> dict[str, Any]:
     per_source = {when: (out[when].get("routing") or {}).get("specialisation_js_bits", {})
                   for when in ("before", "after")}
     return {"training": out["training"], "before": side["before"], "after": side["after"],
-            "specialisation_by_source": per_source, "heldout": _tune_heldout(ctx)}
+            "specialisation_by_source": per_source, "heldout": _tune_heldout(ctx, teacher_scores)}
 
 
 HELDOUT_KEY = "heldout_text/bits_per_byte"
 
 
-def _tune_heldout(ctx: RunContext) -> dict[str, Any]:
+def _tune_heldout(ctx: RunContext, teacher_scores: dict[str, tuple[list[int], Any]]) -> dict[str, Any]:
     """Held-out bits per byte of the teacher before (eval_teacher_before) and after (eval_teacher) its continued
     training, and the paired bootstrap interval of after minus before over the same documents ({} without the
     before stage, or without the held-out text in either)."""
@@ -157,8 +158,9 @@ def _tune_heldout(ctx: RunContext) -> dict[str, Any]:
     if any(v is None for v in values.values()):
         return {}
     out: dict[str, Any] = {"metric": HELDOUT_KEY, **values}
-    have = {role: per_example.read(Path(r["per_example"])).get(HELDOUT_KEY) if r.get("per_example") else None
-            for role, r in recs.items()}
+    before = recs["before"].get("per_example")
+    have = {"before": per_example.read(Path(before)).get(HELDOUT_KEY) if before else None,
+            "after": teacher_scores.get(HELDOUT_KEY)}
     if all(v is not None for v in have.values()):
         p = per_example.paired(have)
         if p["after"].n:
@@ -271,7 +273,7 @@ def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                 f"cpu ({platform.processor() or platform.machine()})",
                 "command": reproduce_command(cfg)},
         "teacher": ctx.output("teacher_tune", "summary"),
-        "teacher_tune": _tune_summary(ctx),
+        "teacher_tune": _tune_summary(ctx, scores["teacher"]),
         "student": ctx.output("student", "summary"),
         "quality": quality,
         "latency": latency,
