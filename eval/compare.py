@@ -25,6 +25,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from core.experiment import experiment_name  # noqa: E402
+from eval.pareto import pareto_front  # noqa: E402
 
 COLUMNS = ["run", "teacher", "student", "preset", "retained_mean", "speedup", "student params"]
 
@@ -58,33 +59,28 @@ def load_pipeline_reports(experiment: str | None = None, tracking_uri: str | Non
     return out
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """For (x, y) points where both are better when larger: True where no other point is at least as good
-    on both and strictly better on one. Points with a NaN coordinate are never on the front."""
-    flags = []
-    for i, (x, y) in enumerate(points):
-        if math.isnan(x) or math.isnan(y):
-            flags.append(False)
-            continue
-        dominated = any(
-            j != i and xo >= x and yo >= y and (xo > x or yo > y) for j, (xo, yo) in enumerate(points)
-            if not (math.isnan(xo) or math.isnan(yo))
-        )
-        flags.append(not dominated)
-    return flags
-
-
 def _float(x: object) -> float:
     return float(x) if isinstance(x, (int, float)) else float("nan")
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
-    """One row per run: the COLUMNS plus the numeric retained/speedup for plotting."""
+    """One row per run, or per student of a run with several (`run/student`): the COLUMNS plus the numeric
+    retained/speedup for plotting."""
     rows = []
     for r in runs:
         rep = r["report"]
         t, s = rep.get("teacher") or {}, rep.get("student") or {}
         summ = rep.get("summary") or {}
+        students = (rep.get("students") or {}).get("rows") or []
+        if students:  # a run with several students (eval.students): one point each, named run/student
+            for st in students:
+                rows.append({"run": f"{r['run_name'] or r['run_id'][:8]}/{st['name']}", "run_id": r["run_id"],
+                             "teacher": t.get("name", "?"), "student": st.get("model", "?"),
+                             "preset": (rep.get("run") or {}).get("preset", "?"),
+                             "retained_mean": _float(st.get("retained_mean")), "speedup": _float(st.get("speedup")),
+                             "speedup_setting": (rep.get("students") or {}).get("setting", "?"),
+                             "student params": st.get("params")})
+            continue
         rows.append({
             "run": r["run_name"] or r["run_id"][:8],
             "run_id": r["run_id"],

@@ -187,14 +187,53 @@ def _headline_text(report: dict) -> str | None:
     return text
 
 
+def _gain_cell(row: dict) -> str:
+    ci = row.get("retained_gain_mean_ci") or {}
+    if not isinstance(ci.get("low"), (int, float)):
+        return pct(row.get("retained_gain_mean"))
+    mark = " *" if ci["low"] > 0 or ci["high"] < 0 else ""
+    return f"{pct(row.get('retained_gain_mean'))} [{pct(ci['low'])}, {pct(ci['high'])}]{mark}"
+
+
+def _students_blocks(section: dict, images: dict[str, Path]) -> list[Block]:
+    """The run's students side by side (eval.students): quality kept, gain over each one's own CE baseline with
+    its interval, speedups per decode setting, the Pareto front and the plot."""
+    rows = section["rows"]
+    settings = sorted({k for r in rows for k in (r.get("speedups") or {}) if k.startswith("decode")})
+    table = [[r["name"] + (" (front)" if r.get("pareto") else ""), str(r.get("model", "?")), si_params(r.get("params")),
+              pct(r.get("retained_mean")), pct(r.get("baseline_retained_mean")), _gain_cell(r)]
+             + [ratio((r.get("speedups") or {}).get(k)) for k in settings] for r in rows]
+    largest = section.get("largest_at_target")
+    target = section.get("target_speedup")
+    text = (f"Every student learned from the same teacher cache on the same tokens; each has its own cross-entropy "
+            f"baseline, trained on the same tokens from the same initialisation. Retained = mean of score / "
+            f"teacher's over each student's counted headline metrics; gain over CE = (student - its baseline) / "
+            f"(teacher - its baseline), averaged, with its 95% paired bootstrap interval (* excludes zero). "
+            f"Speedups against the teacher at its best per setting. (front): on the Pareto front of speedup at "
+            f"`{section.get('setting')}` and retained quality. ")
+    if any(not r.get("counted") for r in rows):
+        text += ("A student whose headline counts no metric (its teacher is not measurably better than chance and "
+                 "than its baseline on any) shows retained over every headline metric instead, and no gain. ")
+    text += (f"The largest student at least {ratio(target)} faster at `{section.get('setting')}`: **{largest}**."
+             if largest else f"No student is {ratio(target)} faster at `{section.get('setting')}`.")
+    blocks: list[Block] = [("h2", "Students"),
+                           ("table", ["student", "model", "params", "retained", "its CE baseline retained",
+                                      "gain over CE [95%]"] + [f"speedup {k}" for k in settings], table),
+                           ("p", text)]
+    if "students" in images:
+        blocks.append(("img", images["students"].name, "students: quality vs speedup"))
+    return blocks
+
+
 def _latency_table(latency: dict) -> Block:
     rows = []
     for key in sorted(latency):
         e = latency[key]
         fmt = si_bytes if e.get("metric") == "bytes" else num
         rows.append([key, e.get("metric", "?"), str(e.get("path") or ""), fmt(e.get("teacher")),
-                     fmt(e.get("student")), ratio(e.get("speedup"))])
-    return ("table", ["setting", "metric", "path", "teacher", "student", "speedup (>1: student better)"], rows)
+                     str(e.get("teacher_implementation") or "stock"), fmt(e.get("student")), ratio(e.get("speedup"))])
+    return ("table", ["setting", "metric", "path", "teacher", "teacher on", "student", "speedup (>1: student better)"],
+            rows)
 
 
 def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]:
@@ -222,9 +261,13 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
                        ("p", f"One point per model: retained quality averaged over {which} "
                              f"({keys}), ± one standard error from lm-eval's per-task standard errors (the "
                              f"teacher's scores as the reference), against the speedup at the headline setting.")]
+    if (report.get("students") or {}).get("rows"):
+        blocks += _students_blocks(report["students"], images)
     if report.get("latency"):
         blocks += [("h2", "Latency"), _latency_table(report["latency"])]
-        blocks.append(("p", "Speedup = student/teacher for throughput, teacher/student for times and bytes. "
+        blocks.append(("p", "Speedup = student/teacher for throughput, teacher/student for times and bytes, "
+                            "against the teacher at its best in each setting (`teacher on`: stock transformers or "
+                            "our fused MoE kernels, whichever was faster there). "
                             "`generate` = plain generate with a dynamic cache; `static_compile` = static cache "
                             "with the decode step compiled."))
     fused = report.get("teacher_fused") or {}

@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # headless: the pipeline runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from core.number_format import is_proportion, num, pct, ratio, score  # noqa: E402
+from core.number_format import is_proportion, num, pct, ratio, score, si_params  # noqa: E402
 from eval.headline_metrics import headline_metrics  # noqa: E402
 from eval.retained import retained_stderr, retained_value  # noqa: E402
 
@@ -215,5 +215,55 @@ def plot_training_curves(report: dict, path: Path) -> bool:
     return True
 
 
+def plot_students(report: dict, path: Path) -> bool:
+    """A run with several students (report["students"], eval.students): x the speedup over the teacher at the
+    section's setting, y the retained quality ± one standard error; per student a filled point, and its own CE
+    baseline hollow at the same speed, joined by a line (what the KD bought at that size); the teacher at
+    (1, 100%); the Pareto front of the students and the teacher as a step line. False with fewer than two
+    students, or none with a speedup."""
+    section = report.get("students") or {}
+    rows = [r for r in section.get("rows") or [] if _finite(r.get("speedup")) is not None
+            and _finite(r.get("retained_mean")) is not None]
+    if len(section.get("rows") or []) < 2 or not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 5.4))
+    ax.plot([1.0], [1.0], "o", ms=9, color=ROLES[0][2], label="teacher", zorder=3)
+    colours = plt.get_cmap("tab10")
+    for i, r in enumerate(rows):
+        x, y, colour = float(r["speedup"]), float(r["retained_mean"]), colours((i + 1) % 10)
+        err = _finite(r.get("retained_stderr"))
+        gain, base = _finite(r.get("retained_gain_mean")), _finite(r.get("baseline_retained_mean"))
+        text = f"{r['name']} ({si_params(r.get('params'))}): {pct(y)} at {ratio(x)}"
+        if gain is not None:
+            text += f", gain over CE {pct(gain)}"
+        ax.errorbar([x], [y], yerr=None if err is None else [err], fmt="D", ms=8, color=colour, capsize=4,
+                    label=text, zorder=3)
+        if base is not None:
+            ax.plot([x, x], [base, y], color=colour, lw=1, alpha=0.6, zorder=2)
+            ax.plot([x], [base], "^", ms=8, mfc="white", mew=1.5, color=colour, zorder=3)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = sorted([(1.0, 1.0)] + [(float(r["speedup"]), float(r["retained_mean"])) for r in rows
+                                   if r.get("pareto")])
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="pre", color="#c44e52", alpha=0.4, lw=1.2,
+                label="Pareto front", zorder=1)
+    ax.plot([], [], "^", mfc="white", color="#555555", label="each student's CE baseline (hollow, same speed)")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(min(lo, 0.9), max(hi, 1.1))
+    ax.xaxis.set_major_formatter(RATIO_AXIS)
+    ax.yaxis.set_major_formatter(PCT_AXIS)
+    ax.set_xlabel(f"speedup over the teacher at {section.get('setting') or 'the headline setting'} (teacher at its "
+                  "best: stock or fused kernels)")
+    ax.set_ylabel("retained quality (mean of score / teacher's)")
+    ax.set_title("Students: quality kept vs speed gained (headline metrics, ± 1 s.e.)", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
+
+
 PLOTS = (("quality_vs_speedup", plot_quality_vs_speedup), ("quality_per_task", plot_quality_per_task),
-         ("training_curves", plot_training_curves))
+         ("training_curves", plot_training_curves), ("students", plot_students))

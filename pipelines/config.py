@@ -8,6 +8,7 @@ silently ignored hours into a run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -63,6 +64,12 @@ class PipelineConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    # More students beside the main one, on the same teacher, data and logit cache: {name: the settings in
+    # which it differs, `student` and `student_options.*` only}. Each gets its own student, distill, baseline,
+    # evaluation and latency stages under runs/<run>/students/<name>/, and the report compares them all
+    # (`student_variants`; YAML `students: {s24: {student_options: {keep_layers: top_24}}}`, or
+    # SET="students.s24.student_options.keep_layers=top_24").
+    students: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,12 +132,31 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         if key not in valid:
             raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(valid)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, dict):
+            setattr(obj, key, _merged_mapping(current, value, full))
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{full}' is a section; set its keys as {full}.<key>=...")
             _apply(current, value, prefix=f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _merged_mapping(current: dict[str, Any], value: Any, key: str) -> dict[str, Any]:
+    """A mapping entry (`students`) updated key by key, so a SET adds to a preset's entries instead of replacing
+    them; `{}` (YAML or SET text) empties it. The values are checked where they are used (`student_variants`)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{key}' is a mapping: set its entries as {key}.<name>.<key>=..., or {key}={{}} to empty it")
+    if not value:
+        return {}
+    merged = copy.deepcopy(current)
+    _deep_update(merged, value)
+    return merged
 
 
 def is_preset_path(preset: str) -> bool:
@@ -244,6 +270,45 @@ def validate(cfg: PipelineConfig) -> None:
         if dataclasses.is_dataclass(section):
             section.validate()
     _check_lengths(cfg)
+    student_variants(cfg)
+
+
+# What may differ between the students of one run: which model and how it is built. Everything else (data,
+# teacher, distillation recipe and budget, evaluation) is shared, so that their comparison is at equal tokens.
+STUDENT_KEYS = ("student", "student_options")
+NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+def student_variants(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
+    """The run's extra students (`students:`), each as the full config it runs with: the run's own with the
+    student's settings applied and no further students. Raises ConfigError naming the student and what is wrong
+    (a bad name, a setting other than STUDENT_KEYS, a bad value, or the same student twice)."""
+    out: list[tuple[str, PipelineConfig]] = []
+    seen = {json.dumps([cfg.student, dataclasses.asdict(cfg.student_options)], sort_keys=True): "the main student"}
+    for name, spec in cfg.students.items():
+        require(re.fullmatch(NAME_RULE, str(name)) is not None and ".." not in str(name) and name != "main",
+                f"students.{name}: a student's name is one folder under students/: letters, digits, '_', '-' and "
+                "'.', not 'main' (the main student's name in the report)")
+        require(isinstance(spec, dict) and bool(spec),
+                f"students.{name}: give the settings in which this student differs, e.g. "
+                f"students.{name}.student_options.keep_layers=top_24")
+        other = sorted(set(spec) - set(STUDENT_KEYS))
+        require(not other, f"students.{name}: only {' and '.join(STUDENT_KEYS)}.* may differ between the students "
+                           f"of a run (got {', '.join(other)}); the rest is shared so they compare at equal tokens. "
+                           "Set it for all of them, or start another run")
+        variant = copy.deepcopy(cfg)
+        variant.students = {}
+        try:
+            _apply(variant, spec)
+            variant.student_options.validate()
+        except ConfigError as e:
+            raise ConfigError(f"students.{name}: {e}") from None
+        ident = json.dumps([variant.student, dataclasses.asdict(variant.student_options)], sort_keys=True)
+        require(ident not in seen, f"students.{name} is the same student as {seen.get(ident)}: give it a "
+                                   "setting that differs, or remove it")
+        seen[ident] = f"students.{name}"
+        out.append((str(name), variant))
+    return out
 
 
 def _check_lengths(cfg: PipelineConfig) -> None:

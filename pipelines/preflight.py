@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from core.errors import UserError
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, student_variants
 from pipelines.stages.student import check_student_source
 from pipelines.stages.teacher import BUILTIN_TEACHERS
 from students.dense_twin import check_derivable
@@ -95,17 +95,35 @@ def preflight(cfg: PipelineConfig, run_dir: Path, artifact_dir: Path | None = No
     if vocab and cfg.logits.top_k > vocab:
         raise PreflightError("config", f"logits.top_k={cfg.logits.top_k} is larger than the teacher's vocabulary "
                                        f"({vocab} tokens); set logits.top_k <= {vocab} (e.g. 64)")
-    if cfg.student == "derived":
-        if teacher_cfg is not None:
-            notes.append(f"derived student: {check_derivable(teacher_cfg)}")
-    elif cfg.student.endswith(".json"):
-        student_config(Path(cfg.student), tokens)
-    else:
-        path = resolve_model_path(cfg.student, "student")
-        if teacher_path is not None:
-            check_student_source(path, teacher_path, opts.trust_remote_code)
-        _check_model_folder(path)
+    checked: set[str] = set()
+    for name, student in [("", cfg.student)] + [(n, v.student) for n, v in student_variants(cfg)]:
+        if student in checked:  # students that differ only in how they are built share one model check
+            continue
+        checked.add(student)
+        try:
+            notes += _check_student(student, teacher_cfg, teacher_path, tokens, opts.trust_remote_code)
+        except UserError as e:
+            if not name:
+                raise
+            e.args = (f"students.{name}: {e}",)  # the same kind and exit code, saying which student
+            raise
     return notes
+
+
+def _check_student(student: str, teacher_cfg: object, teacher_path: str | None, tokens: int,
+                   trust_remote_code: bool) -> list[str]:
+    """One student source against the teacher: derivable, a config.json that parses, or a dense folder with
+    complete weights and the teacher's vocabulary. Returns notes."""
+    if student == "derived":
+        return [f"derived student: {check_derivable(teacher_cfg)}"] if teacher_cfg is not None else []
+    if student.endswith(".json"):
+        student_config(Path(student), tokens)
+        return []
+    path = resolve_model_path(student, "student")
+    if teacher_path is not None:
+        check_student_source(path, teacher_path, trust_remote_code)
+    _check_model_folder(path)
+    return []
 
 
 def local_artifact_dir(uri: str | None) -> Path | None:

@@ -79,15 +79,19 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str, port: int = 5000
     return f"http://127.0.0.1:{port}/{page} (serve it with `make ui`)"
 
 
-def publish_report(ctx: Any, mlflow_info: dict[str, str]) -> Path:
-    """Copy the report to the run folder with this invocation's MLflow ids, and log it to the parent run."""
+def publish_report(ctx: Any, mlflow_info: dict[str, str], extras: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Copy the report to the run folder with this invocation's MLflow ids and, with extra students (`extras`:
+    {name: their stage records}), the section comparing every student; log it to the parent run."""
     import mlflow
 
     from core.strict_json import dumps_strict
     from eval.report import NULL_REASONS, write_report
+    from pipelines.student_set import students_report
 
     report = json.loads(Path(ctx.output("report", "report_json")).read_text())
     report["mlflow"] = mlflow_info
+    if extras:
+        report["students"] = students_report(ctx.records, extras)
     path = ctx.run_dir / "report.json"
     path.write_text(dumps_strict(report, NULL_REASONS))
     files = write_report(report, ctx.run_dir)
@@ -157,10 +161,17 @@ def print_plan(cfg: PipelineConfig, runs_dir: Path) -> int:
     from pipelines.stage_runner import plan
 
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    from pipelines.student_set import plan_students, student_dir
+
     run_dir = runs_dir / run_name(cfg)
     print(f"run folder: {run_dir}")
-    for stage, what in plan(cfg, run_dir, device).items():
+    main_plan = plan(cfg, run_dir, device)
+    for stage, what in main_plan.items():
         print(f"  {stage:<18} {what}")
+    for name, stages in plan_students(cfg, run_dir, device, main_plan).items():
+        print(f"student {name}: {student_dir(run_dir, name)}")
+        for stage, what in stages.items():
+            print(f"  {stage:<18} {what}")
     return 0
 
 
@@ -239,7 +250,8 @@ def _lead_locked(cfg: PipelineConfig, run_dir: Path, device: Any, lock: FileLock
     registered = f"\nregistered model: {info['registered_model']}" if info.get("registered_model") else ""
     print(f"\nreport: {report.with_suffix('.html')} (and .md, .json)\n"
           f"retained quality (mean over the headline tasks): {_number(summary.get('retained_mean'), '.3f')}; "
-          f"speedup: {_speedup(summary)}\n"
+          f"speedup: {_speedup(summary)}"
+          f"{_students_lines(info['students']) if info.get('students') else ''}\n"
           f"MLflow run: {run_url(info['tracking_uri'], exp_id, info['parent_run_id'])}{registered}\n"
           f"total {time.perf_counter() - t0:.0f} s")
     return 0
@@ -251,6 +263,7 @@ def _follow(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
     from core.deadline import EXIT_CODE, TimeLimitReached
     from pipelines.context import RunContext
     from pipelines.stage_runner import active_stages, follow_stage
+    from pipelines.student_set import follow_students
 
     if dist.share() is not None:
         return 2  # rank 0 could not start and says why
@@ -258,6 +271,7 @@ def _follow(cfg: PipelineConfig, runs_dir: Path, device: Any) -> int:
     try:
         for stage in active_stages(cfg):
             ctx.records[stage.name] = follow_stage(stage, ctx)
+        follow_students(cfg, ctx)
     except TimeLimitReached:
         return EXIT_CODE  # rank 0 says so
     except dist.RankFailedError:
@@ -275,6 +289,7 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
 
     from pipelines.registry import register_student
     from pipelines.stage_runner import active_stages, run_stage, stand_in_records
+    from pipelines.student_set import run_students
     from pipelines.tracking import flat_params
 
     with mlflow.start_run(run_name=ctx.run_dir.name, tags={**tags, "stage": "pipeline"}) as parent:
@@ -285,8 +300,13 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
         stand_in_records(cfg, ctx.records)
         for stage in active_stages(cfg):
             ctx.records[stage.name] = run_stage(stage, ctx, {**tags, "parent": parent.info.run_id})
-        report = publish_report(ctx, info)
+        extras = run_students(cfg, ctx, {**tags, "parent": parent.info.run_id})
+        report = publish_report(ctx, info, extras)
         summary = ctx.output("report", "summary")
+        if extras:
+            # A copy: the stages' records hold `info` itself, and their reports are written already.
+            info = {**info, "students": json.loads(report.read_text())["students"]}
+            _log_students(info["students"])
         registered = register_student(ctx.run_dir.name, ctx.records, summary, parent.info.run_id)
         if registered:
             info["registered_model"] = f"{registered[0]} version {registered[1]}"
@@ -295,6 +315,35 @@ def _run_stages(cfg: PipelineConfig, ctx: Any, tags: dict[str, str], exp_id: str
                                               "pipeline/seconds": time.perf_counter() - t0}.items()
                             if isinstance(v, (int, float)) and v == v})
     return report, summary, info
+
+
+def _log_students(section: dict[str, Any]) -> None:
+    """Each student's headline numbers on the parent run, so the MLflow UI can chart them side by side."""
+    import mlflow
+
+    metrics = {}
+    for row in section["rows"]:
+        for key in ("retained_mean", "retained_gain_mean", "speedup"):
+            x = row.get(key)
+            if isinstance(x, (int, float)) and x == x:
+                metrics[f"students/{row['name']}/{key}"] = x
+    mlflow.log_metrics(metrics)
+
+
+def _students_lines(section: dict[str, Any]) -> str:
+    """The closing lines for a run with several students: one per student, the one the 2x question is about
+    marked."""
+    lines = []
+    for row in section["rows"]:
+        gain = row.get("retained_gain_mean")
+        ci = row.get("retained_gain_mean_ci") or {}
+        interval = (f" [{_number(ci.get('low'), '.1%')}, {_number(ci.get('high'), '.1%')}]"
+                    if isinstance(ci.get("low"), (int, float)) else "")
+        mark = "  <- largest at >= 2x" if row["name"] == section.get("largest_at_target") else ""
+        lines.append(f"  {row['name']:<10} retained {_number(row.get('retained_mean'), '.3f')}, gain over its CE "
+                     f"baseline {_number(gain, '.1%')}{interval}, speedup {_number(row.get('speedup'), '.2f')}x"
+                     f"{' (Pareto front)' if row.get('pareto') else ''}{mark}")
+    return "\nstudents (speedup at " + str(section.get("setting")) + "):\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,19 @@ def remove_stage_dir(out: Path, run_dir: Path) -> None:
     shutil.rmtree(real)
 
 
-def plan(cfg: PipelineConfig, run_dir: Path, device: str, root: Path = REPO_ROOT) -> dict[str, str]:
-    """What a run of `cfg` in `run_dir` would do with each stage: "reuse", or "run: <why>". A stage whose
-    upstream reruns is counted as rerunning too (its inputs will change unless the upstream output comes
-    out byte-identical, in which case the real run reuses it after all)."""
-    records: dict[str, dict] = {}
+def plan(cfg: PipelineConfig, run_dir: Path, device: str, root: Path = REPO_ROOT,
+         stages: list[Stage] | None = None, known: tuple[dict[str, dict], dict[str, str]] | None = None
+         ) -> dict[str, str]:
+    """What a run of `cfg` in `run_dir` would do with each stage (`stages`, default all active ones): "reuse",
+    or "run: <why>". A stage whose upstream reruns is counted as rerunning too (its inputs will change unless
+    the upstream output comes out byte-identical, in which case the real run reuses it after all). `known`:
+    (records, decisions) of upstream stages planned elsewhere (the shared stages of an extra student's)."""
+    records: dict[str, dict] = dict(known[0]) if known else {}
     stand_in_records(cfg, records)
+    decided = dict(known[1]) if known else {}
     out: dict[str, str] = {}
-    for stage in active_stages(cfg):
-        rerun_ups = [u for u in stage.upstream if out.get(u, "reuse") != "reuse"]
+    for stage in (stages if stages is not None else active_stages(cfg)):
+        rerun_ups = [u for u in stage.upstream if {**decided, **out}.get(u, "reuse") != "reuse"]
         rec = read_stage(run_dir / stage.name)
         if rerun_ups:
             out[stage.name] = f"run: upstream {', '.join(rerun_ups)} reruns"

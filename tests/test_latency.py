@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eval.latency import LatencySettings, compare_latency, measure_latency, weight_bytes
+from eval.latency import LatencySettings, best_of, compare_latency, measure_latency, weight_bytes
 
 VOCAB = 256
 TINY = LatencySettings(
@@ -103,6 +103,31 @@ def test_compare_latency_math() -> None:
     assert cmp["memory_weights"]["speedup"] == pytest.approx(4.0)
     assert cmp["decode_b1"]["teacher"] == 30.0 and cmp["decode_b1"]["student"] == 10.0
 
+
+
+def test_best_of_picks_the_faster_implementation_per_setting() -> None:
+    stock = {"decode_b1": {"metric": "ms_per_token", "median": 30.0, "higher_is_better": False},
+             "prefill_b1_s128": {"metric": "tokens_per_s", "median": 100.0, "higher_is_better": True},
+             "decode_static_b1": {"metric": "ms_per_token", "median": 9.0, "higher_is_better": False},
+             "decode_b32": {"metric": "ms_per_token", "median": None, "higher_is_better": False, "error": "a"}}
+    fused = {"decode_b1": {"metric": "ms_per_token", "median": 20.0, "higher_is_better": False},
+             "prefill_b1_s128": {"metric": "tokens_per_s", "median": 90.0, "higher_is_better": True},
+             "decode_static_b1": {"metric": "ms_per_token", "median": None, "higher_is_better": False,
+                                  "error": "compile failed"},
+             "decode_b32": {"metric": "ms_per_token", "median": None, "higher_is_better": False, "error": "b"}}
+    best = best_of({"stock": stock, "fused": fused})
+    assert best["decode_b1"]["median"] == 20.0 and best["decode_b1"]["implementation"] == "fused"
+    assert best["prefill_b1_s128"]["median"] == 100.0 and best["prefill_b1_s128"]["implementation"] == "stock"
+    # a failed candidate never beats a measured one, and a setting no candidate measured keeps the first error
+    assert best["decode_static_b1"]["implementation"] == "stock"
+    assert best["decode_b32"]["error"] == "a" and best["decode_b32"]["implementation"] == "stock"
+    student = {"decode_b1": {"metric": "ms_per_token", "median": 10.0, "higher_is_better": False},
+               "prefill_b1_s128": {"metric": "tokens_per_s", "median": 400.0, "higher_is_better": True}}
+    cmp = compare_latency(best, student)
+    assert cmp["decode_b1"]["speedup"] == pytest.approx(2.0)  # over the fused teacher's 20 ms, not stock's 30
+    assert cmp["decode_b1"]["teacher_implementation"] == "fused"
+    assert cmp["prefill_b1_s128"]["speedup"] == pytest.approx(4.0)
+    assert "teacher_implementation" not in compare_latency(stock, student)["decode_b1"]
 
 def test_settings_for_device() -> None:
     cpu = LatencySettings.for_device("cpu")

@@ -77,8 +77,8 @@ def test_write_report_full(tmp_path: Path) -> None:
     # Accuracies as percentages with their standard error in the same unit; 'N/A' stderr dropped; chance level.
     assert "| arc_easy/acc | ↑ | 25.0% | 60.0% ± 1.0% | 30.0% | 54.0% | 90.0% |" in md
     assert "| wikitext/word_perplexity | ↓ | — | 20.0 | 300 | 25.0 | 80.0% |" in md
-    assert "| decode_b1 | ms_per_token | generate | 30.0 | 10.0 | 3.00× |" in md  # ratios with two decimals
-    assert "| memory_weights | bytes |  | 4.80 GB | 1.20 GB | 4.00× |" in md  # bytes with SI prefixes
+    assert "| decode_b1 | ms_per_token | generate | 30.0 | stock | 10.0 | 3.00× |" in md  # ratios with two decimals
+    assert "| memory_weights | bytes |  | 4.80 GB | stock | 1.20 GB | 4.00× |" in md  # bytes with SI prefixes
     assert "| /c | 1,000,000 | 64 | 300 MB | 300 B |" in md
     assert "deadbeef" in md and "python -m pipelines.run --preset smoke" in md
     assert "![layer0](router/layer0.png)" in md and "![quality per task](quality_per_task.png)" in md

@@ -1,0 +1,60 @@
+"""The students of one run side by side: per student its quality kept, its gain over its own cross-entropy
+baseline (with the interval), its speedups, and which students sit on the quality-vs-speed Pareto front.
+
+Everything is read from each student's report dict (pipelines/stages/report.py), so the section can be rebuilt
+from the report files alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from eval.pareto import pareto_front
+from eval.report_plots import model_points
+
+# The setting whose speedup places a student on the front and decides "at least 2x faster": decode at batch 1 on
+# plain generate, as most users serve and as the report's headline speedup.
+FRONT_SETTING = "decode_b1"
+TARGET_SPEEDUP = 2.0
+
+
+def _finite(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else math.nan
+
+
+def student_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """One student's row from its report: {"name", "model" (how it was built), "params", "retained_mean" (over the
+    counted headline metrics; where none counts, over every headline metric, as the report's plot does) and its
+    "retained_stderr", "baseline_retained_mean" (its CE baseline's, same metrics), "retained_gain_mean" and
+    "retained_gain_mean_ci" (where a baseline was trained and a metric counts), "counted" (how many metrics the
+    headline counts), "speedups" ({latency setting: student over the teacher at its best}, decode and prefill
+    settings), "speedup" (at FRONT_SETTING, NaN when not measured)}."""
+    summary = report.get("summary") or {}
+    student = report.get("student") or {}
+    points = {p["role"]: p for p in model_points(report)}
+    latency = report.get("latency") or {}
+    speedups = {k: _finite(e.get("speedup")) for k, e in sorted(latency.items())
+                if k.startswith(("decode", "prefill")) and math.isfinite(_finite(e.get("speedup")))}
+    retained = _finite(summary.get("retained_mean"))
+    if math.isnan(retained):  # no metric counted: over every headline metric, as the report's own plot does
+        retained = _finite((points.get("student") or {}).get("retained"))
+    return {"name": name, "model": student.get("name", "?"), "params": student.get("params_total"),
+            "retained_mean": retained,
+            "retained_stderr": _finite((points.get("student") or {}).get("stderr")),
+            "baseline_retained_mean": _finite((points.get("baseline") or {}).get("retained")),
+            "retained_gain_mean": _finite(summary.get("retained_gain_mean")),
+            "retained_gain_mean_ci": summary.get("retained_gain_mean_ci"),
+            "counted": (summary.get("headline") or {}).get("counted", 0),
+            "speedups": speedups, "speedup": speedups.get(FRONT_SETTING, math.nan)}
+
+
+def students_section(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's "students" section from student_row rows (the main student first): the rows, each marked
+    "pareto" (on the speedup-vs-retained-quality front), and "largest_at_target": the name of the student with
+    the most parameters among those at least TARGET_SPEEDUP times faster at FRONT_SETTING (None when none is),
+    the one whose numbers answer "how much do I keep at 2x"."""
+    flags = pareto_front([(r["speedup"], r["retained_mean"]) for r in rows])
+    rows = [{**r, "pareto": on} for r, on in zip(rows, flags)]
+    fast = [r for r in rows if r["speedup"] >= TARGET_SPEEDUP and isinstance(r["params"], (int, float))]
+    largest = max(fast, key=lambda r: r["params"])["name"] if fast else None
+    return {"rows": rows, "setting": FRONT_SETTING, "target_speedup": TARGET_SPEEDUP, "largest_at_target": largest}
