@@ -9,6 +9,12 @@ in memory, and on disk (`$DISTILL_CACHE/moe_dispatch.json`, default ~/.cache/moe
 process does not time again. A path that fails (out of memory, resources) is not a candidate. A choice other
 than ours is logged once, with both times.
 
+Two regimes, two choices. A plain call pays the host's launch work as well as the GPU's; a CUDA-graph replay (a
+captured decode step) pays the GPU's alone, and at a few tokens the two rank the candidates differently (on a
+DeepSeek-V3 layer at one token our one-kernel router wins plain calls and loses graph replays). So each candidate
+is also timed as a replay of a graph of one call, and a call made while a graph is being captured runs the
+graph-fastest path. A candidate that cannot be captured is not a graph candidate.
+
 No timing happens where it cannot: inside CUDA-graph capture or torch.compile tracing (the known choice, or
 ours, runs), or off the GPU (ours: under the Triton interpreter, the tests). `DISTILL_MOE_DISPATCH=fused` or
 `=stock` turns measuring off and forces one side (benchmarks of our kernels alone, comparisons).
@@ -69,14 +75,48 @@ def _cuda_time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(rounds)
 
 
+def _cuda_graph_time(fn: Callable[[], object], reps: int) -> float:
+    """Seconds per replay of a CUDA graph of one call of `fn`: the GPU's time alone, what a captured decode step
+    pays. Raises (RuntimeError) when `fn` cannot be captured, e.g. it waits for the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        with torch.cuda.stream(side):  # capture wants its lazy set-up (compiles, allocations) done before
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    try:
+        return _cuda_time(graph.replay, reps)
+    finally:
+        del graph
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device now (the call is recorded, to be replayed)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+GRAPH = "|graph"  # suffix of the key a graph-replay choice is kept under
+# Graphs are captured for decode steps, a batch of sequences' next tokens: token buckets above this are not timed as
+# graph replays (a capture of a prefill-sized call would hold its activations in the graph's memory pool).
+GRAPH_MAX_TOKENS = 512
+
+
 class Dispatcher:
-    """Choices by problem key, measured once and persisted. `timer(name, fn) -> seconds` times one candidate
-    (CUDA events by default); `path` is the JSON file (None: memory only)."""
+    """Choices by problem key, measured once and persisted. `timer(name, fn) -> seconds` times one candidate's
+    plain calls (CUDA events by default), `graph_timer` the replays of a graph of it (by default on CUDA events
+    when `timer` is the default too; None: graph captures run the plain choice); `path` is the JSON file (None:
+    memory only)."""
 
     def __init__(self, path: Path | None = None, timer: Callable[[str, Callable[[], object]], float] | None = None,
-                 reps: int = 7) -> None:
+                 reps: int = 7, graph_timer: Callable[[str, Callable[[], object]], float] | None = None) -> None:
         self.path = path
         self.timer = timer or (lambda _name, fn: _cuda_time(fn, reps))
+        if graph_timer is None and timer is None:
+            graph_timer = lambda _name, fn: _cuda_graph_time(fn, reps)  # noqa: E731
+        self.graph_timer = graph_timer
         self.choices: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
         self._loaded = False
@@ -89,7 +129,11 @@ class Dispatcher:
         self._loaded = True
         try:
             saved = json.loads(self.path.read_text())
-            self.choices.update({k: v["choice"] for k, v in saved.items() if isinstance(v, dict) and "choice" in v})
+            for k, v in saved.items():
+                if isinstance(v, dict) and "choice" in v:
+                    self.choices[k] = v["choice"]
+                    if "graph_choice" in v:  # absent in files written before graph replays were timed
+                        self.choices[k + GRAPH] = v["graph_choice"]
         except (OSError, ValueError):
             pass  # no file yet, or a damaged one: measure again and rewrite it
 
@@ -103,6 +147,9 @@ class Dispatcher:
             except (OSError, ValueError):
                 saved = {}
             saved[key] = {"choice": self.choices[key], "seconds": self.timings.get(key, {})}
+            if key + GRAPH in self.choices:
+                saved[key].update(graph_choice=self.choices[key + GRAPH],
+                                  graph_seconds=self.timings.get(key + GRAPH, {}))
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".moe_dispatch.")
             with os.fdopen(fd, "w") as f:
                 json.dump(saved, f, indent=1, sort_keys=True)
@@ -114,31 +161,56 @@ class Dispatcher:
         self._load()
         return self.choices.get(key)
 
-    def choose(self, key: str, candidates: Mapping[str, Callable[[], object]], measurable: bool) -> str:
+    def choose(self, key: str, candidates: Mapping[str, Callable[[], object]], measurable: bool,
+               graph: bool = False, time_graphs: bool = True) -> str:
         """The name of the candidate to run for `key`: the known choice, else (when `measurable`) the fastest of
-        `candidates` timed now, else ours. Candidates are called with no arguments and must not change state."""
+        `candidates` timed now, as plain calls and (with a graph timer and `time_graphs`: problems small enough
+        to be captured, decode sizes) as graph replays, else ours. `graph`: the call is being captured into a
+        CUDA graph, so the graph-replay choice runs (the plain one where graphs were not timed); nothing is
+        timed during a capture. Candidates are called with no arguments and must not change state."""
+        graph_timer = self.graph_timer if time_graphs else None
         forced = os.environ.get(ENV, "measure")
         if forced == "fused":
             return OURS
         if forced == "stock":
             return next(n for n in candidates if n != OURS)
+        if graph:
+            got = self.known(key + GRAPH) or self.known(key)
+            return got if got is not None and got in candidates else OURS
         got = self.known(key)
         if got is not None and got in candidates:
+            if measurable and graph_timer is not None and key + GRAPH not in self.choices:
+                with self._lock:  # a choice from a file written before graph replays were timed
+                    self._measure(key + GRAPH, candidates, graph_timer)
+                    self._save(key)
             return got
         if not measurable:
             return OURS
         with self._lock:
-            times: dict[str, float] = {}
-            for name, fn in candidates.items():
-                try:
-                    times[name] = self.timer(name, fn)
-                except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:  # not a candidate here
-                    log.info("moe dispatch: %s failed on %s (%s)", name, key, str(e)[:200])
-            if not times:
+            best = self._measure(key, candidates, self.timer)
+            if best is None:
                 return OURS
-            best = min(times, key=times.__getitem__)
-            self.choices[key], self.timings[key] = best, times
+            if graph_timer is not None:
+                self._measure(key + GRAPH, candidates, graph_timer)
             self._save(key)
+        return best
+
+    def _measure(self, key: str, candidates: Mapping[str, Callable[[], object]],
+                 timer: Callable[[str, Callable[[], object]], float]) -> str | None:
+        """Time every candidate with `timer`, keep and return the fastest (None when every one failed; a graph
+        key then keeps the plain choice, as a capture would run it). A choice other than ours is logged."""
+        times: dict[str, float] = {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = timer(name, fn)
+            except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:  # not a candidate here
+                log.info("moe dispatch: %s failed on %s (%s)", name, key, str(e)[:200])
+        if not times:
+            if key.endswith(GRAPH) and key[:-len(GRAPH)] in self.choices:
+                self.choices[key] = self.choices[key[:-len(GRAPH)]]
+            return None
+        best = min(times, key=times.__getitem__)
+        self.choices[key], self.timings[key] = best, times
         if best != OURS and OURS in times:
             log.warning("moe dispatch: %s runs %s (%.1f us) instead of our kernels (%.1f us)", key, best,
                         times[best] * 1e6, times[OURS] * 1e6)

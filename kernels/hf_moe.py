@@ -21,7 +21,15 @@ from typing import Any, Callable
 import torch
 from transformers.integrations import moe as hf_moe
 
-from kernels.dispatch import OURS, can_measure, default_dispatcher, environment_key, token_bucket
+from kernels.dispatch import (
+    GRAPH_MAX_TOKENS,
+    OURS,
+    can_measure,
+    capturing,
+    default_dispatcher,
+    environment_key,
+    token_bucket,
+)
 from kernels.interpreter import INTERPRETED
 from kernels.moe_experts import ExpertWeights, fused_experts
 from kernels.moe_grouped_gemm import ACTIVATIONS, CLAMPED_SWIGLU
@@ -153,7 +161,8 @@ def _experts_path(module: torch.nn.Module, weights: ExpertWeights, x: torch.Tens
     """Which path runs this experts call: per (dtype, top-k, token bucket) a dict lookup after the first call.
     The problem key names the activation and, for biased experts, "+bias" (unbiased keys are as they were)."""
     T, k = idx.shape
-    slot = (x.dtype, k, token_bucket(T))
+    graph = capturing(x)  # a graph capture runs the graph-fastest path, which may differ from the plain one
+    slot = (x.dtype, k, token_bucket(T), graph)
     chosen = module.__dict__.setdefault("_fused_paths", {})
     got = chosen.get(slot)
     if got is not None:
@@ -169,7 +178,8 @@ def _experts_path(module: torch.nn.Module, weights: ExpertWeights, x: torch.Tens
     if T * k * 3 * H * I * x.element_size() <= BATCHED_MM_MAX_BYTES:
         candidates["batched_mm"] = lambda: hf_moe.batched_mm_experts_forward(module, x, idx, w)
     measurable = can_measure(x)
-    path = default_dispatcher().choose(key, candidates, measurable)
+    path = default_dispatcher().choose(key, candidates, measurable, graph=graph,
+                                       time_graphs=slot[2] <= GRAPH_MAX_TOKENS)
     if measurable or path != OURS:  # an unmeasured default is asked again where timing is possible
         chosen[slot] = path
     return path
@@ -219,7 +229,8 @@ def _fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) ->
         return route(x, self.weight, spec, bias=bias if spec.scoring == "sigmoid" else None,
                      weights_dtype=x.dtype if cast else torch.float32)
 
-    slot = (x.dtype, token_bucket(x.shape[0]))
+    graph = capturing(x)
+    slot = (x.dtype, token_bucket(x.shape[0]), graph)
     chosen = self.__dict__.setdefault("_fused_paths", {})
     path = chosen.get(slot)
     if path is None and torch.compiler.is_compiling():
@@ -229,7 +240,7 @@ def _fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) ->
                f"H={x.shape[1]} k={spec.top_k} {str(x.dtype)[6:]} T<={slot[1]}")
         measurable = can_measure(x)
         path = default_dispatcher().choose(key, {OURS: ours, "stock": lambda: self._stock_forward(hidden_states)},
-                                           measurable)
+                                           measurable, graph=graph, time_graphs=slot[1] <= GRAPH_MAX_TOKENS)
         if measurable or path != OURS:
             chosen[slot] = path
     return ours() if path == OURS else self._stock_forward(hidden_states)

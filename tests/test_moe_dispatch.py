@@ -61,6 +61,55 @@ def test_a_damaged_file_is_measured_again(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "d.json").read_text())["k"]["choice"] == "grouped_mm"
 
 
+
+def test_a_graph_capture_runs_the_graph_fastest_path_timed_beside_the_plain_one(tmp_path: Path) -> None:
+    """At one token the plain calls (host launch work included) and the graph replays (GPU time alone) rank the
+    candidates differently: each regime gets its own choice, both timed at the first plain call and persisted;
+    a capture times nothing."""
+    calls: list[str] = []
+    graph_calls: list[str] = []
+    cands = {OURS: lambda: 1, "grouped_mm": lambda: 2}
+    d = Dispatcher(tmp_path / "d.json", _timer({OURS: 1e-4, "grouped_mm": 3e-4}, calls),
+                   graph_timer=_timer({OURS: 5e-5, "grouped_mm": 2e-5}, graph_calls))
+    assert d.choose("k", cands, measurable=False, graph=True) == OURS and not calls + graph_calls  # unknown yet
+    assert d.choose("k", cands, measurable=True) == OURS
+    assert calls == [OURS, "grouped_mm"] and graph_calls == [OURS, "grouped_mm"]
+    assert d.choose("k", cands, measurable=False, graph=True) == "grouped_mm"
+    saved = json.loads((tmp_path / "d.json").read_text())["k"]
+    assert saved["choice"] == OURS and saved["graph_choice"] == "grouped_mm" and saved["graph_seconds"][OURS] == 5e-5
+    # another process reads both choices and times nothing
+    d2 = Dispatcher(tmp_path / "d.json", _timer({}, calls), graph_timer=_timer({}, graph_calls))
+    assert d2.choose("k", cands, measurable=False, graph=True) == "grouped_mm"
+    assert d2.choose("k", cands, measurable=True) == OURS and len(calls) == 2 and len(graph_calls) == 2
+    # a problem too large to be captured is not timed as a graph; a capture of it runs the plain choice
+    assert d.choose("big", cands, measurable=True, time_graphs=False) == OURS and len(graph_calls) == 2
+    assert d.choose("big", cands, measurable=False, graph=True) == OURS
+
+
+def test_a_file_from_before_graph_timing_gains_the_graph_choice_and_uncapturable_paths_are_skipped(
+        tmp_path: Path) -> None:
+    (tmp_path / "d.json").write_text(json.dumps({"k": {"choice": "grouped_mm", "seconds": {}}}))
+    graph_calls: list[str] = []
+
+    def graph_timer(name: str, fn) -> float:
+        graph_calls.append(name)
+        if name == "grouped_mm":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 1e-5
+    d = Dispatcher(tmp_path / "d.json", _timer({}, []), graph_timer=graph_timer)
+    cands = {OURS: lambda: 1, "grouped_mm": lambda: 2}
+    assert d.choose("k", cands, measurable=True) == "grouped_mm"  # the plain choice as saved, not timed again
+    assert graph_calls == [OURS, "grouped_mm"]
+    assert d.choose("k", cands, measurable=False, graph=True) == OURS  # grouped_mm could not be captured
+    assert json.loads((tmp_path / "d.json").read_text())["k"]["graph_choice"] == OURS
+    assert d.choose("k", cands, measurable=True) == "grouped_mm" and len(graph_calls) == 2  # once
+
+    def never(name: str, fn) -> float:
+        raise RuntimeError("capture failed")
+    d3 = Dispatcher(None, _timer({OURS: 2.0, "grouped_mm": 1.0}, []), graph_timer=never)
+    assert d3.choose("j", cands, measurable=True) == "grouped_mm"
+    assert d3.choose("j", cands, measurable=False, graph=True) == "grouped_mm"  # nothing captured: the plain one
+
 @pytest.mark.parametrize("mode, want", [("fused", OURS), ("stock", "grouped_mm")])
 def test_the_environment_forces_one_side(mode: str, want: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(dispatch.ENV, mode)
@@ -108,6 +157,17 @@ def test_a_model_runs_the_measured_path_per_token_bucket(tmp_path: Path, monkeyp
         model(input_ids=torch.randint(0, 97, (1, 3), device=DEV))
     assert any("router MixtralTopKRouter E=8" in k and v["choice"] == OURS for k, v in
                json.loads((tmp_path / "d.json").read_text()).items())
+    # while a CUDA graph is captured, the same call asks for the graph choice, kept per regime on the module
+    for k in list(d.choices):  # (this dispatcher has no graph timer: set the graph choices by hand)
+        if "experts" in k:
+            d.choices[k + dispatch.GRAPH] = "batched_mm"
+    monkeypatch.setattr(hf_moe, "capturing", lambda x: True)
+    monkeypatch.setattr(hf_moe, "can_measure", lambda x: False)
+    n = len(calls)
+    real_b = hf_moe_integration.batched_mm_experts_forward
+    monkeypatch.setitem(hf_moe.STOCK_EXPERTS, "batched_mm", lambda *a: used.append("b") or real_b(*a))
+    out = hf_moe.fused_triton_experts_forward(experts, x, idx, w)
+    assert used[-1] == "b" and len(calls) == n and torch.allclose(out, real(experts, x, idx, w), atol=1e-5)
 
 
 def test_launch_fitting_skips_configs_the_gpu_cannot_run_and_remembers() -> None:
@@ -166,3 +226,36 @@ def test_the_router_falls_back_to_tiles_that_fit(monkeypatch: pytest.MonkeyPatch
     got = route(x, wt, spec, bias=bias)
     assert refused and torch.equal(ref[2], got[2])
     assert torch.allclose(ref[0], got[0], atol=1e-5) and torch.allclose(ref[1], got[1], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["deepseek_v3", "mixtral"])
+def test_a_captured_decode_step_replays_the_graph_choice_and_matches_eager(name: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU: the real timers. The first plain call times both regimes; capturing a graph of a one-token forward
+    then runs the graph choice (whatever it is), and its replay gives the eager model's logits."""
+    from kernels import hf_moe
+    from tests.test_hf_moe import _model
+
+    d = Dispatcher(tmp_path / "d.json")
+    monkeypatch.setattr(hf_moe, "default_dispatcher", lambda: d)
+    model = _model(name, torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 1), device="cuda")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+        hf_moe.enable_fused_moe(model)
+        model(input_ids=ids)  # measures: plain calls and graph replays
+        saved = json.loads((tmp_path / "d.json").read_text())
+        assert saved and all("graph_choice" in v for v in saved.values()), saved
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(input_ids=ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(input_ids=ids).logits
+        graph.replay()
+        torch.cuda.synchronize()
+    assert (out.float() - want).norm() / want.norm() < 2e-2
+    assert {v["graph_choice"] for v in saved.values()} <= {OURS, "grouped_mm", "batched_mm", "stock"}
