@@ -169,8 +169,10 @@ EXPERT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,E,k,H,I", EXPERT_CASES)
-@pytest.mark.parametrize("path", ["gemv", "grouped"])
+# The decode path runs at most GEMV_MAX_TOKENS (4) tokens; forcing it on 64-97 tokens costs 40 s of the
+# interpreter for sizes it never serves, so it is tested on the decode sizes (1, 3 and 16 tokens) only.
+@pytest.mark.parametrize("T,E,k,H,I,path", [(*c, path) for path in ("gemv", "grouped") for c in EXPERT_CASES
+                                             if path == "grouped" or c[0] <= 16])
 def test_experts_match_float64(T: int, E: int, k: int, H: int, I: int, path: str) -> None:
     gen = torch.Generator().manual_seed(T * 7 + E + H)
     dtype = torch.bfloat16

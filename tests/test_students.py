@@ -137,6 +137,7 @@ def test_two_students_in_one_run_on_the_ci_preset(tiny_moe_dir: Path, tmp_path: 
     assert sorted(p.name for p in wide.iterdir() if p.is_dir()) == [
         "baseline", "distill", "eval_baseline", "eval_student", "eval_student_init", "latency", "report", "student"]
     assert out.count("[logits] running") == 1 and out.count("[eval_teacher] running") == 1
+    assert out.count("[latency_teacher] running") == 1 and out.count("[latency] running") == 2  # teacher timed once
     report = json.loads((run_dir / "report.json").read_text())
     rows = {r["name"]: r for r in report["students"]["rows"]}
     assert set(rows) == {"main", "wide"}

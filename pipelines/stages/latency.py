@@ -1,7 +1,10 @@
-"""Stage `latency`: teacher and student timed in one process (and on GPU the teacher on our fused kernels too).
+"""Stages `latency_teacher` and `latency`: the teacher timed once (and on GPU on our fused kernels too), then each
+student with the same settings.
 
 The student's speedups are over the teacher at its best per setting: stock transformers or our fused kernels,
-whichever was faster there (each row says which), as a user serving the teacher would choose."""
+whichever was faster there (each row says which), as a user serving the teacher would choose. Teacher and student
+are timed in separate stages, on the same device with the same settings, so that a run with several students
+(`students:`) times the teacher once."""
 from __future__ import annotations
 
 import json
@@ -32,7 +35,9 @@ def _fused_copy(model: torch.nn.Module) -> dict[str, Any]:
     return use_fused_kernels(model, torch.device("cuda"))
 
 
-def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+def _timed(ctx: RunContext, roles: list[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time the model of each (role, stage) in turn, with the device's settings; returns ({role: measure_latency
+    result}, the fused-kernel summary when a role is "teacher_fused")."""
     cfg = ctx.cfg
     trust = cfg.teacher_options.trust_remote_code
     settings = latency_settings(ctx)
@@ -40,13 +45,9 @@ def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     if ctx.device.type == "cpu" and cfg.latency.cpu_threads:
         # Two threads on a shared 2-core box swing by 10x with the neighbours' load; one thread is steadier.
         torch.set_num_threads(cfg.latency.cpu_threads)
-    # On GPU the teacher is also timed on our fused kernels: what serving it would cost at its best.
-    roles = [("teacher", "teacher_tune"), ("student", "distill")]
-    if ctx.device.type == "cuda" and cfg.latency.teacher_fused:
-        roles.insert(1, ("teacher_fused", "teacher_tune"))
     fused: dict[str, Any] = {}
+    results = {}
     try:
-        results = {}
         for role, stage in roles:
             model = load_causal_lm(ctx.output(stage, "path"), role, ctx.device, ctx.dtype, trust)
             if role == "teacher_fused":
@@ -58,25 +59,51 @@ def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
                 torch.cuda.empty_cache()
     finally:
         torch.set_num_threads(threads)
+    return results, fused
+
+
+def latency_teacher_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """The teacher timed once for every student of the run: on stock transformers and, on GPU, on our fused
+    kernels too (what serving it would cost at its best). Compiling the static-cache decode costs about a minute
+    per model and batch size: timing the teacher once, not per student, is most of a multi-student run's latency
+    cost saved."""
+    roles = [("teacher", "teacher_tune")]
+    if ctx.device.type == "cuda" and ctx.cfg.latency.teacher_fused:
+        roles.append(("teacher_fused", "teacher_tune"))
+    results, fused = _timed(ctx, roles)
+    # The fused teacher against the stock one: the "student" side of this comparison is the fused teacher.
+    fused_table = compare_latency(results["teacher"], results["teacher_fused"]) if "teacher_fused" in results else {}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps({"raw": results, "teacher_fused": fused_table, "fused": fused},
+                                                 indent=1, default=str))
+    metrics = {f"latency/{key}/fused_teacher_speedup": row["speedup"] for key, row in fused_table.items()
+               if isinstance(row.get("speedup"), (int, float))}
+    return {"outputs": {"raw": results, "teacher_fused": fused_table, "fused": fused},
+            "output_hash": hash_files(out), "metrics": metrics}
+
+
+def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """The student timed with the same settings, against the teacher's times from `latency_teacher` at its best
+    per setting."""
+    cfg = ctx.cfg
+    results, _ = _timed(ctx, [("student", "distill")])
+    teacher = ctx.records["latency_teacher"]["outputs"]
+    results = {**teacher["raw"], **results}
     # The student against the teacher at its best per setting (stock or our kernels, whichever was faster):
     # a speedup over a teacher nobody would serve that way would flatter the student.
     teachers = {"stock": results["teacher"]}
     if "teacher_fused" in results:
         teachers["fused"] = results["teacher_fused"]
     table = compare_latency(best_of(teachers), results["student"])
-    # The fused teacher against the stock one: the "student" side of the comparison is the fused teacher.
-    fused_table = compare_latency(results["teacher"], results["teacher_fused"]) if "teacher_fused" in results else {}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps({"raw": results, "compare": table, "teacher_fused": fused_table,
-                                                  "fused": fused}, indent=1, default=str))
+    (out / "latency.json").write_text(json.dumps({"raw": results, "compare": table,
+                                                  "teacher_fused": teacher["teacher_fused"],
+                                                  "fused": teacher["fused"]}, indent=1, default=str))
     metrics = {}
     for key, row in table.items():
         for who in ("teacher", "student", "speedup"):
             if isinstance(row.get(who), (int, float)):
                 metrics[f"latency/{key}/{who}"] = row[who]
-    for key, row in fused_table.items():
-        if isinstance(row.get("speedup"), (int, float)):
-            metrics[f"latency/{key}/fused_teacher_speedup"] = row["speedup"]
-    return {"outputs": {"compare": table, "teacher_fused": fused_table, "fused": fused, "raw": results,
-                        "threads": cfg.latency.cpu_threads if ctx.device.type == "cpu" else None},
+    return {"outputs": {"compare": table, "teacher_fused": teacher["teacher_fused"], "fused": teacher["fused"],
+                        "raw": results, "threads": cfg.latency.cpu_threads if ctx.device.type == "cpu" else None},
             "output_hash": hash_files(out), "metrics": metrics}
