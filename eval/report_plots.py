@@ -37,6 +37,14 @@ def _finite(x: Any) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _save(fig: Any, path: Path) -> bool:
+    """Lay out, write and close a finished figure; True, what a plot function returns when it drew."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
+
+
 def _roles(quality: dict) -> list[tuple[str, str, str, str]]:
     """The roles present in at least one quality row (the baseline only with baseline.enabled)."""
     return [r for r in ROLES if any(_finite(q.get(r[0])) is not None for q in quality.values())]
@@ -122,10 +130,7 @@ def plot_quality_vs_speedup(report: dict, path: Path) -> bool:
     # Below the axes: the points of the students share one x and would hide under a legend inside.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_quality_per_task(report: dict, path: Path) -> bool:
@@ -177,10 +182,7 @@ def plot_quality_per_task(report: dict, path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 # Training curves: stage in report["curves"], series name -> label, colour, line style.
@@ -209,10 +211,7 @@ def plot_training_curves(report: dict, path: Path) -> bool:
     ax.set_title("Training curves", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_students(report: dict, path: Path) -> bool:
@@ -259,10 +258,7 @@ def plot_students(report: dict, path: Path) -> bool:
     ax.set_title("Students: quality kept vs speed gained (headline metrics, ± 1 s.e.)", fontsize=10)
     ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 PLOTS = (("quality_vs_speedup", plot_quality_vs_speedup), ("quality_per_task", plot_quality_per_task),
