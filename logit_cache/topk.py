@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from kernels.topk_tail import row_stats
+
 
 def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [..., V] -> (ids [..., k] int64, logprobs [..., k] f32, tail_logmass [...] f32).
@@ -25,19 +27,37 @@ def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return ids, vals - lse, tail
 
 
-# Rows of one chunk of topk_from_hidden: about this many bytes of [rows, V] logits (bf16 product, float32 copy,
-# the masked copy for the tail), so the full [tokens, V] logits and their float32 copies never exist at once.
+def topk_select(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_from_logits(logits, k) for [N, V] logits, in two passes over them instead of about ten: the top-k
+    in the logits' own dtype (converting bf16 or fp16 to float32 is exact and keeps the order), then one pass
+    for the log-normaliser and the logsumexp below the k-th value (kernels.topk_tail); the tail joins the latter
+    with the entries equal to the k-th value that the top-k left out. Returns ids [N, k] int64, logprobs [N, k]
+    float32, tail_logmass [N] float32 (-inf when k == V)."""
+    vals, ids = torch.topk(logits, k, dim=-1)
+    vals = vals.float()
+    kth = vals[:, -1].contiguous()
+    lse, below, n_eq = row_stats(logits, kth)
+    left_out = n_eq - (vals == kth[:, None]).sum(-1)  # ties at the k-th value outside the top-k
+    ties = kth + torch.log(left_out.clamp(min=1).float())
+    tail = torch.where(left_out > 0, torch.logaddexp(below, ties), below)
+    return ids, vals - lse[:, None], tail - lse
+
+
+# Rows of one chunk of topk_from_hidden: about this many bytes of [rows, V] logits (the product in the model's
+# dtype, and on CPU the float32 copies of topk_select's PyTorch path), so the full [tokens, V] logits never
+# exist at once.
 CHUNK_BYTES = 1 << 30
 
 
 def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, vocab: int,
                      chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_from_logits(hidden @ weight[:vocab].T) without the whole product: per chunk of rows.
+    """topk_from_logits(hidden @ weight[:vocab].T) without the whole product: per chunk of rows, each through
+    topk_select.
 
     hidden [N, H] (the model's last hidden states, after its final norm), weight [V', H] its output matrix
     (V' >= vocab; rows past `vocab` are padding and never a target). Returns ids [N, k] int64, logprobs [N, k]
     float32, tail_logmass [N] float32. The product is taken in the inputs' dtype like the model's own head
-    (F.linear), then everything in float32, as topk_from_logits does.
+    (F.linear); the statistics in float32, as topk_from_logits computes them.
     """
     n = hidden.shape[0]
     w = weight[:vocab]
@@ -46,7 +66,7 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, vocab: 
     lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
     tail = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for s in range(0, n, rows):
-        ids[s:s + rows], lps[s:s + rows], tail[s:s + rows] = topk_from_logits(
+        ids[s:s + rows], lps[s:s + rows], tail[s:s + rows] = topk_select(
             torch.nn.functional.linear(hidden[s:s + rows], w), k)
     return ids, lps, tail
 

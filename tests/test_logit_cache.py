@@ -337,3 +337,29 @@ def test_the_teacher_top_k_goes_through_the_chunked_head_only_for_a_plain_head()
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                             final_logit_softcapping=30.0))
     assert plain_head_problem(capped) == "it rescales or soft-caps its logits"
+
+
+@pytest.mark.parametrize("triton_on_cpu", [False, True])
+def test_topk_select_equals_the_reference_with_ties_and_without_a_tail(triton_on_cpu: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """topk_select (top-k in the logits' dtype, one pass of row statistics, kernels.topk_tail: PyTorch and the
+    Triton kernel through the interpreter) against topk_from_logits (float32 copies, scatter, two logsumexps):
+    random float32 rows; bf16 rows quantised to a few values so that the k-th value is tied inside and outside
+    the top-k; k == V (no tail)."""
+    from kernels import topk_tail
+    from logit_cache import topk_select
+
+    monkeypatch.setattr(topk_tail, "TRITON_ON_CPU", triton_on_cpu)
+    g = torch.Generator().manual_seed(1)
+    cases = [(torch.randn(7, 300, generator=g) * 3, 10),
+             ((torch.randn(6, 5000, generator=g) * 2).round().to(torch.bfloat16), 64),  # ties everywhere
+             (torch.randn(3, 40, generator=g), 40)]
+    for logits, k in cases:
+        ids, lp, tail = topk_select(logits, k)
+        rids, rlp, rtail = topk_from_logits(logits, k)
+        assert ids.dtype == torch.int64 and lp.dtype == tail.dtype == torch.float32
+        # ties may be broken differently: the same values at the chosen ids, the same log-probs and tail
+        assert torch.equal(logits.float().gather(-1, ids), logits.float().gather(-1, rids))
+        assert torch.allclose(lp, rlp, atol=1e-5) and torch.allclose(tail, rtail, atol=1e-5)
+        if k == logits.shape[-1]:
+            assert torch.isinf(tail).all() and (tail < 0).all()
