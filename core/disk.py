@@ -15,6 +15,23 @@ from typing import Iterator
 from core.errors import UserError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+# How the same failure reads when a library's native code hit it and raised its own exception type (safetensors'
+# SafetensorError: "I/O error: No space left on device (os error 28)"; Rust's and C's texts alike).
+_FULL_TEXTS = tuple(f"os error {n}" for n in _FULL) + ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` (or an exception it was raised from) is a full disk or an exceeded quota: an OSError with
+    ENOSPC/EDQUOT, or another library's exception saying so."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if any(t in str(e) for t in _FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class DiskFullError(UserError, OSError):
@@ -35,14 +52,19 @@ def disk_full_guard(path: Path, what: str, cleanup: Path | None = None) -> Itera
     """Run a write of `what` to `path`; on ENOSPC/EDQUOT remove `cleanup` (the temporary) and raise DiskFullError."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in _FULL or isinstance(e, DiskFullError):
+    except Exception as e:
+        if isinstance(e, DiskFullError) or not is_disk_full(e):
             raise
         if cleanup is not None:
             if cleanup.is_dir():
                 shutil.rmtree(cleanup, ignore_errors=True)
             else:
                 cleanup.unlink(missing_ok=True)
-        raise DiskFullError(e.errno, f"disk full while writing {what} to {path} ({free_mib(path):.0f} MiB free). "
-                                     "Everything written before is intact: free some space (or set a runs "
-                                     "folder on a larger disk) and rerun the same command to resume.") from e
+        raise disk_full_error(path, f"writing {what} to {path}") from e
+
+
+def disk_full_error(path: Path, doing: str) -> DiskFullError:
+    """The one error a full disk gives: what was being done, and how much space is left where `path` lies."""
+    return DiskFullError(errno.ENOSPC, f"disk full while {doing} ({free_mib(path):.0f} MiB free). "
+                                       "Everything written before is intact: free some space (or set a runs folder "
+                                       "on a larger disk) and rerun the same command to resume.")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from core import deadline, interrupt
 from core import distributed as dist
 from core.deadline import TimeLimitReached
+from core.disk import disk_full_error, is_disk_full
 from core.errors import UserError
 from core.hashing import hash_text
 from pipelines.code_identity import code_identity
@@ -196,4 +197,13 @@ def _call_stage(stage: Stage, ctx: Any, out: Path) -> tuple[dict[str, Any], Base
     try:
         return stage.fn(ctx.for_stage(stage.name, stage.config), out), None
     except Exception as e:  # noqa: BLE001 - re-raised by the caller after the hand-off
+        if is_disk_full(e) and not isinstance(e, UserError):
+            # A write no guard of ours wraps (a library saving a model): the same one-line error. The stage's
+            # record stays incomplete, so a rerun redoes it; earlier stages and checkpoints are untouched.
+            return {}, _from(disk_full_error(out, f"running stage {stage.name} in {out}"), e)
         return {}, e
+
+
+def _from(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error

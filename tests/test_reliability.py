@@ -67,7 +67,10 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path: 
     model(torch.randint(0, VOCAB, (1, 5))).logits.sum().backward()
     opt.step()
     first = save_checkpoint(tmp_path, 1, model, opt, sched, {"tokens": 5})
-    monkeypatch.setattr(checkpoint, "save_file", _enospc)  # the optimizer state no longer fits
+    def save_file(*_args: object, **_kwargs: object) -> None:  # what safetensors raises on a full disk
+        from safetensors import SafetensorError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(checkpoint, "save_file", save_file)  # the optimizer state no longer fits
     with pytest.raises(DiskFullError, match="checkpoint step 2"):
         save_checkpoint(tmp_path, 2, model, opt, sched, {"tokens": 10})
     assert list_checkpoints(tmp_path) == [first] and sorted(p.name for p in tmp_path.iterdir()) == [first.name]
@@ -122,3 +125,27 @@ def test_a_wrong_teacher_path_is_a_clear_error_not_a_traceback(tmp_path: Path, m
     assert run_pipeline(cfg, tmp_path / "runs") == 3
     err = capsys.readouterr().err
     assert "error (model): teacher" in err and "does not exist as a local folder" in err
+
+
+def test_a_full_disk_in_any_stage_is_one_error_naming_the_stage(tmp_path: Path) -> None:
+    """A write no guard of ours wraps (transformers' save_pretrained through safetensors' native code) still ends
+    as the one-line disk error, naming the stage and its folder; other failures pass through unchanged."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    from pipelines.stage_runner import _call_stage
+    from pipelines.stage_table import Stage
+
+    def full(ctx: object, out: Path) -> dict:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def broken(ctx: object, out: Path) -> dict:
+        raise ValueError("a bug")
+    ctx = SimpleNamespace(for_stage=lambda name, allowed: None)
+    _, err = _call_stage(Stage("distill", full, (), ()), ctx, tmp_path / "distill")
+    assert isinstance(err, DiskFullError) and err.exit_code == 3
+    assert "disk full while running stage distill in " + str(tmp_path / "distill") + " (" in str(err)
+    assert "rerun the same command to resume" in err.describe() and "\n" not in err.describe()
+    _, err = _call_stage(Stage("distill", broken, (), ()), ctx, tmp_path / "distill")
+    assert isinstance(err, ValueError)
