@@ -159,10 +159,9 @@ def print_plan(cfg: PipelineConfig, runs_dir: Path) -> int:
     import torch
 
     from pipelines.stage_runner import plan
-
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     from pipelines.student_set import plan_students, student_dir
 
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     run_dir = runs_dir / run_name(cfg)
     print(f"run folder: {run_dir}")
     main_plan = plan(cfg, run_dir, device)
