@@ -295,8 +295,10 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
             change = (f"after minus before {d['estimate']:+.4f}, 95% interval [{d['low']:+.4f}, {d['high']:+.4f}]"
                       + ("" if d.get("excludes_zero") else ": not distinguishable from no change")
                       if d else "no per-document scores for an interval")
+            origin = (f" (the teacher as upcycled, which computes the dense {held['before_is_dense']} exactly: "
+                      "this is the MoE teacher against its dense origin)" if held.get("before_is_dense") else "")
             blocks.append(("p", f"Held-out text, bits per byte (lower is better): {num(held.get('before'))} before "
-                                f"the continued training, {num(held.get('after'))} after ({change})."))
+                                f"the continued training{origin}, {num(held.get('after'))} after ({change})."))
         spec = tune.get("specialisation_by_source") or {}
         names = sorted(set(spec.get("before") or {}) | set(spec.get("after") or {}))
         if names:

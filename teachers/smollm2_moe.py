@@ -21,6 +21,7 @@ from teachers.upcycle import upcycle_llama
 # Rows of SmolLM2's output layer (its tokenizer's size): what the pipeline checks settings against before the
 # teacher is built. The pinned resource fixes it; build_smollm2_moe checks the built model agrees.
 VOCAB_SIZE = 49152
+DENSE_ORIGIN = "SmolLM2-135M-Instruct"  # the dense model the built-in teacher is upcycled from
 UNTRAINED_NOTE = ("The teacher is SmolLM2-135M-Instruct sparse-upcycled to a Mixtral-class MoE; its experts were "
                   "NOT trained after upcycling in this run, so they are identical copies and the teacher computes "
                   "the dense SmolLM2 function (quality and routing say nothing about expert specialisation).")

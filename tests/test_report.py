@@ -285,3 +285,17 @@ def test_training_curves_read_back_from_a_real_mlflow_store(tmp_path: Path) -> N
         assert "distill" not in curves and any("holds no per-step losses" in n for n in notes)
     finally:
         mlflow.set_tracking_uri(None)  # as tests/test_compare.py: later tests get the default store again
+
+
+def test_the_teacher_against_its_dense_origin_on_held_out_text(tmp_path: Path) -> None:
+    """The built-in teacher, as upcycled, computes its dense model exactly: the report says the held-out
+    comparison before/after its continued training is the MoE teacher against that dense origin."""
+    tune = {"training": {"steps": 240, "tokens": 7_864_320, "tokens_per_s": 44_000, "final_ce": 2.1, "final_aux": 2.0},
+            "before": {"expert_spread": 0.0}, "after": {"expert_spread": 0.02}, "specialisation_by_source": {},
+            "heldout": {"metric": "heldout_text/bits_per_byte", "before": 0.80, "after": 0.75,
+                        "before_is_dense": "SmolLM2-135M-Instruct",
+                        "after_minus_before": {"estimate": -0.05, "low": -0.06, "high": -0.04, "excludes_zero": True}}}
+    md = write_report({"run": {"name": "r"}, "teacher_tune": tune}, tmp_path)["md"].read_text()
+    assert ("0.800 before the continued training (the teacher as upcycled, which computes the dense "
+            "SmolLM2-135M-Instruct exactly: this is the MoE teacher against its dense origin), 0.750 after "
+            "(after minus before -0.0500, 95% interval [-0.0600, -0.0400])") in md

@@ -158,6 +158,9 @@ def _tune_heldout(ctx: RunContext, teacher_scores: dict[str, tuple[list[int], An
     if any(v is None for v in values.values()):
         return {}
     out: dict[str, Any] = {"metric": HELDOUT_KEY, **values}
+    origin = (((ctx.records.get("teacher") or {}).get("outputs") or {}).get("summary") or {}).get("upcycled_from")
+    if origin:  # "before" is then the dense model itself: the comparison is teacher against its dense origin
+        out["before_is_dense"] = origin
     before = recs["before"].get("per_example")
     have = {"before": per_example.read(Path(before)).get(HELDOUT_KEY) if before else None,
             "after": teacher_scores.get(HELDOUT_KEY)}

@@ -9,7 +9,7 @@ from pipelines.context import RunContext
 from pipelines.model_records import external_identity, model_summary
 from teachers.load import expert_count, load_teacher, resolve_model_path
 from teachers.moe_config import experts_per_token
-from teachers.smollm2_moe import UNTRAINED_NOTE, build_smollm2_moe
+from teachers.smollm2_moe import DENSE_ORIGIN, UNTRAINED_NOTE, build_smollm2_moe
 
 BUILTIN_TEACHERS = ("smollm2-moe",)
 
@@ -31,6 +31,8 @@ def teacher_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     summary = model_summary(model, cfg.teacher, path_str)
     summary["num_experts"] = expert_count(model.config) or None
     summary["top_k"] = experts_per_token(model.config) or None
+    if cfg.teacher in BUILTIN_TEACHERS:  # identical experts: as built, it computes this dense model exactly
+        summary["upcycled_from"] = DENSE_ORIGIN
     return {"outputs": {"path": path_str, "summary": summary, "notes": notes, "vocab": len(tok)},
             "output_hash": identity,
             "metrics": {"teacher/params_total": summary["params_total"],
