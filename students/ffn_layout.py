@@ -13,8 +13,9 @@ shapes say what each tensor is, given the hidden size H:
 - shared experts are the gated dense FFNs inside the MoE block, and a Linear [1, H] beside them is their
   sigmoid gate (Qwen2-MoE, Qwen3-Next);
 - anything else in the MoE block must be routing (a tensor with an axis of E: router weights, score
-  biases); a parameter that is none of these (JetMoE's output bias) makes the layer unreadable, and it is
-  refused rather than silently dropped. So are experts with biases or a non-SiLU activation.
+  biases; or any weight of a module scoring the experts, e.g. an MLP router); a parameter that is none of
+  these (JetMoE's output bias) makes the layer unreadable, and it is refused rather than silently dropped.
+  So are experts with biases or a non-SiLU activation.
 Works on the meta device too (no weights read), which is how `check_derivable` inspects a teacher cheaply.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from core.errors import UnsupportedModelError
-from teachers.moe_layout import holds_experts
+from teachers.moe_layout import holds_experts, router_candidates
 
 Ffn = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [W, H], up [W, H], down [H, W]
 
@@ -156,6 +157,31 @@ def _check_silu(module: nn.Module, where: str) -> None:
                                             "FFNs can be derived")
 
 
+def _check_expert_gate(experts: nn.Module, where: str) -> None:
+    """Refuse experts whose gate function (transformers' `_apply_gate` on the gate_up output) is not
+    silu(gate) * up: a clamped or shifted SwiGLU (MiniMax-M3's (up + 1) * gate * sigmoid(alpha * gate), HY-V4's
+    clamp at swiglu_limit) has SiLU as no child, so only calling the gate tells. It holds no weights, so this
+    works on the meta device too; values up to +-30 reach the usual clamp limits."""
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if apply_gate is None:
+        return
+    gate = torch.linspace(-30, 30, 41)
+    up = torch.linspace(-30, 30, 41).flip(0)
+    # the gate_up output in the experts' own column order: gate columns then up columns, or alternating
+    interleaved = not getattr(experts, "is_concatenated", True)
+    columns = torch.stack([gate, up], -1).flatten() if interleaved else torch.cat([gate, up])
+    try:
+        with torch.no_grad():
+            got = apply_gate(columns[None])
+    except Exception:  # noqa: BLE001 - not the (tokens, 2W) -> (tokens, W) form: nothing to compare
+        return
+    want = nn.functional.silu(gate) * up
+    if not isinstance(got, torch.Tensor) or got.shape != (1, gate.numel()) or not torch.allclose(
+            got[0].float(), want, rtol=1e-4, atol=1e-4):
+        raise UnsupportedModelError(f"{where}: the experts' gate ({type(experts).__name__}._apply_gate) is not "
+                                    "silu(gate) * up: only SwiGLU FFNs can be derived")
+
+
 def layer_ffn(layer: nn.Module, hidden: int, where: str = "layer") -> LayerFfn:
     """The FFN of one decoder layer, by structure; raises UnsupportedModelError when it cannot be read."""
     found = []
@@ -181,6 +207,7 @@ def _moe_block(path: str, block: nn.Module, hidden: int, where: str) -> LayerFfn
     emod = block.get_submodule(epath)
     experts = _experts(epath, emod, hidden, where)
     _check_silu(emod, f"{where}.{epath}")
+    _check_expert_gate(emod, f"{where}.{epath}")
     shared: dict[str, GatedFfn] = {}
     for n, m in block.named_modules():
         if n and n != epath and not n.startswith(f"{epath}.") and (g := gated_ffn(m, hidden)) is not None:
@@ -192,8 +219,12 @@ def _moe_block(path: str, block: nn.Module, hidden: int, where: str) -> LayerFfn
     known = {f"{epath}.{experts.gate_up}", f"{epath}.{experts.down}"}
     known |= {f"{s}.{w}" for s, g in shared.items() for w in g.weight_names().values()}
     known |= {f"{g}.{p}" for g in gates for p, _ in block.get_submodule(g).named_parameters()}
+    # A router may be a small network (Zaya's MLP router): every weight of a module that scores the experts
+    # (holds a 2-dim weight with an axis of E to 2E, outside the experts) is routing, whatever its shape.
+    routers = [r for r in router_candidates(block, [epath], experts.num)
+               if not any(r == s or r.startswith(f"{s}.") or s.startswith(f"{r}.") for s in shared)]
     for n, p in block.named_parameters():
-        if n in known:
+        if n in known or any(n.startswith(f"{r}.") for r in routers):
             continue
         if n.startswith(f"{epath}."):
             raise UnsupportedModelError(f"{where}.{n}: experts with biases or extra weights {tuple(p.shape)} cannot "

@@ -90,21 +90,24 @@ class MoeLayer:
 def holds_experts(module: torch.nn.Module, num_experts: int | None = None) -> bool:
     """Whether `module` itself holds the experts' weights: a direct [E, ...] parameter of >= 3 dims
     (transformers 5's fused layout; a convolution's weight is not one), or E entries of one type with
-    parameters (a ModuleList of experts). `num_experts` None: any E (the fused form only)."""
+    parameters (a ModuleList of experts). `num_experts` None: any E > 1 (the fused form only), in at least
+    two such parameters (experts project in and out), so that a lone many-dim parameter elsewhere (a linear
+    attention's A_log [1, 1, heads, 1], a hand-made convolution kernel) is not taken for experts."""
     if isinstance(module, torch.nn.ModuleList):
         return (num_experts is not None and len(module) == num_experts and len({type(m) for m in module}) == 1
                 and any(True for _ in module[0].parameters()))
     if isinstance(module, torch.nn.modules.conv._ConvNd):
         return False
-    return any(p.dim() >= 3 and (num_experts is None or p.shape[0] == num_experts)
-               for p in module.parameters(recurse=False))
+    if num_experts is None:
+        return sum(p.dim() >= 3 and p.shape[0] > 1 for p in module.parameters(recurse=False)) >= 2
+    return any(p.dim() >= 3 and p.shape[0] == num_experts for p in module.parameters(recurse=False))
 
 
 def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
-def _router_candidates(block: torch.nn.Module, expert_names: list[str], num_experts: int) -> list[str]:
+def router_candidates(block: torch.nn.Module, expert_names: list[str], num_experts: int) -> list[str]:
     """Names (relative to `block`) of the descendants that could be its router: outside the experts, holding
     a 2-dim parameter with a dim of E to 2E (a router's [E, H] projection; some score up to E extra 'null'
     experts: Zaya, Inkling, LongCat-Flash). Those with a dim of exactly E first; each group outermost first,
@@ -135,7 +138,7 @@ def _layer_moe(model_config: object, index: int, prefix: str, layer: torch.nn.Mo
     block_name, members = max(blocks.items(), key=lambda b: sum(p.numel() for _, m in b[1] for p in m.parameters()))
     block = layer.get_submodule(block_name) if block_name else layer
     rel = [n[len(block_name) + 1:] if block_name else n for n, _ in members]
-    routers = _router_candidates(block, rel, num_experts)
+    routers = router_candidates(block, rel, num_experts)
     full = f"{prefix}.{block_name}" if block_name else prefix
 
     def path(name: str) -> str:

@@ -1,0 +1,82 @@
+"""Families beyond the ones the other tests build, from tests/arch_probe.py's tiny configs: what the probe found
+silently wrong or wrongly refused, fixed by structure (never by family name), stays fixed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.errors import UnsupportedModelError
+from tests.arch_probe import shrink
+
+
+def _model(arch: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(shrink(arch)).eval()
+
+
+@pytest.mark.parametrize("arch, why", [
+    ("granitemoe_swa", "it rescales, soft-caps or cuts its logits after its output layer"),  # logits / logits_scaling
+    ("inkling_text", "it transforms the decoder's last hidden state before its output layer"),  # hidden / a width
+    ("qwen3_next", None),
+])
+def test_a_head_that_is_not_plain_is_found_by_a_forward_not_by_config_names(arch: str, why: str | None) -> None:
+    """The chunked head of the logits stage and the fused KD loss are taken only where the logits really are
+    head(decoder output): Granite's logits_scaling and Inkling's width multiplier have no name our config
+    checks know, so one forward of a few tokens decides. The cache then equals a plain forward."""
+    from teachers.logit_generation import _teacher_topk
+    from teachers.moe_layout import decoder_module
+    from teachers.output_head import plain_head_problem
+
+    model = _model(arch)
+    assert plain_head_problem(model) == why
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 9))
+    decoder = decoder_module(model) if why is None else None
+    with torch.no_grad():
+        top_ids, top_lp, _ = (t.reshape(18, -1) for t in _teacher_topk(model, decoder, ids, 8, vocab))
+        want = torch.log_softmax(model(input_ids=ids).logits.float(), -1).reshape(18, vocab)
+    assert torch.allclose(top_lp, want.gather(-1, top_ids), atol=1e-4)
+    assert torch.allclose(top_lp.max(-1).values, want.max(-1).values, atol=1e-4)
+
+
+def test_the_probe_forward_is_not_counted_by_hooks_and_keeps_the_mode() -> None:
+    from teachers.output_head import plain_head_problem
+
+    model = _model("qwen3_next").train()
+    calls = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+    assert plain_head_problem(model) is None
+    assert calls == [] and model.training
+    model.model(input_ids=torch.zeros(1, 2, dtype=torch.long))
+    assert calls == [1]  # the hook is still there
+
+
+@pytest.mark.parametrize("arch, refused", [
+    ("kimi_linear", None),  # its linear attention's A_log [1, 1, heads, 1] is not a set of experts
+    ("hy_v4", r"is not silu\(gate\) \* up"),  # SwiGLU clamped at swiglu_limit, in Experts._apply_gate
+    ("minimax_m3_vl_text", r"is not silu\(gate\) \* up"),  # (up + 1) * gate * sigmoid(alpha * gate)
+    ("zaya", "no setting that makes every layer a dense SwiGLU FFN"),  # its MLP router is routing, not a stray weight
+])
+def test_derivation_reads_or_refuses_each_family_for_the_right_reason(arch: str, refused: str | None) -> None:
+    from students.dense_twin import check_derivable
+
+    cfg = shrink(arch)
+    if refused is None:
+        assert "every layer dense" in check_derivable(cfg)
+    else:
+        with pytest.raises(UnsupportedModelError, match=refused):
+            check_derivable(cfg)
+
+
+def test_experts_are_two_stacked_projections_not_one_many_dim_parameter() -> None:
+    from teachers.moe_layout import holds_experts
+
+    lone = torch.nn.Module()
+    lone.A_log = torch.nn.Parameter(torch.zeros(1, 1, 4, 1))
+    assert not holds_experts(lone)
+    experts = torch.nn.Module()
+    experts.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 16, 8))
+    experts.down_proj = torch.nn.Parameter(torch.zeros(4, 8, 8))
+    assert holds_experts(experts) and holds_experts(experts, 4) and not holds_experts(experts, 5)
