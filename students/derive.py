@@ -168,7 +168,10 @@ def _layer_ffn(block: torch.nn.Module, layout: LayerFfn, layer: int, method: str
     if layout.shared_gate is not None and stats is None:
         raise ValueError(f"layer {layer} has a gated shared expert: deriving needs its gate's mean value "
                          "measured on calibration text (pass stats=routing_stats(teacher, batches))")
-    g = float(stats.shared_gate[layer]) if stats is not None and layout.shared_gate is not None else 1.0
+    # The shared part's factor: its gate's mean, or the factor the block applies to it (Cohere2-MoE's average of
+    # experts and shared expert, fitted by routing_stats; 1.0 for a plain sum).
+    g = float(stats.shared_gate[layer]) if stats is not None and (layout.shared_gate is not None or layout.shared) \
+        else 1.0
     if layout.shared_gate is not None and g >= 1.0:  # a sigmoid's mean is < 1: the stats never saw this gate
         raise ValueError(f"layer {layer}: the routing stats hold no measured value for the shared-expert gate "
                          f"'{layout.shared_gate}'")

@@ -80,3 +80,35 @@ def test_experts_are_two_stacked_projections_not_one_many_dim_parameter() -> Non
     experts.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 16, 8))
     experts.down_proj = torch.nn.Parameter(torch.zeros(4, 8, 8))
     assert holds_experts(experts) and holds_experts(experts, 4) and not holds_experts(experts, 5)
+
+
+@pytest.mark.parametrize("arch, strategy, routed, shared, exact", [
+    ("beam", None, 2.5, 1.0, 1e-3),  # routed_scaling_factor applied by the block after the experts' sum
+    ("cohere2_moe", "average", 0.5, 0.5, 1e-2),  # (experts + shared expert) / 2
+    ("cohere2_moe", "sum", 1.0, 1.0, 1e-2),
+])
+def test_a_factor_the_block_applies_after_the_router_is_measured_and_derived(arch, strategy, routed, shared,
+                                                                             exact) -> None:
+    """Beam scales its experts' output in the block, not in the router; Cohere2-MoE may average experts and
+    shared expert: routing_stats fits the block's output as s x experts + t x shared on the calibration tokens
+    (only where that is exact), so a student derived from identical experts reproduces the teacher."""
+    from students.routing_stats import routing_stats
+    from tests.arch_probe import _exactness
+
+    cfg = shrink(arch)
+    if strategy:
+        cfg.shared_expert_combination_strategy, cfg.num_shared_experts = strategy, 1
+    if arch == "beam":
+        cfg.routed_scaling_factor = routed
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    stats = routing_stats(model, ids.split(1))
+    moe = stats.mass.sum(-1) > 0
+    norm = 1.0 if arch == "cohere2_moe" and not getattr(cfg, "norm_topk_prob", True) else None
+    if norm is None:  # renormalised top-k: the masses sum to the block's factor
+        assert torch.allclose(stats.mass.sum(-1)[moe], torch.full((int(moe.sum()),), routed), atol=1e-4)
+    if arch == "cohere2_moe":
+        assert torch.allclose(stats.shared_gate[moe], torch.full((int(moe.sum()),), shared), atol=1e-4)
+    assert _exactness(model, ids) < exact
