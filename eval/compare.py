@@ -69,29 +69,20 @@ def summary_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for r in runs:
         rep = r["report"]
-        t, s = rep.get("teacher") or {}, rep.get("student") or {}
-        summ = rep.get("summary") or {}
-        students = (rep.get("students") or {}).get("rows") or []
-        if students:  # a run with several students (eval.students): one point each, named run/student
-            for st in students:
-                rows.append({"run": f"{r['run_name'] or r['run_id'][:8]}/{st['name']}", "run_id": r["run_id"],
-                             "teacher": t.get("name", "?"), "student": st.get("model", "?"),
-                             "preset": (rep.get("run") or {}).get("preset", "?"),
-                             "retained_mean": _float(st.get("retained_mean")), "speedup": _float(st.get("speedup")),
-                             "speedup_setting": (rep.get("students") or {}).get("setting", "?"),
-                             "student params": st.get("params")})
-            continue
-        rows.append({
-            "run": r["run_name"] or r["run_id"][:8],
-            "run_id": r["run_id"],
-            "teacher": t.get("name", "?"),
-            "student": s.get("name", "?"),
-            "preset": (rep.get("run") or {}).get("preset", "?"),
-            "retained_mean": _float(summ.get("retained_mean")),
-            "speedup": _float(summ.get("speedup")),
-            "speedup_setting": summ.get("speedup_setting", "?"),
-            "student params": s.get("params_total"),
-        })
+        run = r["run_name"] or r["run_id"][:8]
+        section = rep.get("students") or {}
+        if section.get("rows"):  # a run with several students (eval.students): one point each, run/student
+            points = [(f"{run}/{st['name']}", st.get("model", "?"), st.get("retained_mean"), st.get("speedup"),
+                       section.get("setting", "?"), st.get("params")) for st in section["rows"]]
+        else:
+            s, summ = rep.get("student") or {}, rep.get("summary") or {}
+            points = [(run, s.get("name", "?"), summ.get("retained_mean"), summ.get("speedup"),
+                       summ.get("speedup_setting", "?"), s.get("params_total"))]
+        for label, student, retained, speedup, setting, params in points:
+            rows.append({"run": label, "run_id": r["run_id"], "teacher": (rep.get("teacher") or {}).get("name", "?"),
+                         "student": student, "preset": (rep.get("run") or {}).get("preset", "?"),
+                         "retained_mean": _float(retained), "speedup": _float(speedup), "speedup_setting": setting,
+                         "student params": params})
     return rows
 
 
