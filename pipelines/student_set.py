@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.errors import UserError
 from pipelines.config import student_variants
 from pipelines.stage_cache import read_stage
 from pipelines.stage_runner import active_stages, follow_stage, plan, run_stage
@@ -59,8 +60,12 @@ def run_students(cfg: PipelineConfig, ctx: RunContext, tags: dict[str, str]) -> 
         print(f"[students] {name}: {variant.student} {json.dumps(cfg.students[name], sort_keys=True)}", flush=True)
         vctx = RunContext(cfg=variant, run_dir=student_dir(ctx.run_dir, name), device=ctx.device)
         vctx.records = _shared(ctx.records, per)
-        for stage in per:
-            vctx.records[stage.name] = run_stage(stage, vctx, {**tags, "student_variant": name})
+        try:
+            for stage in per:
+                vctx.records[stage.name] = run_stage(stage, vctx, {**tags, "student_variant": name})
+        except UserError as e:  # the same kind and exit code, saying which student's settings to fix
+            e.args = (f"students.{name}: {e} (for this student, set it as students.{name}.<key>)",)
+            raise
         out[name] = vctx.records
     return out
 

@@ -169,3 +169,25 @@ def test_a_missing_extra_student_is_named_before_any_stage(tmp_path: Path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error (model): students.x: student ") and "does not exist" in err[-1]
     assert [p.name for p in (runs / "bad").iterdir()] in ([], [".lock"])  # no stage output
+
+
+def test_an_error_in_an_extra_students_stage_names_the_student(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting that only fails when the student is built (keep_layers beyond the teacher's depth) is the usual
+    one-line error, saying which student's settings to fix; the stages before it stay done."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipelines import student_set
+    from pipelines.config import load_config
+
+    def run_stage(stage, ctx, tags):
+        raise ConfigError("student_options.keep_layers does not fit this 4-layer teacher")
+    monkeypatch.setattr(student_set, "run_stage", run_stage)
+    cfg = load_config("ci", "students.deep.student_options.keep_layers=top_9")
+    ctx = SimpleNamespace(run_dir=tmp_path, device=torch.device("cpu"), records={})
+    with pytest.raises(ConfigError) as err:
+        student_set.run_students(cfg, ctx, {})
+    assert err.value.describe().startswith("error (config): students.deep: student_options.keep_layers does not")
+    assert "set it as students.deep.<key>" in str(err.value)
