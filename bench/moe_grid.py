@@ -204,8 +204,9 @@ def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) ->
     stock = hf_moe.grouped_mm_experts_forward(ex, h, idx, w)
     set_provider(block, "fused_triton")
     _, _, idx_ours = router(block)(h)
-    same = (idx_ours.sort(-1).values == idx.sort(-1).values).all(-1).float().mean().item()
-    return {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock), "router_topk_agree": same}
+    agree = (idx_ours.sort(-1).values == idx.sort(-1).values).all(-1)
+    return {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock),
+            "router_topk_agree": agree.float().mean().item(), "router_topk_disagree_tokens": int((~agree).sum())}
 
 
 def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
@@ -256,7 +257,7 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
         if T in (16, 256):
             for metric, v in experts_errors(block, x).items():
                 rows.append(run.row(**base, provider="fused_triton", metric=metric, value=float(f"{v:.3e}"),
-                                    unit="ratio"))
+                                    unit="tokens" if metric.endswith("_tokens") else "ratio"))
     del block
     gc.collect()
     torch.cuda.empty_cache()

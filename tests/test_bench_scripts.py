@@ -85,7 +85,7 @@ GRID_TESTED = 16  # generated shapes beside the anchors: about a minute of build
 def test_every_grid_shape_matches_float64_on_the_gpu(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU: each shape of the benchmark grid (the anchors, DeepSeek-V3's and the 60-expert one among them, then
     shapes drawn by rule), its routing held equal: our experts within 1e-2 of the float64 reference, and our
-    router's top-k set the same as stock's for nearly every token (bf16 near-ties may swap one)."""
+    router's top-k set the same as stock's for all tokens but 5% of them, or one (bf16 near-ties may swap one)."""
     import gc
 
     from bench.moe_grid import build_block, experts_errors, grid
@@ -99,7 +99,10 @@ def test_every_grid_shape_matches_float64_on_the_gpu(tokens: int, monkeypatch: p
         errors = experts_errors(block, x, tokens=tokens)
         worst[s.name] = errors["experts_rel_err_fused"]
         assert errors["experts_rel_err_fused"] <= 1e-2, (s, errors)
-        assert errors["router_topk_agree"] >= 0.95, (s, errors)
+        # A bf16 near-tie may swap one expert of one token: at 16 tokens that alone is 94% agreement (the
+        # 60-expert shape did so on the H200), so one token is always allowed, more only past 20 tokens.
+        allowed = max(1, int(0.05 * tokens))
+        assert errors["router_topk_disagree_tokens"] <= allowed, (s, errors)
         del block
         gc.collect()
         torch.cuda.empty_cache()

@@ -127,17 +127,25 @@ def test_gpt_oss_experts_run_our_kernels(T: int, caplog: pytest.LogCaptureFixtur
 
     monkeypatch.setattr(hf_moe, "fused_experts", spy)
     gen = torch.Generator().manual_seed(T)
-    x = (torch.randn(T, 48, generator=gen) * 3).to(DEV)
+    x = torch.randn(T, 48, generator=gen).to(DEV)
     idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)]).to(DEV)
     w = torch.rand(T, 2, generator=gen).softmax(-1).to(DEV)
+    # Scale the input so that the clamp bites whatever limit this transformers version gives the experts (5.17
+    # keeps GPT-OSS's 7 and ignores the config's swiglu_limit): the largest gate and |up| pre-activations reach
+    # twice the limit past the biases, most stay under it.
+    xw = torch.einsum("th,tkhi->tki", x.double(), experts.gate_up_proj.double()[idx])
+    reach = min(xw[..., ::2].max().item(), xw[..., 1::2].abs().max().item())
+    x = x * ((2 * experts.limit + experts.gate_up_proj_bias.abs().max().item()) / reach)
     pre = torch.einsum("th,tkhi->tki", x.double(), experts.gate_up_proj.double()[idx]) + \
         experts.gate_up_proj_bias.double()[idx]
     assert (pre[..., ::2] > experts.limit).any() and (pre[..., 1::2].abs() > experts.limit).any(), "no clamping"
+    assert (pre[..., ::2] <= experts.limit).any(), "everything clamped: the gate itself would go untested"
     caplog.clear()  # enable_fused_moe's note on the unfused router is not about the experts
     with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"), torch.no_grad():
         out = fused_triton_experts_forward(experts, x, idx, w)
     assert "fused_triton:" not in caplog.text, caplog.text
-    assert calls == [("clamped_swiglu", 1.5, 0.4, True)], calls
+    assert calls == [("clamped_swiglu", experts.alpha, experts.limit, True)], calls
+
     with torch.no_grad():
         ref = grouped_mm_experts_forward(experts, x, idx, w)
     # fp32 inputs: our dots and cuBLAS's may both use tf32-class arithmetic on GPU
