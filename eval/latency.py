@@ -6,7 +6,13 @@ bound by Python and launch overhead and the path changes the answer more than th
 
 Timing: CUDA events on GPU (the host may run ahead of the device), `time.perf_counter` on CPU. Each
 workload runs `warmup` untimed times, then `repeats` timed times; we report median, p20 and p80 of the
-per-run values.
+per-run values. Python's garbage collector is off while a model is timed (as `timeit` does): a collection inside
+one decode step would be charged to that model. Batch-1 settings are bound by the host, so each model's entries
+also carry a host probe (`host_probe_us`: a fixed loop of tiny device ops, timed just before the model) and the
+other Python threads alive then: a student and a teacher timed under different host conditions show it there.
+
+With `static_compile`, `decode_best_b<N>` is each model at its faster decode path (`generate` or
+`static_compile`), as someone serving it would choose.
 
 Memory: weight bytes are the sum of parameter bytes. Peak memory is the extra memory over what was resident
 before a workload (the weights of every loaded model included), so that teacher and student compare fairly
@@ -17,11 +23,13 @@ fits in memory freed by an earlier one shows a delta near zero).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import psutil
@@ -31,6 +39,10 @@ from transformers import PreTrainedModel
 
 # Direction of each metric; compare_latency turns it into a speedup that is > 1 when the student is better.
 HIGHER_IS_BETTER = {"tokens_per_s": True, "ms_per_token": False, "ms": False, "bytes": False}
+
+# The speedup a report leads with, first present wins: batch-1 decode with each model on its faster decode path
+# (only where both paths were timed), else on plain generate.
+HEADLINE_SETTINGS = ("decode_best_b1", "decode_b1")
 
 
 @dataclass
@@ -306,6 +318,57 @@ def _measure_decode(
     return _entry(per_token, "ms_per_token", path, batch, s.decode_prompt_len, peak, **extra)
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Garbage collection off (after one full collection) for the duration, restored after."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def host_probe_us(device: str | torch.device, ops: int = 200, repeats: int = 5) -> float:
+    """Median microseconds of `ops` back-to-back tiny elementwise ops on `device`, then a synchronisation: the
+    per-op host and launch cost that bounds batch-1 decode of a small model. Not a benchmark of anything by
+    itself; two models timed under the same host conditions get about the same probe."""
+    device = torch.device(device)
+    x = torch.zeros(1, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms the kernel
+        t0 = time.perf_counter()
+        for _ in range(ops):
+            x.add_(1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return float(np.median(times[1:]))
+
+
+def _other_threads() -> list[str]:
+    """Names of the Python threads alive besides this one: a busy one takes the GIL from a host-bound timing."""
+    me = threading.current_thread()
+    return sorted(t.name for t in threading.enumerate() if t is not me)
+
+
+def add_best_decode(out: dict[str, dict]) -> dict[str, dict]:
+    """Add `decode_best_b<N>` for every batch timed on both decode paths: the entry of the faster path with a
+    number (`path` says which; `paths` holds both medians). Returns `out`. Batches timed on one path get none:
+    the entry would only repeat `decode_b<N>`."""
+    for key in [k for k in out if k.startswith("decode_static_b")]:
+        batch = key.removeprefix("decode_static_b")
+        pair = [e for e in (out.get(f"decode_b{batch}"), out[key]) if e is not None]
+        if len(pair) < 2:
+            continue
+        timed = [e for e in pair if e.get("median") is not None]
+        best = min(timed, key=lambda e: e["median"]) if timed else pair[0]
+        out[f"decode_best_b{batch}"] = {**best, "paths": {e["path"]: e.get("median") for e in pair}}
+    return out
+
+
 def measure_latency(
     model: PreTrainedModel,
     vocab_size: int,
@@ -316,7 +379,8 @@ def measure_latency(
 
     Returns {setting: entry}, e.g. "prefill_b4_s128" (tokens_per_s), "ttft_b1_s128" (ms),
     "decode_b1" (ms_per_token, plain generate), "decode_static_b1" (static cache + compile, GPU only),
-    "memory_weights" and "memory_peak_extra" (bytes). Each entry: {"metric", "median", "p20", "p80", "n",
+    "decode_best_b1" (the faster of the two, with static_compile), "memory_weights" and "memory_peak_extra"
+    (bytes); every timed entry also carries "host_probe_us" and "other_threads" (see the module's docstring). Each entry: {"metric", "median", "p20", "p80", "n",
     "higher_is_better", "path", "batch", "length", ...}; a path that could not run has median None and
     an "error" string.
     """
@@ -329,8 +393,9 @@ def measure_latency(
     out: dict[str, dict] = {}
     phases = 2 + len(settings.decode_batches) * (2 if settings.static_compile else 1)
     bar = tqdm(total=phases, desc="latency", unit="phase", leave=False)
+    host = {"host_probe_us": host_probe_us(device), "other_threads": _other_threads()}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_gc():
             _measure_prefill(model, vocab_size, settings, timer, out)
             bar.update()
             _measure_ttft(model, vocab_size, settings, timer, out)
@@ -353,9 +418,11 @@ def measure_latency(
 
     # A CPU figure means little without its thread count: on a shared 2-core box, 2 OpenMP threads next to
     # another busy process ran a tiny model 20x slower than 1 thread did.
-    context = {"device": str(device)} | ({} if timer.is_cuda else {"cpu_threads": torch.get_num_threads()})
+    context = ({"device": str(device)} | ({} if timer.is_cuda else {"cpu_threads": torch.get_num_threads()})
+               | host)
     for entry in out.values():
         entry.update(context)
+    add_best_decode(out)
     wb = weight_bytes(model)
     out["memory_weights"] = _entry([float(wb)], "bytes", "weights", 0, 0, None)
     peaks = [e["peak_extra_bytes"] for e in out.values() if "peak_extra_bytes" in e]
@@ -389,9 +456,10 @@ def best_of(candidates: dict[str, dict[str, dict]]) -> dict[str, dict]:
 
 def compare_latency(teacher: dict, student: dict) -> dict[str, dict]:
     """Per setting present in both with numbers: {"metric", "teacher", "student", "speedup", "path", "batch",
-    "length"}, and "teacher_implementation" where the teacher's entry names one (best_of). speedup > 1 means
-    the student is better: student/teacher for higher-is-better metrics (throughput), teacher/student for times
-    and bytes."""
+    "length"}, and "teacher_implementation" where the teacher's entry names one (best_of), "student_path" where
+    the student ran another path (decode_best), "host_probe_us" {"teacher", "student"} where both have one.
+    speedup > 1 means the student is better: student/teacher for higher-is-better metrics (throughput),
+    teacher/student for times and bytes."""
     out: dict[str, dict] = {}
     for key, t in teacher.items():
         s = student.get(key)
@@ -411,4 +479,28 @@ def compare_latency(teacher: dict, student: dict) -> dict[str, dict]:
         }
         if "implementation" in t:
             out[key]["teacher_implementation"] = t["implementation"]
+        if s.get("path") != t.get("path"):  # decode_best: each model on its own faster path
+            out[key]["student_path"] = s.get("path")
+        probes = {"teacher": t.get("host_probe_us"), "student": s.get("host_probe_us")}
+        if all(isinstance(v, (int, float)) for v in probes.values()):
+            out[key]["host_probe_us"] = probes
+    return out
+
+
+HOST_DRIFT = 0.2  # a host probe this much slower or faster for one model than the other marks a host difference
+
+
+def host_drift(table: dict[str, dict]) -> dict[str, float]:
+    """Settings of a compare_latency table whose teacher and student were timed under host conditions that
+    differ by more than HOST_DRIFT: {setting: student probe / teacher probe}. Such a setting's speedup, where the
+    host bounds it (batch-1 decode and time to first token of a small model), says more about the host than
+    about the models."""
+    out = {}
+    for key, row in table.items():
+        if row.get("metric") == "bytes":
+            continue
+        p = row.get("host_probe_us") or {}
+        t, s = p.get("teacher"), p.get("student")
+        if isinstance(t, (int, float)) and isinstance(s, (int, float)) and t > 0 and abs(s / t - 1) > HOST_DRIFT:
+            out[key] = s / t
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from core.number_format import MISSING, num, pct, ratio, score, score_with_err, si_bytes, si_params
 from eval.headline_metrics import headline_metrics
+from eval.latency import host_drift
 from eval.report_plots import PLOTS, model_points
 from eval.retained import retained_gain, retained_value
 
@@ -230,7 +231,8 @@ def _latency_table(latency: dict) -> Block:
     for key in sorted(latency):
         e = latency[key]
         fmt = si_bytes if e.get("metric") == "bytes" else num
-        rows.append([key, e.get("metric", "?"), str(e.get("path") or ""), fmt(e.get("teacher")),
+        path = str(e.get("path") or "") + (f" / {e['student_path']}" if e.get("student_path") else "")
+        rows.append([key, e.get("metric", "?"), path, fmt(e.get("teacher")),
                      str(e.get("teacher_implementation") or "stock"), fmt(e.get("student")), ratio(e.get("speedup"))])
     return ("table", ["setting", "metric", "path", "teacher", "teacher on", "student", "speedup (>1: student better)"],
             rows)
@@ -269,7 +271,16 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
                             "against the teacher at its best in each setting (`teacher on`: stock transformers or "
                             "our fused MoE kernels, whichever was faster there). "
                             "`generate` = plain generate with a dynamic cache; `static_compile` = static cache "
-                            "with the decode step compiled."))
+                            "with the decode step compiled; `decode_best` = each model on its faster of the two "
+                            "(path: teacher's / student's where they differ)."))
+        drift = host_drift(report["latency"])
+        if drift:
+            worst = max(drift.values(), key=lambda r: abs(r - 1))
+            blocks.append(("p", f"**Host conditions differed** between the teacher's and the student's timing: the "
+                                f"host probe (a fixed loop of tiny device ops, timed just before each model) ran "
+                                f"{ratio(worst)} as long for the student in {len(drift)} setting(s) "
+                                f"({', '.join(sorted(drift))}). Where the host bounds a setting (batch-1 decode and "
+                                f"time to first token of a small model), its speedup is not reliable: time again."))
     fused = report.get("teacher_fused") or {}
     if fused:
         rows = [[key, e.get("metric", "?"), str(e.get("path") or ""), num(e.get("teacher")), num(e.get("student")),

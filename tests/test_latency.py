@@ -8,7 +8,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eval.latency import LatencySettings, best_of, compare_latency, measure_latency, weight_bytes
+from eval.latency import (
+    LatencySettings,
+    add_best_decode,
+    best_of,
+    compare_latency,
+    host_drift,
+    measure_latency,
+    weight_bytes,
+)
 
 VOCAB = 256
 TINY = LatencySettings(
@@ -50,7 +58,8 @@ def results() -> dict[str, dict]:
 
 def test_all_settings_present_finite_positive(results: dict) -> None:
     expected = {"prefill_b1_s16", "prefill_b2_s16", "ttft_b1_s16", "decode_b1", "decode_b2",
-                "decode_static_b1", "decode_static_b2", "memory_weights", "memory_peak_extra"}
+                "decode_static_b1", "decode_static_b2", "decode_best_b1", "decode_best_b2", "memory_weights",
+                "memory_peak_extra"}
     for name in ("small", "big"):
         res = results[name]
         assert expected <= set(res), set(res) ^ expected
@@ -68,6 +77,12 @@ def test_all_settings_present_finite_positive(results: dict) -> None:
         assert res["decode_static_b1"]["compiled"] is False  # generate compiles only on accelerators
         assert res["prefill_b2_s16"]["batch"] == 2 and res["prefill_b2_s16"]["length"] == 16
         assert res["decode_b1"]["cpu_threads"] == 1 and res["memory_peak_extra"]["source"] == "rss_sampled"
+        # each model at its faster decode path, and the host conditions it was timed under
+        best = res["decode_best_b1"]
+        paths = {"generate": res["decode_b1"]["median"], "static_compile": res["decode_static_b1"]["median"]}
+        assert best["paths"] == paths and best["median"] == min(paths.values())
+        assert best["path"] == min(paths, key=paths.get)
+        assert res["decode_b1"]["host_probe_us"] > 0 and isinstance(res["decode_b1"]["other_threads"], list)
 
 
 def test_weights_and_relative_speed(results: dict) -> None:
@@ -128,6 +143,51 @@ def test_best_of_picks_the_faster_implementation_per_setting() -> None:
     assert cmp["decode_b1"]["teacher_implementation"] == "fused"
     assert cmp["prefill_b1_s128"]["speedup"] == pytest.approx(4.0)
     assert "teacher_implementation" not in compare_latency(stock, student)["decode_b1"]
+
+def test_best_decode_path_per_batch() -> None:
+    ms = lambda v, path, **kw: {"metric": "ms_per_token", "median": v, "higher_is_better": False,  # noqa: E731
+                                "path": path, **kw}
+    out = add_best_decode({"decode_b1": ms(20.0, "generate"), "decode_static_b1": ms(6.0, "static_compile"),
+                           "decode_b32": ms(30.0, "generate"),
+                           "decode_static_b32": ms(None, "static_compile", error="compile failed"),
+                           "decode_b4": ms(9.0, "generate")})
+    assert out["decode_best_b1"]["median"] == 6.0 and out["decode_best_b1"]["path"] == "static_compile"
+    assert out["decode_best_b1"]["paths"] == {"generate": 20.0, "static_compile": 6.0}
+    # a path that failed never wins; a batch timed on one path only gets no best entry
+    assert out["decode_best_b32"]["median"] == 30.0 and out["decode_best_b32"]["path"] == "generate"
+    assert "decode_best_b4" not in out
+
+
+def test_compare_records_each_side_path_and_flags_a_host_difference() -> None:
+    t = {"decode_best_b1": {"metric": "ms_per_token", "median": 20.0, "path": "generate", "host_probe_us": 100.0},
+         "prefill_b32_s512": {"metric": "tokens_per_s", "median": 1e5, "higher_is_better": True, "path": "forward",
+                              "host_probe_us": 100.0},
+         "memory_weights": {"metric": "bytes", "median": 4e9, "path": "weights", "host_probe_us": 100.0}}
+    s = {"decode_best_b1": {"metric": "ms_per_token", "median": 5.0, "path": "static_compile",
+                            "host_probe_us": 150.0},
+         "prefill_b32_s512": {"metric": "tokens_per_s", "median": 2e5, "higher_is_better": True, "path": "forward",
+                              "host_probe_us": 110.0},
+         "memory_weights": {"metric": "bytes", "median": 1e9, "path": "weights", "host_probe_us": 300.0}}
+    cmp = compare_latency(t, s)
+    assert cmp["decode_best_b1"]["student_path"] == "static_compile" and "student_path" not in cmp["prefill_b32_s512"]
+    assert cmp["decode_best_b1"]["host_probe_us"] == {"teacher": 100.0, "student": 150.0}
+    # 50% slower probe: flagged; 10%: within the tolerance; bytes are never host-bound
+    assert host_drift(cmp) == {"decode_best_b1": pytest.approx(1.5)}
+
+
+def test_the_collector_is_off_while_a_model_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import eval.latency as lat
+
+    seen = []
+    real = lat._measure_prefill
+    monkeypatch.setattr(lat, "_measure_prefill", lambda *a: (seen.append(gc.isenabled()), real(*a))[1])
+    small = _llama(32, 1)
+    measure_latency(small, VOCAB, LatencySettings(prefill=((1, 4),), ttft_lengths=(), decode_batches=(),
+                                                  repeats=1, warmup=0), "cpu")
+    assert seen == [False] and gc.isenabled()
+
 
 def test_settings_for_device() -> None:
     cpu = LatencySettings.for_device("cpu")

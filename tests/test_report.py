@@ -299,3 +299,18 @@ def test_the_teacher_against_its_dense_origin_on_held_out_text(tmp_path: Path) -
     assert ("0.800 before the continued training (the teacher as upcycled, which computes the dense "
             "SmolLM2-135M-Instruct exactly: this is the MoE teacher against its dense origin), 0.750 after "
             "(after minus before -0.0500, 95% interval [-0.0600, -0.0400])") in md
+
+
+def test_latency_table_names_each_side_path_and_warns_of_a_host_difference(tmp_path: Path) -> None:
+    row = {"metric": "ms_per_token", "teacher": 24.0, "student": 19.0, "speedup": 24 / 19, "path": "generate",
+           "batch": 1, "length": 128, "teacher_implementation": "fused",
+           "host_probe_us": {"teacher": 100.0, "student": 160.0}}
+    best = {**row, "student": 6.0, "speedup": 4.0, "student_path": "static_compile",
+            "host_probe_us": {"teacher": 100.0, "student": 105.0}}
+    md = write_report({"run": {"name": "r"}, "latency": {"decode_b1": row, "decode_best_b1": best}},
+                      tmp_path)["md"].read_text()
+    assert "| decode_best_b1 | ms_per_token | generate / static_compile |" in md
+    assert "Host conditions differed" in md and "(decode_b1)" in md and "1.60×" in md
+    calm = {"decode_best_b1": best}
+    assert "Host conditions differed" not in write_report({"run": {"name": "r"}, "latency": calm},
+                                                          tmp_path / "calm")["md"].read_text()

@@ -72,6 +72,22 @@ def test_the_section_marks_the_front_and_the_largest_student_at_two_times() -> N
     assert students_section([_row("a", 1, 0.9, 1.5)])["largest_at_target"] is None
 
 
+def test_the_front_uses_each_model_at_its_faster_decode_path_when_every_student_has_it() -> None:
+    from eval.students import students_section
+
+    # decode_best_b1 (each model on its faster of generate and the compiled static cache) where all have it
+    a, b = _row("a", 80, 0.90, 1.5), _row("b", 110, 0.95, 1.8)
+    a["speedups"]["decode_best_b1"], b["speedups"]["decode_best_b1"] = 2.4, 2.1
+    section = students_section([a, b])
+    assert section["setting"] == "decode_best_b1" and [r["speedup"] for r in section["rows"]] == [2.4, 2.1]
+    assert section["largest_at_target"] == "b"
+    # one student without it (its compile failed, say): all are placed on plain generate, alike
+    del b["speedups"]["decode_best_b1"]
+    section = students_section([a, b])
+    assert section["setting"] == "decode_b1" and [r["speedup"] for r in section["rows"]] == [1.5, 1.8]
+    assert section["largest_at_target"] is None
+
+
 def test_student_row_reads_a_report() -> None:
     from eval.students import student_row
 

@@ -17,6 +17,7 @@ from core.strict_json import dumps_strict
 from eval import bootstrap, per_example
 from eval.chance import chance_level
 from eval.headline_metrics import RULE, headline_metrics, headline_status
+from eval.latency import HEADLINE_SETTINGS
 from eval.report import NULL_REASONS, retained_gain, retained_value, write_report
 from pipelines.context import RunContext
 from pipelines.tracking import git_commit
@@ -112,8 +113,9 @@ def headline_summary(quality: dict[str, Any],
 
 
 def headline_speedup(latency: dict[str, Any]) -> tuple[float, str]:
-    """Decode at batch 1 on plain generate is how most users serve; fall back to the first setting."""
-    for key in ("decode_b1", *latency.keys()):
+    """Decode at batch 1, each model on its faster decode path where both were timed (decode_best_b1), else on
+    plain generate, as most users serve; else the first setting with a speedup."""
+    for key in (*HEADLINE_SETTINGS, *latency.keys()):
         row = latency.get(key)
         if row and isinstance(row.get("speedup"), (int, float)):
             return float(row["speedup"]), key
