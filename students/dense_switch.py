@@ -117,7 +117,7 @@ def _search(config: PretrainedConfig) -> DenseSwitch | None:
         teacher = meta_model(config)
     except Exception:  # noqa: BLE001 - a config transformers cannot build has no dense switch either
         return None
-    reference = _non_ffn_shapes(teacher, config)
+    reference = non_ffn_shapes(teacher, config)
     if reference is None:
         return None
     depth = num_layers(config)
@@ -125,16 +125,16 @@ def _search(config: PretrainedConfig) -> DenseSwitch | None:
         sw = DenseSwitch(field=fld, rule=rule, width_field="", fill=fill)
         cfg = copy.deepcopy(config)
         setattr(cfg, fld, sw.value(depth))
-        width = _dense_width(cfg, reference)
+        width = dense_width(cfg, reference)
         if width is None:
             continue
-        wfield = _width_field(cfg, reference, width, exclude=fld)
+        wfield = find_width_field(cfg, reference, width, exclude=fld)
         if wfield is not None:
             return DenseSwitch(field=fld, rule=rule, width_field=wfield, fill=fill)
     return None
 
 
-def _non_ffn_shapes(model: torch.nn.Module, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
+def non_ffn_shapes(model: torch.nn.Module, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
     """Name -> shape of every parameter outside the layers' FFN blocks (layer index kept in the name)."""
     prefix, layers = decoder_layers(model)
     hidden = config.hidden_size
@@ -147,20 +147,20 @@ def _non_ffn_shapes(model: torch.nn.Module, config: PretrainedConfig) -> dict[st
     return {n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(tuple(skip))}
 
 
-def _dense_width(cfg: PretrainedConfig, reference: dict[str, tuple[int, ...]]) -> int | None:
+def dense_width(cfg: PretrainedConfig, reference: dict[str, tuple[int, ...]]) -> int | None:
     """The FFN width if `cfg` builds an all-dense model with the teacher's other parameters, else None."""
     try:
         model = meta_model(cfg)
         prefix, layers = decoder_layers(model)
         widths = {check_student_layer(layer, cfg.hidden_size)[1].width for layer in layers}
-        if len(widths) != 1 or _non_ffn_shapes(model, cfg) != reference:
+        if len(widths) != 1 or non_ffn_shapes(model, cfg) != reference:
             return None
         return widths.pop()
     except Exception:  # noqa: BLE001 - a candidate value the family rejects, or that leaves experts
         return None
 
 
-def _width_field(cfg: PretrainedConfig, reference: dict[str, tuple[int, ...]], width: int,
+def find_width_field(cfg: PretrainedConfig, reference: dict[str, tuple[int, ...]], width: int,
                  exclude: str) -> str | None:
     """The int field of `cfg` that sets the dense FFN width: one now equal to it that, changed, changes it."""
     names = [k for k, v in cfg.to_dict().items()
@@ -169,6 +169,6 @@ def _width_field(cfg: PretrainedConfig, reference: dict[str, tuple[int, ...]], w
     for k in names:
         probe = copy.deepcopy(cfg)
         setattr(probe, k, width + 8)
-        if _dense_width(probe, reference) == width + 8:
+        if dense_width(probe, reference) == width + 8:
             return k
     return None

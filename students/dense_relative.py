@@ -1,0 +1,208 @@
+"""A dense relative of an MoE family, found by trying every dense causal-LM family transformers has.
+
+A family whose own config cannot make its layers dense (dense_switch.py) may still have a dense relative whose
+attention, norms and embeddings are the teacher's: Qwen3.5-MoE's is Qwen3.5, Solar-Open's is Llama. A
+candidate is accepted when
+1. built from the teacher's config (every field the candidate's config also has), every parameter outside the
+   FFN blocks is the teacher's, name for name and shape for shape, and each layer holds one SwiGLU FFN whose
+   width one int field sets (the checks of dense_switch.py);
+2. it computes what the teacher computes once the FFNs are taken out: both models, their FFN blocks replaced by
+   zeros and every other parameter set to the same values, give the same logits on the same tokens. Names and
+   shapes alone would accept Gemma (embeddings scaled by sqrt(hidden)), Granite (residual multipliers) or
+   ERNIE (another rotary layout) for a Llama-like teacher; the forward does not. Sliding windows are shrunk
+   below the probe's length and the weights are probed at two scales, so window and soft-cap settings that a
+   candidate lacks show too.
+
+Candidates are tried in order: those sharing most name parts with the teacher's model_type first (qwen3_5_moe
+-> qwen3_5_text), then the simplest configs; the first that passes is taken.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from students.dense_switch import dense_width, find_width_field, meta_model, non_ffn_shapes
+from students.ffn_layout import layer_ffn
+from teachers.moe_config import num_layers
+from teachers.moe_layout import decoder_layers
+from teachers.upcycle import copy_rope_settings
+
+# Never copied from the teacher's config: identity fields, and the ones the derivation sets (depth, width,
+# per-layer lists).
+SKIP_FIELDS = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "num_hidden_layers",
+               "intermediate_size", "layer_types", "auto_map"}
+PROBE_VOCAB = 256
+PROBE_TOKENS = 24
+PROBE_WINDOW = 4  # sliding windows and attention chunks, below PROBE_TOKENS so that they act
+PROBE_SCALES = (0.05, 0.5)
+PROBE_TOLERANCE = 1e-4  # float32: an equivalent family differs by rounding only (0.0 on every family seen)
+
+
+@dataclass(frozen=True)
+class Relative:
+    """A dense family (`model_type`) equivalent to the teacher outside its FFNs; `width_field` sets its FFN width."""
+
+    model_type: str
+    width_field: str
+
+
+def relative_config(teacher_cfg: PretrainedConfig, model_type: str, keep: list[int], width: int,
+                    width_field: str = "intermediate_size") -> PretrainedConfig:
+    """Config of a dense `model_type` model: the teacher's fields that family also has, `len(keep)` layers (per-
+    layer `layer_types` follow `keep`, the teacher layer indices kept), FFN width `width`, the teacher's rope."""
+    src = teacher_cfg.to_dict()
+    known = AutoConfig.for_model(model_type).to_dict()
+    # An unset (None) field means "the family's default" across families, so it is left to the relative's own.
+    kwargs = {k: v for k, v in src.items()
+              if k in known and k not in SKIP_FIELDS and not k.startswith("_") and v is not None}
+    if "head_dim" in known:
+        # Some MoE configs leave head_dim unset (hidden / heads); their dense relatives default to another value.
+        kwargs["head_dim"] = getattr(teacher_cfg, "head_dim", None) or (
+            teacher_cfg.hidden_size // teacher_cfg.num_attention_heads)
+    if isinstance(src.get("layer_types"), list) and "layer_types" in known:
+        kwargs["layer_types"] = [src["layer_types"][i] for i in keep]
+    kwargs[width_field] = width
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=len(keep), **kwargs)
+    copy_rope_settings(teacher_cfg, cfg)
+    return cfg
+
+
+_CACHE: dict[str, Relative | None] = {}
+
+
+def find_dense_relative(teacher_cfg: PretrainedConfig) -> Relative | None:
+    """The first dense family that passes both checks of the module docstring (None if none does)."""
+    key = teacher_cfg.to_json_string(use_diff=False)
+    if key not in _CACHE:
+        _CACHE[key] = _search(teacher_cfg)
+    return _CACHE[key]
+
+
+def candidates(model_type: str) -> list[str]:
+    """Dense causal-LM families to try for an MoE `model_type`, most name parts in common first, then the ones
+    with the fewest config fields (the plainest), then by name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    parts = set(re.split(r"[_\-]", model_type)) - {"moe", "text", ""}
+    out = []
+    for mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if mt == model_type or "moe" in mt.split("_"):
+            continue
+        try:
+            fields = len(AutoConfig.for_model(mt).to_dict())
+        except Exception:  # noqa: BLE001 - a family whose config cannot be built bare is no candidate
+            continue
+        out.append((-len(parts & set(re.split(r"[_\-]", mt))), fields, mt))
+    return [mt for *_, mt in sorted(out)]
+
+
+def _search(teacher_cfg: PretrainedConfig) -> Relative | None:
+    try:
+        reference = non_ffn_shapes(meta_model(teacher_cfg), teacher_cfg)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build has no relative either
+        return None
+    if reference is None:
+        return None
+    depth = num_layers(teacher_cfg)
+    probe_teacher = _probe_config(teacher_cfg)
+    for mt in candidates(teacher_cfg.model_type):
+        try:
+            cfg = relative_config(teacher_cfg, mt, list(range(depth)), teacher_cfg.hidden_size)
+        except Exception:  # noqa: BLE001 - the teacher's fields do not make a valid config of this family
+            continue
+        width = dense_width(cfg, reference)
+        if width is None:
+            continue
+        wfield = find_width_field(cfg, reference, width, exclude="")
+        if wfield is None or not _same_function(probe_teacher, mt):
+            continue
+        return Relative(model_type=mt, width_field=wfield)
+    return None
+
+
+def _probe_config(cfg: PretrainedConfig) -> PretrainedConfig:
+    """A copy of `cfg` cheap to build for real: one layer of each kind (per-layer lists follow), a small vocabulary
+    (token ids inside it), windows and attention chunks shorter than the probe."""
+    depth = num_layers(cfg)
+    out = copy.deepcopy(cfg)
+    d = cfg.to_dict()
+    per_layer = {k: v for k, v in d.items() if isinstance(v, list) and len(v) == depth and depth > 1}
+    keep = sorted({next(i for i, x in enumerate(v) if x == y) for v in per_layer.values() for y in v} | {0, 1})
+    keep = [i for i in keep if i < depth]
+    for k, v in per_layer.items():
+        setattr(out, k, [v[i] for i in keep])
+    out.num_hidden_layers = len(keep)
+    out.vocab_size = PROBE_VOCAB
+    for k, v in d.items():
+        if k.endswith("_token_id") and isinstance(v, int) and v >= PROBE_VOCAB:
+            setattr(out, k, 0)
+        elif k.endswith("_token_id") and isinstance(v, list):
+            setattr(out, k, [x for x in v if isinstance(x, int) and x < PROBE_VOCAB] or None)
+        elif ("window" in k or k == "attention_chunk_size") and isinstance(v, int) and not isinstance(v, bool) \
+                and v > PROBE_WINDOW:
+            setattr(out, k, PROBE_WINDOW)
+    return out
+
+
+class _ZeroFfn(torch.nn.Module):
+    """Stands in for an FFN block: zeros of its input's shape (with a second value where the layer unpacks two)."""
+
+    def __init__(self, pair: bool) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        z = torch.zeros_like(x)
+        return (z, None) if self.pair else z
+
+
+def _without_ffns(cfg: PretrainedConfig, scale: float, pair: bool) -> torch.nn.Module:
+    """The model `cfg` describes in float32 on the CPU, its FFN blocks replaced by _ZeroFfn before any weight is
+    allocated (an MoE's experts never are), every other parameter set from its name (same name, same values)."""
+    model = meta_model(cfg)
+    prefix, layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        *head, last = layer_ffn(layer, cfg.hidden_size, f"{prefix}.{i}").path.split(".")
+        parent = layer.get_submodule(".".join(head)) if head else layer
+        setattr(parent, last, _ZeroFfn(pair))
+    model = model.to_empty(device="cpu").float()
+    model.initialize_weights()  # buffers made on the meta device (rotary frequencies) are computed again
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gen = torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:12], 16))
+            p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if p.dim() == 1 else 0.0))
+    return model.eval()
+
+
+def _logits(cfg: PretrainedConfig, scale: float) -> torch.Tensor:
+    ids = torch.randint(0, PROBE_VOCAB, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    for pair in (False, True):  # the layer may unpack (hidden, router logits) from its FFN block
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _without_ffns(cfg, scale, pair)(input_ids=ids, use_cache=False).logits.float()
+        except (TypeError, ValueError):
+            continue
+    raise ValueError(f"the {cfg.model_type} model does not run with its FFN blocks replaced")
+
+
+def _same_function(probe_teacher: PretrainedConfig, model_type: str) -> bool:
+    """Whether the dense `model_type` built from the probe config computes the teacher's logits with the FFNs out."""
+    try:
+        probe = relative_config(probe_teacher, model_type, list(range(num_layers(probe_teacher))),
+                                probe_teacher.hidden_size)
+        for scale in PROBE_SCALES:
+            want, got = _logits(probe_teacher, scale), _logits(probe, scale)
+            if want.shape != got.shape or not torch.isfinite(want).all():
+                return False
+            if float((want - got).norm() / want.norm().clamp_min(1e-12)) > PROBE_TOLERANCE:
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - a candidate that cannot run the probe is not equivalent
+        return False
