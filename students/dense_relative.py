@@ -19,6 +19,7 @@ Candidates are tried in order: those sharing most name parts with the teacher's 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import re
 import warnings
@@ -84,45 +85,65 @@ def find_dense_relative(teacher_cfg: PretrainedConfig) -> Relative | None:
     return _CACHE[key]
 
 
+@functools.lru_cache(maxsize=1)
+def _dense_families() -> tuple[tuple[str, int], ...]:
+    """(model_type, number of config fields) of every causal-LM family that is not an MoE."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = []
+    for mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if "moe" in mt.split("_"):
+            continue
+        try:
+            out.append((mt, len(AutoConfig.for_model(mt).to_dict())))
+        except Exception:  # noqa: BLE001 - a family whose config cannot be built bare is no candidate
+            continue
+    return tuple(out)
+
+
 def candidates(model_type: str) -> list[str]:
     """Dense causal-LM families to try for an MoE `model_type`, most name parts in common first, then the ones
     with the fewest config fields (the plainest), then by name."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     parts = set(re.split(r"[_\-]", model_type)) - {"moe", "text", ""}
-    out = []
-    for mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        if mt == model_type or "moe" in mt.split("_"):
-            continue
-        try:
-            fields = len(AutoConfig.for_model(mt).to_dict())
-        except Exception:  # noqa: BLE001 - a family whose config cannot be built bare is no candidate
-            continue
-        out.append((-len(parts & set(re.split(r"[_\-]", mt))), fields, mt))
-    return [mt for *_, mt in sorted(out)]
+    ranked = sorted((-len(parts & set(re.split(r"[_\-]", mt))), fields, mt)
+                    for mt, fields in _dense_families() if mt != model_type)
+    return [mt for *_, mt in ranked]
+
+
+def _reference(teacher_cfg: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the teacher's parameters outside its FFN blocks (None when it cannot be built or read)."""
+    try:
+        return non_ffn_shapes(meta_model(teacher_cfg), teacher_cfg)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build has no relative either
+        return None
+
+
+def _matches(teacher_cfg: PretrainedConfig, reference: dict[str, tuple[int, ...]],
+             model_type: str) -> str | None:
+    """The field that sets the FFN width if `model_type` built from the teacher's config has the teacher's
+    parameters outside the FFNs (`reference`) and one SwiGLU FFN per layer, else None (meta device: no memory)."""
+    try:
+        cfg = relative_config(teacher_cfg, model_type, list(range(num_layers(teacher_cfg))),
+                              teacher_cfg.hidden_size)
+    except Exception:  # noqa: BLE001 - the teacher's fields do not make a valid config of this family
+        return None
+    width = dense_width(cfg, reference)
+    return None if width is None else find_width_field(cfg, reference, width, exclude="")
 
 
 def _search(teacher_cfg: PretrainedConfig) -> Relative | None:
-    try:
-        reference = non_ffn_shapes(meta_model(teacher_cfg), teacher_cfg)
-    except Exception:  # noqa: BLE001 - a config transformers cannot build has no relative either
+    # Names and shapes are compared on the probe's few layers first (a candidate costs one small meta build), then
+    # once at the teacher's full depth for the one that also computes alike.
+    probe = _probe_config(teacher_cfg)
+    probe_ref, full_ref = _reference(probe), _reference(teacher_cfg)
+    if probe_ref is None or full_ref is None:
         return None
-    if reference is None:
-        return None
-    depth = num_layers(teacher_cfg)
-    probe_teacher = _probe_config(teacher_cfg)
     for mt in candidates(teacher_cfg.model_type):
-        try:
-            cfg = relative_config(teacher_cfg, mt, list(range(depth)), teacher_cfg.hidden_size)
-        except Exception:  # noqa: BLE001 - the teacher's fields do not make a valid config of this family
+        if _matches(probe, probe_ref, mt) is None or not _same_function(probe, mt):
             continue
-        width = dense_width(cfg, reference)
-        if width is None:
-            continue
-        wfield = find_width_field(cfg, reference, width, exclude="")
-        if wfield is None or not _same_function(probe_teacher, mt):
-            continue
-        return Relative(model_type=mt, width_field=wfield)
+        field = _matches(teacher_cfg, full_ref, mt)
+        if field is not None:
+            return Relative(model_type=mt, width_field=field)
     return None
 
 
