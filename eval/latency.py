@@ -6,7 +6,7 @@ bound by Python and launch overhead and the path changes the answer more than th
 
 Timing: CUDA events on GPU (the host may run ahead of the device), `time.perf_counter` on CPU. Each
 workload runs `warmup` untimed times, then `repeats` timed times; we report median, p20 and p80 of the
-per-run values. Python's garbage collector is off while a model is timed (as `timeit` does): a collection inside
+per-run values. Python's garbage collector is off during each timed call (as `timeit` does): a collection inside
 one decode step would be charged to that model. Batch-1 settings are bound by the host, so each model's entries
 also carry a host probe (`host_probe_us`: a fixed loop of tiny device ops, timed just before the model) and the
 other Python threads alive then: a student and a teacher timed under different host conditions show it there.
@@ -120,6 +120,19 @@ class _RssSampler:
         return max(0, self.peak - self.base)
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Garbage collection off for the duration (as `timeit` times), restored after; what piles up meanwhile is
+    collected after the timed call, outside it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class _Timer:
     """Times callables on `device` in seconds; `run` also reports the peak memory they added."""
 
@@ -128,17 +141,19 @@ class _Timer:
         self.is_cuda = device.type == "cuda"
 
     def seconds(self, fn: Callable[[], object]) -> float:
-        if self.is_cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
+        """One timed call of `fn`, with the garbage collector off (warm-ups and compiles keep it on)."""
+        with _no_gc():
+            if self.is_cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / 1000.0
+            t0 = time.perf_counter()
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+            return time.perf_counter() - t0
 
     def run(self, fn: Callable[[], object], warmup: int, repeats: int) -> tuple[list[float], int]:
         """Warm-up then timed runs of `fn`. Returns (seconds per timed run, peak extra bytes over all runs)."""
@@ -318,19 +333,6 @@ def _measure_decode(
     return _entry(per_token, "ms_per_token", path, batch, s.decode_prompt_len, peak, **extra)
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Garbage collection off (after one full collection) for the duration, restored after."""
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def host_probe_us(device: str | torch.device, ops: int = 200, repeats: int = 5) -> float:
     """Median microseconds of `ops` back-to-back tiny elementwise ops on `device`, then a synchronisation: the
     per-op host and launch cost that bounds batch-1 decode of a small model. Not a benchmark of anything by
@@ -380,9 +382,9 @@ def measure_latency(
     Returns {setting: entry}, e.g. "prefill_b4_s128" (tokens_per_s), "ttft_b1_s128" (ms),
     "decode_b1" (ms_per_token, plain generate), "decode_static_b1" (static cache + compile, GPU only),
     "decode_best_b1" (the faster of the two, with static_compile), "memory_weights" and "memory_peak_extra"
-    (bytes); every timed entry also carries "host_probe_us" and "other_threads" (see the module's docstring). Each entry: {"metric", "median", "p20", "p80", "n",
-    "higher_is_better", "path", "batch", "length", ...}; a path that could not run has median None and
-    an "error" string.
+    (bytes). Each entry: {"metric", "median", "p20", "p80", "n", "higher_is_better", "path", "batch", "length",
+    "host_probe_us", "other_threads" (see the module's docstring), ...}; a path that could not run has median
+    None and an "error" string.
     """
     if settings.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {settings.repeats}")
@@ -395,7 +397,7 @@ def measure_latency(
     bar = tqdm(total=phases, desc="latency", unit="phase", leave=False)
     host = {"host_probe_us": host_probe_us(device), "other_threads": _other_threads()}
     try:
-        with torch.inference_mode(), _no_gc():
+        with torch.inference_mode():
             _measure_prefill(model, vocab_size, settings, timer, out)
             bar.update()
             _measure_ttft(model, vocab_size, settings, timer, out)
