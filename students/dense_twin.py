@@ -31,8 +31,8 @@ from students.ffn_layout import layer_ffn
 from teachers.moe_config import num_layers
 from teachers.moe_layout import decoder_layers
 
-# MoE model_type -> dense model_type whose non-FFN parameters have the same names and shapes (the "dense
-# relative"; families whose own config can make every layer dense need no entry, see dense_switch.py).
+# MoE model_type -> its dense relative, for the commonest teachers: what the search of dense_relative.py accepts
+# for them (tests/test_dense_relative.py holds each entry to its checks), known in advance so they skip it.
 TWINS = {"mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 _FIX = "pass STUDENT=<dense model folder or hub id> to distill into a dense model of your choice"
 
