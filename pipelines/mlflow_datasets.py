@@ -20,6 +20,23 @@ def dataset_source(path: Path) -> object:
         return resolve_dataset_source(str(path))
 
 
+def log_input(dataset: object, context: str) -> None:
+    """`mlflow.log_input`, safe beside a concurrent run on the same store: MLflow inserts a dataset it has not
+    seen, so two runs logging the same one at once can both try, and the second fails on the store's unique key
+    (sqlite: "UNIQUE constraint failed: datasets..."). The dataset is then there: logging again links it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as e:
+            lost_race = "UNIQUE constraint" in str(e) or "IntegrityError" in str(e)
+            if not lost_race or attempt == 2:
+                raise
+
+
 def log_training_data(sequences: Path, digest: str) -> None:
     """The token sequences [N, S] a training stage read (the data stage's file), context `training`."""
     import mlflow
@@ -30,4 +47,4 @@ def log_training_data(sequences: Path, digest: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         ds = mlflow.data.from_numpy(ids, source=str(sequences), digest=digest,
                                     name=f"training sequences ({ids.shape[0]} x {ids.shape[1]} tokens)")
-    mlflow.log_input(ds, context="training")
+    log_input(ds, context="training")

@@ -6,21 +6,20 @@ from pathlib import Path
 
 from core.hashing import file_sha256, hash_text
 from eval.config import TASKS_DIR
-from pipelines.mlflow_datasets import dataset_source
+from pipelines.mlflow_datasets import dataset_source, log_input
 
 
 def log_eval_sets(tasks: list[str], limit: int, heldout: Path | None) -> None:
     """Each lm-eval task scored (by its task file and the example limit) and the held-out text, context
     `evaluation`."""
-    import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
     for task in tasks:
         if task == "local_heldout_text" and heldout is not None:
-            mlflow.log_input(MetaDataset(dataset_source(heldout), name="held-out text", digest=file_sha256(heldout)[:16]),
-                             context="evaluation")
+            log_input(MetaDataset(dataset_source(heldout), name="held-out text", digest=file_sha256(heldout)[:16]),
+                      context="evaluation")
             continue
         spec = TASKS_DIR / f"{task}.yaml"
         digest = hash_text(spec.read_text() if spec.is_file() else task, str(limit))
         name = f"{task} ({limit} examples)" if limit else task
-        mlflow.log_input(MetaDataset(dataset_source(spec), name=name, digest=digest), context="evaluation")
+        log_input(MetaDataset(dataset_source(spec), name=name, digest=digest), context="evaluation")

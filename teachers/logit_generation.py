@@ -6,7 +6,9 @@ queue is short (two batches), so a slow disk slows the teacher down instead of f
 the same thread overlaps packing and writing with the next forward.
 
 Router analytics (router_analytics.py) ride along: their counts are saved beside the cache whenever every
-sequence counted so far sits in complete shards, so a resumed run continues them exactly.
+sequence counted so far sits in complete shards. A run killed between a shard landing and the next save resumes
+from the saved counts and routes the few sequences in between again (the routers only, no top-k, nothing
+written), so the counts always cover the whole cache, exactly as an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -37,15 +39,29 @@ def save_counts(path: Path, counts: torch.Tensor, covered: int) -> None:
 
 
 def _resume_counts(path: Path, recorder: RouterRecorder, start: int) -> int:
-    """Load saved counts that cover exactly the `start` sequences already in the cache; return how many
-    sequences the counts cover (0 when none fit: analytics then cover only what this run computes)."""
+    """Load saved counts that cover the first sequences of the `start` already in the cache; return how many
+    they cover (0 when there are none that fit: the recorder then starts from zero)."""
     if start == 0 or not path.is_file():
         return 0
     saved = load_file(str(path))
-    if int(saved["covered"][0]) != start or saved["counts"].shape != recorder.counts.shape:
+    covered = int(saved["covered"][0])
+    if not 0 < covered <= start or saved["counts"].shape != recorder.counts.shape:
         return 0
     recorder.load_counts(saved["counts"])
-    return start
+    return covered
+
+
+@torch.inference_mode()
+def _route_again(teacher: torch.nn.Module, decoder: torch.nn.Module | None, sequences: torch.Tensor,
+                 source_ids: torch.Tensor, recorder: RouterRecorder, first: int, end: int, batch_size: int) -> None:
+    """Count the routing of sequences first .. end-1 (already in the cache, not in the saved counts): a forward
+    through the decoder for its routers, no head, no top-k, nothing written."""
+    device = next(teacher.parameters()).device
+    seq_len = sequences.shape[1]
+    for i in range(first, end, batch_size):
+        ids = sequences[i:min(i + batch_size, end)].long()
+        recorder.set_batch(source_ids[i:i + len(ids)], seq_len)
+        (decoder or teacher)(input_ids=ids.to(device), use_cache=False)
 
 
 @torch.inference_mode()
@@ -77,10 +93,12 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
     n, seq_len = sequences.shape
     start = writer.num_completed_sequences
     counts_path = writer.root / COUNTS_FILE
-    resumed = _resume_counts(counts_path, recorder, start) if recorder is not None else 0
-    # Counts are saved only while they cover every sequence from the first one (not after a resume whose
-    # earlier counts were lost), so saved counts always mean "sequences 0 .. covered-1".
-    exact = recorder is not None and resumed == start
+    # Saved counts always mean "sequences 0 .. covered-1"; those between them and the cache's end are routed
+    # again, so the counts continue exactly from where the cache does.
+    exact = recorder is not None
+    if recorder is not None and start:
+        covered = _resume_counts(counts_path, recorder, start)
+        _route_again(teacher, decoder, sequences, source_ids, recorder, covered, start, batch_size)
     pending: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
 
@@ -137,6 +155,6 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
     if exact:
         save_counts(counts_path, recorder.counts, n)
     seconds = time.perf_counter() - t0
-    analysed = 0 if recorder is None else (n if exact else n - start)
+    analysed = 0 if recorder is None else n
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if tokens else 0.0,
             "analytics_sequences": analysed, "manifest": manifest}

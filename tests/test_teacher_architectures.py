@@ -159,7 +159,15 @@ def test_balance_and_specialisation_measures() -> None:
     assert s["specialisation_js_bits"]["a"] == 0.0
 
 
-def test_router_counts_resume_exactly_after_an_interrupted_generation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved", [4, 2, None])
+def test_router_counts_resume_exactly_after_an_interrupted_generation(saved: int | None, tmp_path: Path) -> None:
+    """Killed with 4 sequences in complete shards and the counts saved for all 4, for the first 2 only (killed
+    between a shard landing and the save), or not at all: the resumed counts equal an uninterrupted run's, and so
+    does the counts file beside the cache."""
+    from safetensors.torch import load_file
+
+    from teachers.logit_generation import COUNTS_FILE, save_counts
+
     model = AutoModelForCausalLM.from_config(ARCHS["mixtral"]()).eval()
     seqs, sources = torch.randint(0, V, (6, 8)), torch.tensor([0, 1, 2, 0, 1, 2])
     meta = CacheMeta(k=4, vocab_size=V, seq_len=8, teacher_hash="m", tokenizer_hash="t", data_hash="d")
@@ -169,19 +177,22 @@ def test_router_counts_resume_exactly_after_an_interrupted_generation(tmp_path: 
         with RouterRecorder(model, ["a", "b", "c"]) as rec:
             part = seqs if upto is None else seqs[:upto]
             if upto is None:
-                generate_logit_cache(model, part, writer, 4, V, 2, rec, sources)
+                result = generate_logit_cache(model, part, writer, 4, V, 2, rec, sources)
+                assert result["analytics_sequences"] == len(seqs)
             else:  # stop early: the cache holds `upto` sequences in complete shards, not finalized
                 for i in range(0, upto, 2):
                     rec.set_batch(sources[i:i + 2], 8)
                     out = model(input_ids=part[i:i + 2]).logits
                     writer.add(part[i:i + 2], *topk_from_logits(out, 4))
-                from teachers.logit_generation import COUNTS_FILE, save_counts
-                save_counts(root / COUNTS_FILE, rec.counts, upto)
+                    if i + 2 == saved:
+                        save_counts(root / COUNTS_FILE, rec.counts, saved)
         return rec.counts.clone()
 
     full = run(tmp_path / "full")
     run(tmp_path / "resumed", upto=4)
     assert torch.equal(run(tmp_path / "resumed"), full)
+    on_disk = [load_file(str(p / COUNTS_FILE)) for p in (tmp_path / "full", tmp_path / "resumed")]
+    assert torch.equal(on_disk[0]["counts"], on_disk[1]["counts"]) and int(on_disk[1]["covered"][0]) == len(seqs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels' GPU path needs CUDA")
