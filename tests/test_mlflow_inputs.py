@@ -40,11 +40,11 @@ def _race(mlflow, MetaDataset, MlflowException, dataset_source, log_input, tmp_p
     monkeypatch.setattr(mlflow, "log_input", racing)
     spec = tmp_path / "task.yaml"
     spec.write_text("task: t\n")
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id="0") as run:  # the store's default: whatever experiment is active elsewhere
         log_input(MetaDataset(dataset_source(spec), name="t (4 examples)", digest="abc"), context="evaluation")
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert calls == ["evaluation", "evaluation"] and [d.dataset.name for d in inputs] == ["t (4 examples)"]
 
     monkeypatch.setattr(mlflow, "log_input", lambda *a, **k: (_ for _ in ()).throw(MlflowException("no such run")))
-    with mlflow.start_run(), pytest.raises(MlflowException, match="no such run"):
+    with mlflow.start_run(experiment_id="0"), pytest.raises(MlflowException, match="no such run"):
         log_input(MetaDataset(dataset_source(spec), name="u", digest="def"), context="evaluation")
