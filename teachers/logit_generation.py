@@ -61,7 +61,7 @@ def _route_again(teacher: torch.nn.Module, decoder: torch.nn.Module | None, sequ
     for i in range(first, end, batch_size):
         ids = sequences[i:min(i + batch_size, end)].long()
         recorder.set_batch(source_ids[i:i + len(ids)], seq_len)
-        (decoder or teacher)(input_ids=ids.to(device), use_cache=False)
+        (decoder if decoder is not None else teacher)(input_ids=ids.to(device), use_cache=False)
 
 
 @torch.inference_mode()
