@@ -18,7 +18,6 @@ Candidates are tried in order: those sharing most name parts with the teacher's 
 """
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import re
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from students.dense_switch import dense_width, find_width_field, meta_model, non_ffn_shapes
+from students.dense_switch import dense_width, find_width_field, meta_model, non_ffn_shapes, with_layers
 from students.ffn_layout import layer_ffn
 from teachers.moe_config import num_layers
 from teachers.moe_layout import decoder_layers
@@ -151,14 +150,11 @@ def _probe_config(cfg: PretrainedConfig) -> PretrainedConfig:
     """A copy of `cfg` cheap to build for real: one layer of each kind (per-layer lists follow), a small vocabulary
     (token ids inside it), windows and attention chunks shorter than the probe."""
     depth = num_layers(cfg)
-    out = copy.deepcopy(cfg)
     d = cfg.to_dict()
-    per_layer = {k: v for k, v in d.items() if isinstance(v, list) and len(v) == depth and depth > 1}
-    keep = sorted({next(i for i, x in enumerate(v) if x == y) for v in per_layer.values() for y in v} | {0, 1})
-    keep = [i for i in keep if i < depth]
-    for k, v in per_layer.items():
-        setattr(out, k, [v[i] for i in keep])
-    out.num_hidden_layers = len(keep)
+    per_layer = [v for v in d.values() if isinstance(v, list) and len(v) == depth and depth > 1]
+    # the first layer of each kind any per-layer setting names, and at least two layers
+    keep = sorted({v.index(x) for v in per_layer for x in v} | {0, 1})
+    out = with_layers(cfg, [i for i in keep if i < depth])
     out.vocab_size = PROBE_VOCAB
     for k, v in d.items():
         if k.endswith("_token_id") and isinstance(v, int) and v >= PROBE_VOCAB:

@@ -70,15 +70,22 @@ def find_dense_switch(config: PretrainedConfig) -> DenseSwitch | None:
     return _CACHE[key]
 
 
-def dense_config(config: PretrainedConfig, switch: DenseSwitch, keep: list[int], width: int) -> PretrainedConfig:
-    """The teacher's config with `len(keep)` layers (per-layer lists follow `keep`), every layer dense of
-    FFN width `width`."""
+def with_layers(config: PretrainedConfig, keep: list[int], skip: tuple[str, ...] = ()) -> PretrainedConfig:
+    """A copy of `config` with `len(keep)` layers: every per-layer list (layer_types, no_rope_layers, ...) but
+    those in `skip` follows `keep`, the teacher layer indices kept."""
     depth = num_layers(config)
     cfg = copy.deepcopy(config)
     for k, v in config.to_dict().items():
-        if isinstance(v, list) and len(v) == depth and k != switch.field and hasattr(cfg, k):
-            setattr(cfg, k, [v[i] for i in keep])  # per-layer settings (layer_types, no_rope_layers, ...)
+        if isinstance(v, list) and len(v) == depth and k not in skip and hasattr(cfg, k):
+            setattr(cfg, k, [v[i] for i in keep])
     cfg.num_hidden_layers = len(keep)
+    return cfg
+
+
+def dense_config(config: PretrainedConfig, switch: DenseSwitch, keep: list[int], width: int) -> PretrainedConfig:
+    """The teacher's config with `len(keep)` layers (per-layer lists follow `keep`), every layer dense of
+    FFN width `width`."""
+    cfg = with_layers(config, keep, skip=(switch.field,))
     setattr(cfg, switch.field, switch.value(len(keep)))
     setattr(cfg, switch.width_field, width)
     return cfg
