@@ -28,6 +28,10 @@ class EvalConfig:
     limit: int = 25  # examples per task (0: all)
     heldout: bool = True  # bits per byte on the held-out text
     batch_size: int = 8
+    # Also score each student as derived, before distillation: what training added, and what the dropped layers
+    # cost. Off saves one evaluation per student (about a minute each at the h100 preset's 1,000 examples). It only
+    # switches that stage, so it is not part of the other evaluations' identity.
+    student_init: bool = field(default=True, metadata={"identity": False})
 
     def validate(self) -> None:
         require(self.limit >= 0, "eval.limit must be >= 0 (0 means all examples)")

@@ -75,8 +75,16 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        """Content hash of the named top-level entries: what a stage's output depends on."""
+        """Content hash of the named top-level entries: what a stage's output depends on. A section's fields
+        marked `metadata={"identity": False}` (switches that decide whether another stage runs) are left out,
+        so turning one does not rerun the stages that read the rest of that section."""
         d = self.to_dict()
+        for n in names:
+            section = getattr(self, n)
+            if dataclasses.is_dataclass(section):
+                for f in dataclasses.fields(section):
+                    if f.metadata.get("identity", True) is False:
+                        d[n].pop(f.name, None)
         blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

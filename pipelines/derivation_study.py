@@ -53,11 +53,13 @@ def summarise(name: str, overrides: str, report: dict[str, Any], run_dir: Path) 
     q = report["quality"]
     accs = [k for k, v in q.items() if k.endswith("/acc") and v.get("student") is not None]
 
-    def mean(role: str) -> float:
-        return sum(q[k][role] for k in accs) / len(accs) if accs else float("nan")
+    def mean(role: str) -> float:  # nan where the role was not scored (eval.student_init=false)
+        vals = [q[k].get(role) for k in accs]
+        return sum(vals) / len(vals) if vals and None not in vals else float("nan")
 
     def get(metric: str, role: str) -> float:
-        return q.get(metric, {}).get(role, float("nan"))
+        value = q.get(metric, {}).get(role)
+        return float("nan") if value is None else value
 
     return {"variant": name, "overrides": overrides, "student": report["student"]["name"],
             "params": report["student"]["params_total"],
@@ -68,7 +70,7 @@ def summarise(name: str, overrides: str, report: dict[str, Any], run_dir: Path) 
             "retained_mean": report["summary"]["retained_mean"],
             "final_kd": report["training"].get("final_kd"), "run": report["run"]["name"],
             "minutes": sum(json.loads((run_dir / st / "stage.json").read_text()).get("seconds", 0.0)
-                           for st in VARIANT_STAGES) / 60}
+                           for st in VARIANT_STAGES if (run_dir / st / "stage.json").is_file()) / 60}
 
 
 def write_study(rows: list[dict[str, Any]], out: Path, command: str, preset: str, notes: list[str]) -> None:

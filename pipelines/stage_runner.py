@@ -46,8 +46,6 @@ def stand_in_records(cfg: PipelineConfig, records: dict[str, dict]) -> None:
     """Records for the switched-off stages the report reads, so it can say they are off."""
     if not cfg.latency.enabled:
         records.setdefault("latency", {"outputs": {"compare": {}}, "output_hash": "disabled"})
-    if not cfg.baseline.enabled:
-        records.setdefault("eval_baseline", {"outputs": {"metrics": None}, "output_hash": "disabled"})
     for stage in STAGES:  # any other switched-off stage: an empty record the report reads as "not run"
         if not stage.enabled(cfg):
             records.setdefault(stage.name, {"outputs": {}, "output_hash": "disabled"})

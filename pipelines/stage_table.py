@@ -92,6 +92,10 @@ def _latency_on(cfg: PipelineConfig) -> bool:
     return cfg.latency.enabled
 
 
+def _student_init_on(cfg: PipelineConfig) -> bool:
+    return cfg.eval.student_init
+
+
 def _teacher_before_on(cfg: PipelineConfig) -> bool:
     # Only where there is a before: a teacher trained further, and held-out text to compare on.
     return cfg.teacher_tune.steps > 0 and cfg.eval.heldout
@@ -116,7 +120,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval_teacher_before", eval_model.eval_teacher_before, ("eval", "teacher_options"), ("teacher", "data"),
           uses_device=True, enabled=_teacher_before_on),
     Stage("eval_student_init", eval_model.eval_student_init, ("eval", "teacher_options"), ("student", "data"),
-          uses_device=True),
+          uses_device=True, enabled=_student_init_on),
     Stage("eval_student", eval_model.eval_student, ("eval", "teacher_options"), ("distill", "data"),
           uses_device=True),
     Stage("eval_baseline", eval_model.eval_baseline, ("eval", "teacher_options"), ("baseline", "data"),

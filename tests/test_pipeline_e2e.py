@@ -131,8 +131,11 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     # LoRA adapters, an online teacher and hidden-state alignment: only the distill stage and what depends on
     # it run again, and what leaves the stage is a plain dense model with the adapters merged in.
     # The student is also derived differently (experts weighted by measured routing mass), so it reruns too.
+    # Its evaluation before distillation is switched off: that stage is left out, and the switch reruns no other
+    # evaluation (it is not part of their identity).
     lora = load_config("ci", "distill.lora_rank=4 distill.teacher_mode=online distill.hidden_weight=0.1 "
-                       "distill.layer_weight=0.1 distill.layer_loss=cosine student_options.method=frequency",
+                       "distill.layer_weight=0.1 distill.layer_loss=cosine student_options.method=frequency "
+                       "eval.student_init=false",
                        teacher=str(tiny_moe_dir), student="derived", run_name="e2e")
     assert run_pipeline(lora, runs) == 0
     report3 = json.loads((run_dir / "report.json").read_text())
@@ -141,6 +144,9 @@ def test_pipeline_end_to_end(tiny_moe_dir: Path, tmp_path: Path, monkeypatch: py
     assert children3["distill"].data.tags["skipped"] == "false"
     assert children3["logits"].data.tags["skipped"] == "true"
     assert children3["student"].data.tags["skipped"] == "false"
+    assert children3["eval_teacher"].data.tags["skipped"] == "true" and "eval_student_init" not in children3
+    assert all(row.get("student_init") is None for row in report3["quality"].values())
+    assert all(math.isfinite(row["student"]) for row in report3["quality"].values())
     assert report3["student"]["name"].startswith("derived(frequency")
     hidden = client.get_metric_history(children3["distill"].info.run_id, "train/hidden")
     assert len(hidden) == report3["training"]["steps"] and all(math.isfinite(m.value) for m in hidden)

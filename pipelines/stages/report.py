@@ -246,7 +246,9 @@ def _recipe_note(cfg: Any, logits: dict[str, Any]) -> str:
 def report_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     scores = _per_example(ctx)
-    quality = quality_rows({role: ctx.output(stage, "metrics") for stage, role in EVAL_STAGES}, scores)
+    # A switched-off evaluation (no baseline, eval.student_init=false) has a stand-in record without metrics.
+    quality = quality_rows({role: ((ctx.records.get(stage) or {}).get("outputs") or {}).get("metrics")
+                            for stage, role in EVAL_STAGES}, scores)
     headline = headline_summary(quality, scores)
     latency = ctx.output("latency", "compare") if "latency" in ctx.records else {}
     speedup, setting = headline_speedup(latency)
