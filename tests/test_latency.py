@@ -187,6 +187,20 @@ def test_the_collector_is_off_during_a_timed_call_only() -> None:
     assert seen == [False, True, False] and gc.isenabled()  # the warm-up (and a compile in it) keeps it on
 
 
+def test_timing_waits_for_the_host_to_match_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disturbed host is probed again until it is within HOST_DRIFT of the reference, for at most wait_s; a
+    host that never settles is timed anyway after the wait (and the report flags the difference)."""
+    from eval import latency
+
+    probes = iter([3000.0, 2600.0, 1100.0, 5000.0])
+    monkeypatch.setattr(latency, "host_probe_us", lambda device: next(probes))
+    assert latency.settle_host("cpu", 1000.0, wait_s=10.0, pause_s=0.0)[0] == 1100.0
+    assert next(probes) == 5000.0  # it stopped probing once the host matched
+    monkeypatch.setattr(latency, "host_probe_us", lambda device: 3000.0)
+    probe, waited = latency.settle_host("cpu", 1000.0, wait_s=0.05, pause_s=0.01)
+    assert probe == 3000.0 and 0.05 <= waited < 1.0
+
+
 def test_settings_for_device() -> None:
     cpu = LatencySettings.for_device("cpu")
     assert cpu == LatencySettings() and not cpu.static_compile

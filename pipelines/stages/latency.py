@@ -35,9 +35,17 @@ def _fused_copy(model: torch.nn.Module) -> dict[str, Any]:
     return use_fused_kernels(model, torch.device("cuda"))
 
 
-def _timed(ctx: RunContext, roles: list[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def host_probe_of(result: dict[str, Any]) -> float | None:
+    """The host probe recorded with one model's measure_latency result (None if it has none)."""
+    return next((e["host_probe_us"] for e in result.values() if isinstance(e, dict) and e.get("host_probe_us")),
+                None)
+
+
+def _timed(ctx: RunContext, roles: list[tuple[str, str]], reference_probe_us: float | None = None
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Time the model of each (role, stage) in turn, with the device's settings; returns ({role: measure_latency
-    result}, the fused-kernel summary when a role is "teacher_fused")."""
+    result}, the fused-kernel summary when a role is "teacher_fused"). Each model waits for host conditions like
+    those of `reference_probe_us` (default: the first model timed here)."""
     cfg = ctx.cfg
     trust = cfg.teacher_options.trust_remote_code
     settings = latency_settings(ctx)
@@ -53,7 +61,8 @@ def _timed(ctx: RunContext, roles: list[tuple[str, str]]) -> tuple[dict[str, Any
             if role == "teacher_fused":
                 fused = _fused_copy(model)
             results[role] = measure_latency(model, len(load_tokenizer(ctx.output(stage, "path"), role, trust)),
-                                            settings, ctx.device)
+                                            settings, ctx.device, reference_probe_us)
+            reference_probe_us = reference_probe_us or host_probe_of(results[role])
             del model
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -86,8 +95,8 @@ def latency_stage(ctx: RunContext, out: Path) -> dict[str, Any]:
     """The student timed with the same settings, against the teacher's times from `latency_teacher` at its best
     per setting."""
     cfg = ctx.cfg
-    results, _ = _timed(ctx, [("student", "distill")])
     teacher = ctx.records["latency_teacher"]["outputs"]
+    results, _ = _timed(ctx, [("student", "distill")], host_probe_of(teacher["raw"]["teacher"]))
     results = {**teacher["raw"], **results}
     # The student against the teacher at its best per setting (stock or our kernels, whichever was faster):
     # a speedup over a teacher nobody would serve that way would flatter the student.
