@@ -50,7 +50,11 @@ class LatencyConfig:
     # GPU only: also time decode on a static cache with torch.compile ("auto": on, as the device default;
     # compiling costs about a minute per model and batch size).
     static_compile: str = "auto"
+    # GPU only: also time greedy decode replaying one CUDA graph per step (eval/graph_decode.py): the model's own
+    # time per token, without generate's per-token Python loop ("auto": on, as the device default).
+    graph_decode: str = "auto"
     teacher_fused: bool = True  # GPU only: also time the teacher on our fused MoE kernels (kernels.hf_moe)
 
     def validate(self) -> None:
         require(self.static_compile in SWITCH, f"latency.static_compile must be one of: {', '.join(SWITCH)}")
+        require(self.graph_decode in SWITCH, f"latency.graph_decode must be one of: {', '.join(SWITCH)}")

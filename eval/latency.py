@@ -1,8 +1,9 @@
 """Latency and memory of one causal LM: prefill throughput, time to first token, time per output token.
 
-Every number says which path produced it (`generate` with a dynamic cache, or `static_compile`: a static
-cache with the decode step compiled by `generate` itself), because at batch 1 both teacher and student are
-bound by Python and launch overhead and the path changes the answer more than the model does.
+Every number says which path produced it (`generate` with a dynamic cache; `static_compile`: a static cache
+with the decode step compiled by `generate` itself; `graph`: greedy decode replaying one CUDA graph per step,
+`eval.graph_decode`), because at batch 1 both teacher and student are bound by Python and launch overhead and
+the path changes the answer more than the model does.
 
 Timing: CUDA events on GPU (the host may run ahead of the device), `time.perf_counter` on CPU. Each
 workload runs `warmup` untimed times, then `repeats` timed times; we report median, p20 and p80 of the
@@ -11,8 +12,8 @@ one decode step would be charged to that model. Batch-1 settings are bound by th
 also carry a host probe (`host_probe_us`: a fixed loop of tiny device ops, timed just before the model) and the
 other Python threads alive then: a student and a teacher timed under different host conditions show it there.
 
-With `static_compile`, `decode_best_b<N>` is each model at its faster decode path (`generate` or
-`static_compile`), as someone serving it would choose.
+With `static_compile` or `graph_decode`, `decode_best_b<N>` is each model at its fastest decode path, as
+someone serving it would choose.
 
 Memory: weight bytes are the sum of parameter bytes. Peak memory is the extra memory over what was resident
 before a workload (the weights of every loaded model included), so that teacher and student compare fairly
@@ -37,6 +38,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from eval.graph_decode import GraphDecoder
+
 # Direction of each metric; compare_latency turns it into a speedup that is > 1 when the student is better.
 HIGHER_IS_BETTER = {"tokens_per_s": True, "ms_per_token": False, "ms": False, "bytes": False}
 
@@ -54,6 +57,8 @@ class LatencySettings:
     decode_batches: batch sizes for time per output token.
     decode_prompt_len / decode_new_tokens: prompt length and number of generated tokens for decode.
     static_compile: also time the static-cache + torch.compile decode path (only sensible on GPU).
+    graph_decode: also time greedy decode with each step replayed from one CUDA graph (eval.graph_decode: the
+        model's own time per token, without generate's per-token loop; GPU only).
     """
 
     # Sized on the 2-core dev box (fp32, 1 thread): a 360M Llama prefills ~50 tokens/s and decodes at
@@ -66,12 +71,13 @@ class LatencySettings:
     repeats: int = 3
     warmup: int = 1
     static_compile: bool = False
+    graph_decode: bool = False
     seed: int = 0
 
     @classmethod
     def for_device(cls, device: str | torch.device) -> "LatencySettings":
         """CPU defaults on a CPU device; on a GPU the sizes of BASELINES.md (batch 1 and 32, 128-token prompt,
-        64 new tokens) plus the static-cache + compile path."""
+        64 new tokens) plus the static-cache + compile path and the CUDA-graph decode path."""
         if torch.device(device).type != "cuda":
             return cls()
         return cls(
@@ -83,6 +89,7 @@ class LatencySettings:
             repeats=5,
             warmup=2,
             static_compile=True,
+            graph_decode=True,
         )
 
 
@@ -333,6 +340,37 @@ def _measure_decode(
     return _entry(per_token, "ms_per_token", path, batch, s.decode_prompt_len, peak, **extra)
 
 
+def _measure_graph_decode(model: PreTrainedModel, vocab_size: int, s: LatencySettings, timer: _Timer,
+                          batch: int) -> dict:
+    """ms per output token of greedy decode replaying one CUDA graph per step (eval.graph_decode), paired as
+    `_measure_decode` is: (t(prefill + N-1 steps) - t(prefill)) / (N - 1)."""
+    n = s.decode_new_tokens
+    if n < 2:
+        return _failed("ms_per_token", "graph", batch, s.decode_prompt_len, "decode_new_tokens must be >= 2")
+    ids = _random_ids(vocab_size, batch, s.decode_prompt_len, s.seed, timer.device)
+    dec = GraphDecoder(model, batch, s.decode_prompt_len, n)
+    dec.prefill(ids)
+    if timer.is_cuda:
+        dec.capture()
+
+    def first() -> None:
+        dec.prefill(ids)
+
+    def full() -> None:
+        dec.prefill(ids)
+        for _ in range(n - 1):
+            dec.step()
+
+    _, peak = timer.run(full, s.warmup, 0)
+    per_token = []
+    for _ in range(s.repeats):
+        t_first = timer.seconds(first)
+        t_full = timer.seconds(full)
+        per_token.append(max((t_full - t_first) / (n - 1), 1e-9) * 1000)
+    return _entry(per_token, "ms_per_token", "graph", batch, s.decode_prompt_len, peak, new_tokens=n,
+                  captured=dec.graph is not None)
+
+
 def host_probe_us(device: str | torch.device, ops: int = 200, repeats: int = 5) -> float:
     """Median microseconds of `ops` back-to-back tiny elementwise ops on `device`, then a synchronisation: the
     per-op host and launch cost that bounds batch-1 decode of a small model. Not a benchmark of anything by
@@ -369,24 +407,46 @@ def settle_host(device: str | torch.device, reference_us: float, wait_s: float =
     return probe, time.perf_counter() - t0
 
 
+def _graph_decode_or_failed(model: PreTrainedModel, vocab_size: int, s: LatencySettings, timer: _Timer,
+                            batch: int) -> dict:
+    """_measure_graph_decode, or a failed entry with the reason when the step cannot be captured (a host read
+    inside the model's forward, a cache the model does not support). A failure that leaves the GPU unusable is
+    raised with what to switch off."""
+    try:
+        return _measure_graph_decode(model, vocab_size, s, timer, batch)
+    except Exception as exc:  # noqa: BLE001 - capture and cache failures come in many types
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if timer.is_cuda:
+        try:
+            torch.cuda.synchronize(timer.device)
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"the CUDA-graph decode path failed ({reason}) and left the GPU unusable "
+                               f"({type(exc).__name__}); set latency.graph_decode=off and run again") from exc
+    return _failed("ms_per_token", "graph", batch, s.decode_prompt_len, reason)
+
+
 def _other_threads() -> list[str]:
     """Names of the Python threads alive besides this one: a busy one takes the GIL from a host-bound timing."""
     me = threading.current_thread()
     return sorted(t.name for t in threading.enumerate() if t is not me)
 
 
+# Decode paths by key prefix: `decode_b<N>` is plain generate, the others are timed only when switched on.
+DECODE_PATHS = ("decode_b", "decode_static_b", "decode_graph_b")
+
+
 def add_best_decode(out: dict[str, dict]) -> dict[str, dict]:
-    """Add `decode_best_b<N>` for every batch timed on both decode paths: the entry of the faster path with a
-    number (`path` says which; `paths` holds both medians). Returns `out`. Batches timed on one path get none:
-    the entry would only repeat `decode_b<N>`."""
-    for key in [k for k in out if k.startswith("decode_static_b")]:
-        batch = key.removeprefix("decode_static_b")
-        pair = [e for e in (out.get(f"decode_b{batch}"), out[key]) if e is not None]
-        if len(pair) < 2:
+    """Add `decode_best_b<N>` for every batch timed on two or more decode paths (DECODE_PATHS): the entry of the
+    fastest path with a number (`path` says which; `paths` holds every path's median). Returns `out`. Batches
+    timed on one path get none: the entry would only repeat `decode_b<N>`."""
+    batches = {k.removeprefix(prefix) for prefix in DECODE_PATHS[1:] for k in out if k.startswith(prefix)}
+    for batch in sorted(batches):
+        timed_paths = [out[f"{prefix}{batch}"] for prefix in DECODE_PATHS if f"{prefix}{batch}" in out]
+        if len(timed_paths) < 2:
             continue
-        timed = [e for e in pair if e.get("median") is not None]
-        best = min(timed, key=lambda e: e["median"]) if timed else pair[0]
-        out[f"decode_best_b{batch}"] = {**best, "paths": {e["path"]: e.get("median") for e in pair}}
+        timed = [e for e in timed_paths if e.get("median") is not None]
+        best = min(timed, key=lambda e: e["median"]) if timed else timed_paths[0]
+        out[f"decode_best_b{batch}"] = {**best, "paths": {e["path"]: e.get("median") for e in timed_paths}}
     return out
 
 
@@ -404,7 +464,8 @@ def measure_latency(
 
     Returns {setting: entry}, e.g. "prefill_b4_s128" (tokens_per_s), "ttft_b1_s128" (ms),
     "decode_b1" (ms_per_token, plain generate), "decode_static_b1" (static cache + compile, GPU only),
-    "decode_best_b1" (the faster of the two, with static_compile), "memory_weights" and "memory_peak_extra"
+    "decode_graph_b1" (one CUDA graph per step; eager steps on CPU), "decode_best_b1" (the fastest of those
+    timed, when two or more were), "memory_weights" and "memory_peak_extra"
     (bytes). Each entry: {"metric", "median", "p20", "p80", "n", "higher_is_better", "path", "batch", "length",
     "host_probe_us", "other_threads" (see the module's docstring), ...}; a path that could not run has median
     None and an "error" string.
@@ -416,7 +477,7 @@ def measure_latency(
     was_training = model.training
     model.eval()
     out: dict[str, dict] = {}
-    phases = 2 + len(settings.decode_batches) * (2 if settings.static_compile else 1)
+    phases = 2 + len(settings.decode_batches) * (1 + settings.static_compile + settings.graph_decode)
     bar = tqdm(total=phases, desc="latency", unit="phase", leave=False)
     if reference_probe_us and device.type == "cuda":  # a CPU timing is its own host: the wait would only cost
         probe, waited = settle_host(device, reference_probe_us)
@@ -442,6 +503,11 @@ def measure_latency(
                     except Exception as exc:  # noqa: BLE001 - compile failures come in many types
                         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                         out[key] = _failed("ms_per_token", "static_compile", batch, settings.decode_prompt_len, reason)
+            if settings.graph_decode:
+                for batch in settings.decode_batches:
+                    bar.update()
+                    out[f"decode_graph_b{batch}"] = _graph_decode_or_failed(model, vocab_size, settings, timer,
+                                                                            batch)
     finally:
         model.train(was_training)
         bar.close()

@@ -271,7 +271,9 @@ def _blocks(report: dict, images: dict[str, Path], run_dir: Path) -> list[Block]
                             "against the teacher at its best in each setting (`teacher on`: stock transformers or "
                             "our fused MoE kernels, whichever was faster there). "
                             "`generate` = plain generate with a dynamic cache; `static_compile` = static cache "
-                            "with the decode step compiled; `decode_best` = each model on its faster of the two "
+                            "with the decode step compiled; `graph` = greedy decode on a static cache, each step "
+                            "replayed from one CUDA graph (the model's own time per token, without generate's "
+                            "per-token loop); `decode_best` = each model on its fastest of those timed "
                             "(path: teacher's / student's where they differ)."))
         drift = host_drift(report["latency"])
         if drift:

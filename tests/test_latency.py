@@ -29,6 +29,7 @@ TINY = LatencySettings(
     warmup=1,
     # On CPU generate does not compile, so this times the static cache alone; it still proves the path runs.
     static_compile=True,
+    graph_decode=True,  # on CPU its steps run eagerly, uncaptured: the path's bookkeeping is what runs here
 )
 
 
@@ -58,8 +59,8 @@ def results() -> dict[str, dict]:
 
 def test_all_settings_present_finite_positive(results: dict) -> None:
     expected = {"prefill_b1_s16", "prefill_b2_s16", "ttft_b1_s16", "decode_b1", "decode_b2",
-                "decode_static_b1", "decode_static_b2", "decode_best_b1", "decode_best_b2", "memory_weights",
-                "memory_peak_extra"}
+                "decode_static_b1", "decode_static_b2", "decode_graph_b1", "decode_graph_b2", "decode_best_b1",
+                "decode_best_b2", "memory_weights", "memory_peak_extra"}
     for name in ("small", "big"):
         res = results[name]
         assert expected <= set(res), set(res) ^ expected
@@ -75,11 +76,13 @@ def test_all_settings_present_finite_positive(results: dict) -> None:
         assert res["decode_b1"]["path"] == "generate"
         assert res["decode_static_b1"]["path"] == "static_compile"
         assert res["decode_static_b1"]["compiled"] is False  # generate compiles only on accelerators
+        assert res["decode_graph_b1"]["path"] == "graph" and res["decode_graph_b1"]["captured"] is False
         assert res["prefill_b2_s16"]["batch"] == 2 and res["prefill_b2_s16"]["length"] == 16
         assert res["decode_b1"]["cpu_threads"] == 1 and res["memory_peak_extra"]["source"] == "rss_sampled"
         # each model at its faster decode path, and the host conditions it was timed under
         best = res["decode_best_b1"]
-        paths = {"generate": res["decode_b1"]["median"], "static_compile": res["decode_static_b1"]["median"]}
+        paths = {"generate": res["decode_b1"]["median"], "static_compile": res["decode_static_b1"]["median"],
+                 "graph": res["decode_graph_b1"]["median"]}
         assert best["paths"] == paths and best["median"] == min(paths.values())
         assert best["path"] == min(paths, key=paths.get)
         assert res["decode_b1"]["host_probe_us"] > 0 and isinstance(res["decode_b1"]["other_threads"], list)
@@ -156,6 +159,13 @@ def test_best_decode_path_per_batch() -> None:
     # a path that failed never wins; a batch timed on one path only gets no best entry
     assert out["decode_best_b32"]["median"] == 30.0 and out["decode_best_b32"]["path"] == "generate"
     assert "decode_best_b4" not in out
+    # the CUDA-graph path competes too, also where generate's compiled path was not timed
+    out = add_best_decode({"decode_b1": ms(20.0, "generate"), "decode_static_b1": ms(6.0, "static_compile"),
+                           "decode_graph_b1": ms(1.5, "graph"), "decode_b2": ms(21.0, "generate"),
+                           "decode_graph_b2": ms(1.6, "graph")})
+    assert out["decode_best_b1"]["path"] == "graph" and out["decode_best_b1"]["median"] == 1.5
+    assert out["decode_best_b1"]["paths"] == {"generate": 20.0, "static_compile": 6.0, "graph": 1.5}
+    assert out["decode_best_b2"]["paths"] == {"generate": 21.0, "graph": 1.6}
 
 
 def test_compare_records_each_side_path_and_flags_a_host_difference() -> None:

@@ -27,6 +27,8 @@ def latency_settings(ctx: RunContext) -> LatencySettings:
         s.repeats = lc.repeats
     if lc.static_compile != "auto":
         s.static_compile = lc.static_compile == "on"
+    if lc.graph_decode != "auto":
+        s.graph_decode = lc.graph_decode == "on"
     return s
 
 
