@@ -408,7 +408,7 @@ def test_tma_layout_check_sends_other_layouts_to_the_pointer_kernels() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the descriptor path's unwritten padding rows, as above
-@pytest.mark.parametrize("T,E,k,H,I", [(3, 60, 4, 72, 40), (97, 8, 2, 96, 80)])
+@pytest.mark.parametrize("T,E,k,H,I", [(3, 60, 4, 72, 40), (37, 8, 2, 96, 80)])
 def test_fp16_router_and_experts(T: int, E: int, k: int, H: int, I: int) -> None:
     """fp16 end to end: the router, then the experts on the decode path, the pointer GEMMs and the descriptor
     GEMMs, each against float64."""

@@ -21,9 +21,9 @@ from tests.mlflow_store import fresh_store
 pytestmark = pytest.mark.slow
 
 
-# Timing and the CE baseline add minutes over this test's five runs and nothing to what it checks (the logits and
-# distill stages resumed after a kill; concurrent runs on one store).
-SET = "latency.enabled=false baseline.enabled=false"
+# Timing, the CE baseline, the held-out text and the as-derived evaluation add minutes over this test's five runs
+# and nothing to what it checks (the logits and distill stages resumed after a kill; concurrent runs on one store).
+SET = "latency.enabled=false baseline.enabled=false eval.heldout=false eval.student_init=false"
 
 
 def _start(teacher: Path, runs: Path, name: str, env: dict[str, str], extra: str = "") -> subprocess.Popen:
