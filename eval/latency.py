@@ -304,6 +304,19 @@ def _generate_fn(
     return lambda: model.generate(**kwargs)
 
 
+def _paired_ms_per_token(timer: _Timer, first: Callable[[], object], full: Callable[[], object], n: int,
+                         repeats: int) -> list[float]:
+    """`repeats` values of (t(full) - t(first)) / (n - 1) in ms, each from a pair timed back to back: `full`
+    makes n tokens and `first` one, so the difference is n - 1 decode steps without the prefill and set-up."""
+    per_token = []
+    for _ in range(repeats):
+        t_first = timer.seconds(first)
+        t_full = timer.seconds(full)
+        # Clamp at a tiny positive value: on a noisy CPU a pair can invert for very small models.
+        per_token.append(max((t_full - t_first) / (n - 1), 1e-9) * 1000)
+    return per_token
+
+
 def _measure_decode(
     model: PreTrainedModel,
     vocab_size: int,
@@ -327,12 +340,7 @@ def _measure_decode(
     # the cost (the batch-4 decode dominates the CPU budget); its RSS peak then misses N-2 tokens of cache.
     warm = full if (static or timer.is_cuda) else _generate_fn(model, ids, 2, static)
     _, peak = timer.run(warm, s.warmup, 0)
-    per_token = []
-    for _ in range(s.repeats):
-        t_first = timer.seconds(first)
-        t_full = timer.seconds(full)
-        # Clamp at a tiny positive value: on a noisy CPU a pair can invert for very small models.
-        per_token.append(max((t_full - t_first) / (n - 1), 1e-9) * 1000)
+    per_token = _paired_ms_per_token(timer, first, full, n, s.repeats)
     extra: dict = {"new_tokens": n}
     if static:
         # generate keeps its compiled forward here; absent means it fell back to eager with a static cache.
@@ -362,11 +370,7 @@ def _measure_graph_decode(model: PreTrainedModel, vocab_size: int, s: LatencySet
             dec.step()
 
     _, peak = timer.run(full, s.warmup, 0)
-    per_token = []
-    for _ in range(s.repeats):
-        t_first = timer.seconds(first)
-        t_full = timer.seconds(full)
-        per_token.append(max((t_full - t_first) / (n - 1), 1e-9) * 1000)
+    per_token = _paired_ms_per_token(timer, first, full, n, s.repeats)
     return _entry(per_token, "ms_per_token", "graph", batch, s.decode_prompt_len, peak, new_tokens=n,
                   captured=dec.graph is not None)
 
