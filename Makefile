@@ -52,17 +52,21 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PYTHON) -m resources.bundle link-site $(VENV)
 	$(PYTHON) -m resources.bundle wheels "$(DISTILL_BUNDLE)" $(VENV)/bundle-wheels
-	$(PY) -m pip install -q --no-compile --no-index --no-deps --no-build-isolation $(VENV)/bundle-wheels/*
+	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation $(VENV)/bundle-wheels/*
 	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
 	@touch $@
 else
 # requirements.lock pins every transitive package (resources/lockfile.py); pyproject.toml decides which.
-# --no-compile: byte-compiling every installed module took 100 of the install's 143 s on the 2-core box; Python
-# compiles what is imported, once, on first use.
+# pip byte-compiles what it installs one file at a time (100 of the install's 143 s on the 2-core box); compileall
+# does it on every core. It must happen at install: with PYTHONDONTWRITEBYTECODE set, as on this project's
+# machines, Python never writes the cache itself, and every process would compile torch again. Some files are
+# written for newer Pythons (torch's py312 test helpers) and fail to compile, which pip ignores too: hence `|| true`.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile -c requirements.lock -e ".[test]"
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	  >/dev/null 2>&1 || true
 	@touch $@
 endif
 
