@@ -95,7 +95,6 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
     counts_path = writer.root / COUNTS_FILE
     # Saved counts always mean "sequences 0 .. covered-1"; those between them and the cache's end are routed
     # again, so the counts continue exactly from where the cache does.
-    exact = recorder is not None
     if recorder is not None and start:
         covered = _resume_counts(counts_path, recorder, start)
         _route_again(teacher, decoder, sequences, source_ids, recorder, covered, start, batch_size)
@@ -141,7 +140,7 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
                 event.record()
                 top_ids, top_lp, tail = host
             # Saved by the writer once these sequences sit in complete shards.
-            snapshot = (recorder.counts.clone(), i + len(ids)) if exact else None
+            snapshot = (recorder.counts.clone(), i + len(ids)) if recorder is not None else None
             pending.put((event, ids, top_ids, top_lp, tail, snapshot))
             tokens += ids.numel()
             bar.update(len(ids))
@@ -152,7 +151,7 @@ def generate_logit_cache(teacher: torch.nn.Module, sequences: torch.Tensor, writ
     if failure:
         raise failure[0]
     manifest = writer.finalize(n)
-    if exact:
+    if recorder is not None:
         save_counts(counts_path, recorder.counts, n)
     seconds = time.perf_counter() - t0
     analysed = 0 if recorder is None else n

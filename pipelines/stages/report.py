@@ -113,8 +113,8 @@ def headline_summary(quality: dict[str, Any],
 
 
 def headline_speedup(latency: dict[str, Any]) -> tuple[float, str]:
-    """Decode at batch 1, each model on its faster decode path where both were timed (decode_best_b1), else on
-    plain generate, as most users serve; else the first setting with a speedup."""
+    """Decode at batch 1, each model on its fastest decode path where two or more were timed (decode_best_b1),
+    else on plain generate, as most users serve; else the first setting with a speedup."""
     for key in (*HEADLINE_SETTINGS, *latency.keys()):
         row = latency.get(key)
         if row and isinstance(row.get("speedup"), (int, float)):
