@@ -1,7 +1,7 @@
 """The MoE block over a grid of shapes made by rule, ours against transformers' stock backends, in one GPU run.
 
     python -m bench.moe_grid [--out bench/results/moe_grid_h200.csv] [--tokens 1 16 64 256 4096 16384]
-                             [--shapes N] [--budget-s 420]
+                             [--shapes N] [--budget-s 420] [--resume]
 
 Shapes: eight anchors (DeepSeek-V3, Kimi-K2, Qwen1.5/2-MoE-A2.7B with its 60 experts and gated shared expert,
 Qwen3-30B-A3B, OLMoE, Mixtral-8x7B, the PRESET=h100 teacher, GPT-OSS-20B with expert biases and its clamped
@@ -18,13 +18,18 @@ alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` run
 path, measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays. Rows per point: each time, the
 best stock backend and its time, `speedup_vs_best_stock` of ours and of dispatched (> 1: faster than the best
 stock), and correctness with the routing held equal: the relative error of our experts and of grouped_mm's
-against a float64 computation, and the share of tokens whose top-k set our router picks as stock's does. A
-summary (worst, median, best speedup) closes the CSV. Points are written as they finish; `--budget-s` stops
-before starting a shape that would not fit.
+against a float64 computation, and the share of tokens whose top-k set our router picks as stock's does. At decode
+sizes (<= 16 tokens) also the weight-read floor: the bytes of the distinct experts the stock router picks plus
+the block's other weights, over the copy bandwidth measured at the start of the run, and each path's share of it
+(`floor_share_plain`, `floor_share_graph`). A summary (worst, median, best speedup; worst and median floor
+share) closes the CSV. Points are written as they finish, each shape closed by a `seconds` row; `--budget-s`
+stops before starting a shape that would not fit, and `--resume` keeps the shapes --out has finished and runs
+the rest, so that one grid can span several calls of a time-limited machine.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import os
 import random
@@ -49,6 +54,7 @@ SHARED = ["none", "gated", "ungated"]
 WEIGHT_BUDGET = 40e9  # bytes of routed experts per block
 BATCHED_MM_BUDGET = 8e9  # bytes batched_mm gathers: T * k * 3 * H * I * 2
 STOCK = ["eager", "grouped_mm", "batched_mm"]
+DECODE_MAX_TOKENS = 16  # the token counts whose weight-read floor share is reported (issue 21, point 4)
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,16 @@ def experts_reference(ex: torch.nn.Module, h: torch.Tensor, w: torch.Tensor, idx
     return ref
 
 
+def floor_bytes(block: torch.nn.Module, idx: torch.Tensor) -> float:
+    """Bytes a block call must read at least: the weights of the distinct experts that `idx` [T, k] routes to
+    (with their biases), and every other weight of the block (router, shared expert, its gate). Activations are
+    left out: at decode sizes they are a rounding error, and at prefill sizes the floor is the compute one."""
+    ex = block.experts
+    per_expert = sum(p[0].numel() * p.element_size() for n, p in ex.named_parameters())
+    rest = sum(p.numel() * p.element_size() for n, p in block.named_parameters() if not n.startswith("experts."))
+    return idx.unique().numel() * per_expert + rest
+
+
 def set_provider(block: torch.nn.Module, prov: str) -> None:
     """Stock routers and experts backend `prov`, or ours (`fused_triton` forced, `dispatched` measured)."""
     for m in block.modules():
@@ -216,6 +232,14 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
     for T in tokens:
         x = (torch.randn(1, T, s.hidden, device="cuda") + 4 * block.u).to(torch.bfloat16)
         base = dict(kernel="moe_grid", shape=s.name, tokens=T)
+        floor_s = None
+        if T <= DECODE_MAX_TOKENS:  # decode sizes: the weight-read floor of the stock routing (issue 21, point 4)
+            set_provider(block, "grouped_mm")
+            with torch.no_grad():
+                idx = router(block)(x.view(-1, s.hidden))[2]
+            floor_s = floor_bytes(block, idx) / run.bandwidth
+            rows.append(run.row(**base, provider="floor", metric="time", value=round(floor_s * 1e6, 2),
+                                unit=f"us ({idx.unique().numel()} experts read)"))
         times: dict[str, float] = {}
         graphs: dict[str, float] = {}
         for prov in STOCK + ["fused_triton", "dispatched"]:
@@ -251,9 +275,14 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
                 if ours in tt:
                     rows.append(run.row(**base, provider=ours, metric=f"speedup_vs_best_stock_{kind}",
                                         value=round(stock[best] / tt[ours], 4), unit=f"x ({best})"))
+            for prov in (best, "fused_triton", "dispatched") if floor_s else ():
+                if prov in tt:
+                    rows.append(run.row(**base, provider=prov, metric=f"floor_share_{kind}",
+                                        value=round(floor_s / tt[prov], 4), unit="ratio"))
         line = "  ".join(f"{p} {t * 1e6:.0f}" for p, t in times.items())
         gline = "  ".join(f"{p} {t * 1e6:.0f}" for p, t in graphs.items())
-        print(f"{s.name:28s} T={T:6d} us: {line}" + (f" | graph: {gline}" if gline else ""), flush=True)
+        fline = f" | floor {floor_s * 1e6:.0f}" if floor_s else ""
+        print(f"{s.name:28s} T={T:6d} us: {line}" + (f" | graph: {gline}" if gline else "") + fline, flush=True)
         if T in (16, 256):
             for metric, v in experts_errors(block, x).items():
                 rows.append(run.row(**base, provider="fused_triton", metric=metric, value=float(f"{v:.3e}"),
@@ -277,10 +306,29 @@ def summary_rows(run, rows: list[dict]) -> list[dict]:
                                    metric=f"{name}_speedup_{kind}", value=round(v, 4), unit="x"))
             print(f"{prov:13s} {kind:5s}: worst {min(vals):.2f}x  median {statistics.median(vals):.2f}x  best "
                   f"{max(vals):.2f}x over {len(vals)} points, {sum(v < 1 for v in vals)} below 1.0x", flush=True)
+    for prov in ("fused_triton", "dispatched"):
+        vals = [r["value"] for r in rows if r["provider"] == prov and r["metric"] == "floor_share_graph"]
+        if vals:
+            for name, v in (("worst", min(vals)), ("median", statistics.median(vals)),
+                            ("points_below_half", sum(v < 0.5 for v in vals))):
+                out.append(run.row(kernel="moe_grid", provider=prov, shape="all", tokens=0,
+                                   metric=f"{name}_floor_share_graph", value=round(v, 4), unit="ratio"))
+            print(f"{prov:13s} decode: weight-read floor share as graph replays, worst {min(vals):.2f} median "
+                  f"{statistics.median(vals):.2f} over {len(vals)} points, {sum(v < 0.5 for v in vals)} below 0.5",
+                  flush=True)
     fails = [r for r in rows if r["metric"] == "failed"]
     out.append(run.row(kernel="moe_grid", provider="all", shape="all", tokens=0, metric="failures", value=len(fails),
                        unit="count"))
     return out
+
+
+def finished(path: Path) -> tuple[set[str], list[dict]]:
+    """The shapes a grid CSV has finished (closed by their `seconds` row) and their rows, values as numbers. A
+    shape cut off midway, the ceilings and the summary are left out: they are measured or written again."""
+    with path.open(newline="") as f:
+        old = list(csv.DictReader(f))
+    done = {r["shape"] for r in old if r["metric"] == "seconds" and r["shape"] != "all"}
+    return done, [{**r, "value": float(r["value"]), "tokens": int(r["tokens"])} for r in old if r["shape"] in done]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,13 +339,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="shape names to run (default: all)")
     ap.add_argument("--skip", nargs="*", default=(), help="shape names not to run")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting shapes after this many seconds")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the points of --out and run only the shapes it has not finished (a grid over calls)")
     args = ap.parse_args(argv)
     run = start_run("moe_grid")
     if run is None:
         return 2
     t0 = time.perf_counter()
     rows = list(run.rows)
-    shapes = [s for s in grid(args.shapes) if (args.only is None or s.name in args.only) and s.name not in args.skip]
+    done: set[str] = set()
+    if args.resume and args.out.exists():
+        done, kept = finished(args.out)
+        rows += kept
+        print(f"resuming: {len(done)} shapes done in {args.out}", flush=True)
+    shapes = [s for s in grid(args.shapes) if (args.only is None or s.name in args.only) and s.name not in args.skip
+              and s.name not in done]
     for i, s in enumerate(shapes):
         if args.budget_s and time.perf_counter() - t0 > args.budget_s:
             print(f"budget reached: {len(shapes) - i} shapes not run", flush=True)
@@ -305,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         t_shape = time.perf_counter()
         try:
             rows += shape_rows(run, s, args.tokens)
+            rows.append(run.row(kernel="moe_grid", provider="all", shape=s.name, tokens=0, metric="seconds",
+                                value=round(time.perf_counter() - t_shape, 1), unit="s"))
             print(f"{s.name}: {time.perf_counter() - t_shape:.0f} s", flush=True)
         except torch.OutOfMemoryError as e:
             rows.append(run.row(kernel="moe_grid", provider="all", shape=s.name, tokens=0, metric="failed", value=1,

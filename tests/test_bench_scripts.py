@@ -77,6 +77,44 @@ def test_the_grids_float64_reference_is_each_blocks_own_experts_math(arch: str) 
     assert ((own.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_the_weight_read_floor_counts_each_routed_expert_once_and_every_other_weight() -> None:
+    """bench.moe_grid.floor_bytes, the decode target's denominator: the distinct experts of the routing (an
+    expert picked by several tokens is read once) plus the router, the shared expert and its gate."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    from bench.moe_grid import floor_bytes
+
+    cfg = Qwen2MoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=64,
+                         num_hidden_layers=1, num_experts_per_tok=2, num_experts=6, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=48)
+    block = Qwen2MoeSparseMoeBlock(cfg).to(torch.bfloat16)
+    expert = 3 * 32 * 24 * 2
+    rest = (6 * 32 + 3 * 32 * 48 + 32) * 2  # router, shared expert, its one-output gate
+    idx = torch.tensor([[0, 3], [3, 5], [0, 5]])
+    assert floor_bytes(block, idx) == 3 * expert + rest
+    assert floor_bytes(block, torch.tensor([[1, 2]])) == 2 * expert + rest
+
+
+def test_a_resumed_grid_keeps_finished_shapes_only(tmp_path: Path) -> None:
+    """bench.moe_grid --resume: a shape counts as done once its `seconds` row is written; one cut off midway
+    runs again, and the old summary and ceilings are not carried over."""
+    from bench.common import write_rows
+    from bench.moe_grid import finished
+
+    def row(shape: str, metric: str, value: float, tokens: int = 1) -> dict:
+        return dict(kernel="moe_grid", provider="x", shape=shape, tokens=tokens, metric=metric, value=value, unit="",
+                    gpu="g", timestamp="t")
+
+    out = tmp_path / "grid.csv"
+    write_rows(out, [row("copy 2 GiB", "bandwidth", 4.2, 0), row("a", "time", 10.0), row("a", "seconds", 3.0, 0),
+                     row("b", "time", 11.0), row("all", "worst_speedup_plain", 0.9, 0)])
+    done, kept = finished(out)
+    assert done == {"a"}
+    assert [(r["shape"], r["metric"], r["value"], r["tokens"]) for r in kept] == [("a", "time", 10.0, 1),
+                                                                                   ("a", "seconds", 3.0, 0)]
+
+
 GRID_TESTED = 16  # generated shapes beside the anchors: about a minute of building blocks on one GPU
 
 
