@@ -12,7 +12,8 @@ Qwen2-MoE for a gated one, DeepSeek-V3 with group-limited sigmoid routing for an
 N(0, 0.02) experts, a Zipf-skewed router (bench.moe_layer.skew_router).
 
 Per shape and token count, the whole block (router, experts, shared expert) is timed as plain calls made back to
-back (as a forward's layers make them; the mean of a round, median of three rounds) for:
+back (as a forward's layers make them; the median of five rounds that visit every provider in turn, so that the
+host's drift is shared out, `interleaved`) for:
 `eager`, `grouped_mm`, `batched_mm` (while its gathered weights stay under 8 GB), `fused_triton` (our kernels
 alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` runs: our kernels or a stock
 path, measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays. Rows per point: each time, the
@@ -171,7 +172,8 @@ def floor_bytes(block: torch.nn.Module, idx: torch.Tensor) -> float:
 
 
 def set_provider(block: torch.nn.Module, prov: str) -> None:
-    """Stock routers and experts backend `prov`, or ours (`fused_triton` forced, `dispatched` measured)."""
+    """Stock routers and experts backend `prov`, or ours (`fused_triton` forced, `dispatched` measured; the
+    process's dispatcher keeps its choices: a caller wanting a fresh measurement replaces `dispatch._default`)."""
     for m in block.modules():
         if getattr(m, "_fused_spec", None) is not None:
             m.forward, m._fused_spec = m._stock_forward, None
@@ -196,6 +198,33 @@ def _time(fn, budget: float = 0.25) -> float:
     torch.cuda.synchronize()
     one = max(time.perf_counter() - t0, 1e-5)
     return dispatch._cuda_time(fn, reps=max(2, min(20, int(budget / 3 / one))))
+
+
+@torch.no_grad()
+def interleaved(block: torch.nn.Module, x: torch.Tensor, first: dict[str, float], rounds: int = 5,
+                budget: float = 0.06) -> dict[str, float]:
+    """Plain-call seconds per provider, timed again in `rounds` rounds that visit every provider in turn (each a
+    burst of back-to-back calls of about `budget` seconds), median per provider.
+
+    At decode sizes a plain call is bound by the host, and the host's speed drifts over seconds (the first grid
+    run had the same kernels at 312 and 504 us two providers apart). Visiting the providers in turn spreads the
+    drift over all of them instead of charging it to whichever ran during it. `first`: the providers that ran,
+    and their one-burst times, which set each burst's length. The dispatcher keeps the choices it made."""
+    out: dict[str, list[float]] = {p: [] for p in first}
+    for _ in range(rounds):
+        for prov, one in first.items():
+            set_provider(block, prov)
+            fn = lambda: _out(block, x)  # noqa: E731
+            fn()  # the provider's forwards are swapped back in: one call settles its caches
+            reps = max(2, min(50, int(budget / max(one, 1e-6))))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            out[prov].append(start.elapsed_time(end) / 1e3 / reps)
+    return {p: statistics.median(v) for p, v in out.items()}
 
 
 @torch.no_grad()
@@ -260,6 +289,7 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
                 rows.append(run.row(**base, provider=prov, metric="failed", value=1, unit=type(e).__name__))
                 print(f"  {s.name} T={T} {prov}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 torch.cuda.empty_cache()
+        times = interleaved(block, x, times)
         for prov, t in times.items():
             rows.append(run.row(**base, provider=prov, metric="time", value=round(t * 1e6, 2), unit="us"))
         for prov, t in graphs.items():

@@ -6,7 +6,8 @@ waits for: on one H200 a 13- and a 16-layer student both took 2.28 ms per token,
 3.54 (docs/results/flagship2). Serving engines capture the whole decode step instead and replay it. This does
 the same: a static KV cache, the prompt prefilled eagerly, then one step (forward of the last token, argmax,
 written back as the next input) captured once as a CUDA graph and replayed per token. Positions live on the
-device (the static cache's own counter), so a replay needs nothing from the host.
+device (the static cache's own counter), so a replay needs nothing from the host. Sliding-window layers get a
+full static cache (see `full_static_cache`).
 
 On CPU there is no graph: `step` runs the same step eagerly, which is how the tests check the tokens against
 `generate`.
@@ -15,6 +16,23 @@ from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
+
+
+def full_static_cache(model: PreTrainedModel, max_cache_len: int) -> StaticCache:
+    """The model's static cache with every sliding-window (or chunked) layer replaced by a full static one of
+    `max_cache_len` positions.
+
+    transformers' sliding static layer keeps its fill level in a host integer and, once full, rolls the window
+    with an index tensor it copies from the host at every step: a captured step would replay one branch forever,
+    and the copy itself is refused during capture. A full layer writes at the device-side position, so every step
+    is the same graph; the model's attention masks still apply the window (they are built from the config per
+    layer type), so the tokens are the same, and the attention reads up to `max_cache_len` positions instead of
+    the window's."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) if isinstance(layer, StaticLayer) and layer.is_sliding
+                    else layer for layer in cache.layers]
+    return cache
 
 
 class GraphDecoder:
@@ -31,7 +49,7 @@ class GraphDecoder:
 
     def __init__(self, model: PreTrainedModel, batch: int, prompt_len: int, max_new: int) -> None:
         self.model = model
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new)
+        self.cache = full_static_cache(model, prompt_len + max_new)
         device = next(model.parameters()).device
         self.next_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
