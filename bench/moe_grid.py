@@ -13,7 +13,7 @@ N(0, 0.02) experts, a Zipf-skewed router (bench.moe_layer.skew_router).
 
 Per shape and token count, the whole block (router, experts, shared expert) is timed as plain calls made back to
 back (as a forward's layers make them; the median of five rounds that visit every provider in turn, so that the
-host's drift is shared out, `interleaved`) for:
+host's drift is shared out, `interleaved`; the lowest and highest ratio of paired rounds are rows too) for:
 `eager`, `grouped_mm`, `batched_mm` (while its gathered weights stay under 8 GB), `fused_triton` (our kernels
 alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` runs: our kernels or a stock
 path, measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays. Rows per point: each time, the
@@ -202,29 +202,23 @@ def _time(fn, budget: float = 0.25) -> float:
 
 @torch.no_grad()
 def interleaved(block: torch.nn.Module, x: torch.Tensor, first: dict[str, float], rounds: int = 5,
-                budget: float = 0.06) -> dict[str, float]:
+                budget: float = 0.06) -> dict[str, list[float]]:
     """Plain-call seconds per provider, timed again in `rounds` rounds that visit every provider in turn (each a
     burst of back-to-back calls of about `budget` seconds), median per provider.
 
     At decode sizes a plain call is bound by the host, and the host's speed drifts over seconds (the first grid
     run had the same kernels at 312 and 504 us two providers apart). Visiting the providers in turn spreads the
     drift over all of them instead of charging it to whichever ran during it. `first`: the providers that ran,
-    and their one-burst times, which set each burst's length. The dispatcher keeps the choices it made."""
+    and their one-burst times, which set each burst's length. The dispatcher keeps the choices it made.
+    Returns each provider's rounds, in order (round r of every provider ran within the same second or so)."""
     out: dict[str, list[float]] = {p: [] for p in first}
     for _ in range(rounds):
         for prov, one in first.items():
             set_provider(block, prov)
             fn = lambda: _out(block, x)  # noqa: E731
             fn()  # the provider's forwards are swapped back in: one call settles its caches
-            reps = max(2, min(50, int(budget / max(one, 1e-6))))
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            out[prov].append(start.elapsed_time(end) / 1e3 / reps)
-    return {p: statistics.median(v) for p, v in out.items()}
+            out[prov].append(dispatch.burst_time(fn, max(2, min(50, int(budget / max(one, 1e-6))))))
+    return out
 
 
 @torch.no_grad()
@@ -289,7 +283,8 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
                 rows.append(run.row(**base, provider=prov, metric="failed", value=1, unit=type(e).__name__))
                 print(f"  {s.name} T={T} {prov}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 torch.cuda.empty_cache()
-        times = interleaved(block, x, times)
+        rounds = interleaved(block, x, times)
+        times = {p: statistics.median(v) for p, v in rounds.items()}
         for prov, t in times.items():
             rows.append(run.row(**base, provider=prov, metric="time", value=round(t * 1e6, 2), unit="us"))
         for prov, t in graphs.items():
@@ -305,6 +300,11 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
                 if ours in tt:
                     rows.append(run.row(**base, provider=ours, metric=f"speedup_vs_best_stock_{kind}",
                                         value=round(stock[best] / tt[ours], 4), unit=f"x ({best})"))
+                if ours in tt and kind == "plain":  # the spread of the paired rounds: how far noise moves it
+                    paired = [b / o for b, o in zip(rounds[best], rounds[ours])]
+                    for name, v in (("low", min(paired)), ("high", max(paired))):
+                        rows.append(run.row(**base, provider=ours, metric=f"speedup_vs_best_stock_plain_{name}",
+                                            value=round(v, 4), unit=f"x ({best}, paired rounds)"))
             for prov in (best, "fused_triton", "dispatched") if floor_s else ():
                 if prov in tt:
                     rows.append(run.row(**base, provider=prov, metric=f"floor_share_{kind}",
@@ -336,6 +336,14 @@ def summary_rows(run, rows: list[dict]) -> list[dict]:
                                    metric=f"{name}_speedup_{kind}", value=round(v, 4), unit="x"))
             print(f"{prov:13s} {kind:5s}: worst {min(vals):.2f}x  median {statistics.median(vals):.2f}x  best "
                   f"{max(vals):.2f}x over {len(vals)} points, {sum(v < 1 for v in vals)} below 1.0x", flush=True)
+        highs = [r["value"] for r in rows
+                 if r["provider"] == prov and r["metric"] == "speedup_vs_best_stock_plain_high"]
+        if highs:  # below 1.0x in every paired round: slower beyond the host's noise
+            out.append(run.row(kernel="moe_grid", provider=prov, shape="all", tokens=0,
+                               metric="points_below_1_in_every_round_plain", value=sum(v < 1 for v in highs),
+                               unit="count"))
+            print(f"{prov:13s} plain: {sum(v < 1 for v in highs)} of {len(highs)} points below 1.0x in every paired "
+                  "round", flush=True)
     for prov in ("fused_triton", "dispatched"):
         vals = [r["value"] for r in rows if r["provider"] == prov and r["metric"] == "floor_share_graph"]
         if vals:

@@ -57,22 +57,24 @@ def environment_key(device: torch.device) -> str:
     return f"{name}|torch {torch.__version__}|triton {triton.__version__}"
 
 
+def burst_time(fn: Callable[[], object], reps: int) -> float:
+    """Seconds per call over one burst of `reps` calls of `fn` made back to back between two CUDA events, as a
+    model's layers call it (the host launching the next while the GPU runs this one). A per-call sync would
+    charge every call the host's whole launch time, which a forward overlaps."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def _cuda_time(fn: Callable[[], object], reps: int) -> float:
-    """Seconds per call of `fn` called back to back, as a model's layers call it (the host launching the next
-    while the GPU runs this one): the median over 3 rounds of `reps` calls between two CUDA events, after two
-    warm-ups. A per-call sync would charge every call the host's whole launch time, which a forward overlaps."""
+    """Seconds per call of `fn`: the median of 3 bursts (`burst_time`) of `reps` calls, after two warm-ups."""
     for _ in range(2):
         fn()
-    rounds = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        rounds.append(start.elapsed_time(end) / 1e3 / reps)
-    return statistics.median(rounds)
+    return statistics.median(burst_time(fn, reps) for _ in range(3))
 
 
 def _cuda_graph_time(fn: Callable[[], object], reps: int) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import lru_cache
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
@@ -150,6 +151,15 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids. triton.cdiv is a constexpr_function: called from the host it runs an import
     and unwraps every argument, a few us per call, and a block makes a dozen such calls."""
     return -(-a // b)
+
+
+@lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for grids sized by the GPU; 4 off the GPU (the interpreter),
+    a few programs so that persistent loops really loop and split work really splits."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def next_pow2(n: int) -> int:

@@ -15,7 +15,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
-from kernels.launch import cdiv, fast, launch_fitting
+from kernels.launch import cdiv, fast, launch_fitting, sm_count
 from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
 from kernels.moe_grouped_gemm import ACT_CLAMPED_SWIGLU, KERNEL_ACTIVATIONS, down_kernel, gate_up_kernel
@@ -123,13 +123,6 @@ GEMV_TILES = (GEMV_DEFAULT, GemvConfig(16, 1024, 8))
 
 
 @lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few programs, so the persistent loop really loops
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@lru_cache(maxsize=None)
 def _has_tma(device: torch.device) -> bool:
     # Tensor descriptors are bulk copies on Hopper and later (compute capability 9+); older GPUs take the pointer
     # kernels, which were tuned there. The interpreter runs both.
@@ -140,7 +133,7 @@ def _programs(c: TileConfig, capacity_tiles: int, device: torch.device) -> int:
     """Grid size of a TMA kernel: persistent (programs_per_sm per SM) or one program per capacity tile."""
     if c.programs_per_sm <= 0:
         return capacity_tiles
-    return max(1, min(capacity_tiles, c.programs_per_sm * _sm_count(device)))
+    return max(1, min(capacity_tiles, c.programs_per_sm * sm_count(device)))
 
 
 def pick_configs(tokens: int, top_k: int, num_experts: int) -> tuple[TileConfig, TileConfig]:

@@ -4,6 +4,8 @@ DeepSeek-style group-limited selection, top-k, renormalisation and scaling.
 Stock transformers runs this as 5-12 separate ops (linear, softmax, topk, sum, divide, and for DeepSeek a
 second topk over groups plus a scatter and a masked fill); each reads and writes a [T, E] tensor. Here one
 program owns BLOCK_T tokens and keeps their [BLOCK_T, E] scores in registers from the matmul to the output.
+At decode sizes a large router matrix is first multiplied by many programs, each over a chunk of H, and the
+selection then reads their float32 partial sums (`split_plan`): two launches instead of one SM streaming it all.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import INTERPRETED
-from kernels.launch import cdiv, fast, launch_fitting, next_pow2
+from kernels.launch import cdiv, fast, launch_fitting, next_pow2, sm_count
 
 SOFTMAX, SIGMOID = 0, 1
 # float32 router logits (DeepSeek) at decode sizes on tensor cores: three TF32 products carry float32's precision
@@ -50,33 +52,73 @@ class RouterSpec:
 
 
 @triton.jit
-def _router_kernel(
-    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr,
-    T, H, E, stride_xt, stride_we, scaling,
-    SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
-    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    kk = tl.arange(0, BLOCK_H)
-    row_ok = rows < T
-    col_ok = cols < E
-
-    # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
+def _logits_tile(x_ptr, w_ptr, rows, cols, h_lo, h_hi, stride_xt, stride_we,
+                 FP32_LOGITS: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+    """float32 [BLOCK_T, BLOCK_E] = x[rows, h_lo:h_hi] . w[cols, h_lo:h_hi]^T. rows and cols must be in bounds:
+    callers point the ones past the end at row or column 0 and never use what they give."""
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    kk = tl.arange(0, BLOCK_H)
+    for h0 in range(h_lo, h_hi, BLOCK_H):
         h = h0 + kk
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + h[None, :], mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_we + h[:, None], mask=col_ok[None, :] & (h[:, None] < H), other=0.0)
+        h_ok = h < h_hi
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + h[None, :], mask=h_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_we + h[:, None], mask=h_ok[:, None], other=0.0)
         if FP32_LOGITS:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=FP32_PRECISION)
         elif DOT_F32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
         else:
             acc += tl.dot(x, w)
+    return acc
+
+
+@triton.jit
+def _router_partial_logits_kernel(
+    x_ptr, w_ptr, part_ptr, T, H, E, stride_xt, stride_we, h_chunk,
+    FP32_LOGITS: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """part[s, t, e] = x[t, s*h_chunk : (s+1)*h_chunk] . w[e, same]: one program per (token block, expert block,
+    chunk of H), so that at decode sizes the router matrix streams through every SM instead of one."""
+    pid_t, pid_e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    # Out-of-range rows and experts read row/column 0 (in bounds) and are never stored.
+    rows_in = tl.where(rows < T, rows, 0)
+    cols_in = tl.where(cols < E, cols, 0)
+    h_lo = split * h_chunk
+    acc = _logits_tile(x_ptr, w_ptr, rows_in, cols_in, h_lo, tl.minimum(h_lo + h_chunk, H), stride_xt, stride_we,
+                       FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
+    tl.store(part_ptr + split * T * E + rows[:, None] * E + cols[None, :], acc,
+             mask=(rows < T)[:, None] & (cols < E)[None, :])
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr, part_ptr, n_parts,
+    T, H, E, stride_xt, stride_we, scaling,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr, FROM_PARTS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+
+    if FROM_PARTS:
+        # The split matmul's partial sums, added in a fixed order: the same logits at every call.
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for sp in range(0, n_parts):
+            acc += tl.load(part_ptr + sp * T * E + rows[:, None] * E + cols[None, :],
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    else:
+        # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
+        acc = _logits_tile(x_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), 0, H, stride_xt,
+                           stride_we, FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
     if FP32_LOGITS:
         logits = acc
     else:
@@ -139,6 +181,31 @@ def _router_kernel(
     tl.store(topi_ptr + offs, topi, mask=out_mask)
 
 
+# Decode sizes: the router matmul split over H chunks and expert blocks (`_router_partial_logits_kernel`), then the
+# selection from the partial sums, where one program per 16 tokens would stream a large router matrix through a
+# single SM. The H200 grid (bench/results/moe_grid_h200.csv) had the one-kernel router at 254-446 us as a graph
+# replay on DeepSeek-V3/Kimi-K2 layers (E = 256/384, H = 7168, float32) against stock's 55-75, 703 us on a
+# 16-expert float32 router at H = 4096, and 58 us against 23 on a 384-expert bf16 one at H = 3072; at E x H below
+# half a million bf16 weights it won (Qwen3, OLMoE: 11-18 us against 19-24).
+SPLIT_MAX_TOKENS = 64
+SPLIT_MIN_WEIGHTS = 1 << 19
+SPLIT_BLOCK_E = 64
+SPLIT_BLOCK_H = 64
+
+
+def split_plan(T: int, E: int, H: int, fp32_logits: bool, programs: int,
+               force: bool = False) -> tuple[int, int] | None:
+    """(H chunk, number of chunks) for the split router at T tokens, aiming at about `programs` programs in all;
+    None where the one-kernel router runs (many tokens, or a router matrix small enough for one program),
+    unless `force`."""
+    if not force and (T > SPLIT_MAX_TOKENS or not (fp32_logits or E * H >= SPLIT_MIN_WEIGHTS)):
+        return None
+    tiles = cdiv(max(T, 1), 16) * cdiv(E, SPLIT_BLOCK_E)
+    parts = max(1, min(cdiv(programs, tiles), cdiv(H, SPLIT_BLOCK_H)))
+    chunk = cdiv(cdiv(H, parts), SPLIT_BLOCK_H) * SPLIT_BLOCK_H
+    return chunk, cdiv(H, chunk)
+
+
 def route(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -146,13 +213,16 @@ def route(
     bias: torch.Tensor | None = None,
     weights_dtype: torch.dtype = torch.float32,
     tiles: tuple[int, int, int, int] | None = None,
+    split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Route tokens to experts in one kernel launch.
+    """Route tokens to experts: one kernel launch, or two at decode sizes on a large router matrix (see
+    `split_plan`).
 
     hidden: [T, H] (bf16/fp16/fp32); weight: [E, H] router matrix; bias: optional [E] score-correction bias
     (added for the choice only, as DeepSeek-V3 does). Returns (logits [T, E] in the input dtype, or float32 when
     spec.fp32_logits; top-k weights [T, k] in weights_dtype; top-k expert ids [T, k] int32, best first).
     tiles: (tokens per program, H step, warps, stages) in place of the built-in choice (benchmarks).
+    split: force the split matmul on (True) or off (False) at any size; None: `split_plan` decides.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"route: hidden [T, H] and weight [E, H] expected, got {tuple(hidden.shape)} and "
@@ -193,21 +263,40 @@ def route(
         block_t, block_h, warps, stages = tiles
     if bias is not None:
         bias = bias.contiguous()
+    plan = None if split is False else split_plan(T, E, H, spec.fp32_logits, 2 * sm_count(hidden.device),
+                                                    force=bool(split))
+    parts, n_parts = topw, 0  # (unused pointer, no parts) for the one-kernel router
+    if plan is not None:
+        chunk, n_parts = plan
+        parts = torch.empty(n_parts, T, E, device=hidden.device, dtype=torch.float32)
+        def launch_parts(stages: int) -> None:
+            # float32 logits on the CUDA cores ("ieee"): spread over many programs they cost little, and they are
+            # float32's own products, as stock's F.linear in float32 computes them.
+            fast(_router_partial_logits_kernel)[(cdiv(T, 16), cdiv(E, SPLIT_BLOCK_E), n_parts)](
+                hidden, weight, parts, T, H, E, hidden.stride(0), weight.stride(0), chunk,
+                FP32_LOGITS=spec.fp32_logits, DOT_F32=INTERPRETED, FP32_PRECISION="ieee",
+                BLOCK_T=16, BLOCK_H=SPLIT_BLOCK_H, BLOCK_E=SPLIT_BLOCK_E, num_warps=4, num_stages=stages,
+            )
+
+        # Small tiles (20 KiB of shared memory at two stages), but like every launch here, one that cannot fail.
+        launch_fitting(("router parts", hidden.dtype, weight.dtype, spec.fp32_logits), (2, 1), launch_parts)
 
     def launch(c: tuple[int, int, int, int]) -> None:
         bt, bh, nw, ns = c
         fast(_router_kernel)[(cdiv(T, bt),)](
-            hidden, weight, bias if bias is not None else topw, logits, topw, topi,
+            hidden, weight, bias if bias is not None else topw, logits, topw, topi, parts, n_parts,
             T, H, E, hidden.stride(0), weight.stride(0), float(spec.scaling),
             SCORING=SOFTMAX if spec.scoring == "softmax" else SIGMOID, RENORM=spec.renormalize,
             HAS_BIAS=bias is not None, FP32_LOGITS=spec.fp32_logits,
             N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
             BLOCK_T=bt, BLOCK_H=bh, BLOCK_E=block_e, BLOCK_K=next_pow2(spec.top_k),
             BLOCK_G=max(2, next_pow2(spec.n_group)), DOT_F32=INTERPRETED,
-            FP32_PRECISION=DECODE_FP32_PRECISION if T <= 64 else "ieee",
+            FP32_PRECISION=DECODE_FP32_PRECISION if T <= 64 else "ieee", FROM_PARTS=n_parts > 0,
             num_warps=nw, num_stages=ns,
         )
 
+    if n_parts:  # the selection alone: no matmul tile to size, 16 tokens per program, a wide score tile
+        block_t, block_h, warps, stages = 16, 16, 8 if block_e >= 256 else 4, 1
     choice = (block_t, block_h, warps, stages)
     # A wide router (E = 256, 384) in float32 can ask more shared memory than the GPU has (DeepSeek-V3 at
     # T = 16384: 288 KiB of 227); the heuristic's choice comes first, then ones that need less.

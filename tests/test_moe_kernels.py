@@ -63,14 +63,14 @@ def test_router_matches_reference(name: str, E: int, k: int, spec: RouterSpec, T
 
 
 def check_route(name: str, E: int, k: int, spec: RouterSpec, T: int,
-                tiles: tuple[int, int, int, int] | None = None) -> None:
+                tiles: tuple[int, int, int, int] | None = None, split: bool | None = None, H: int = 72) -> None:
+    # H = 72: not a power of two, not a multiple of the K block
     gen = torch.Generator().manual_seed(hash((name, T)) % 2**31)
-    H = 72  # not a power of two, not a multiple of the K block
     dtype = torch.float32 if spec.fp32_logits else torch.bfloat16
     x = torch.randn(T, H, generator=gen).to(DEV, dtype)
     w = (torch.randn(E, H, generator=gen) * 0.2).to(DEV, dtype)
     bias = (torch.randn(E, generator=gen) * 0.05).to(DEV) if spec.scoring == "sigmoid" else None
-    logits, topw, topi = route(x, w, spec, bias=bias, tiles=tiles)
+    logits, topw, topi = route(x, w, spec, bias=bias, tiles=tiles, split=split)
     ref_logits = x.double() @ w.double().T
     assert rel_err(logits, ref_logits) < (1e-5 if spec.fp32_logits else 1e-2)
     # Selection and weights, judged on the kernel's own logits. bf16 logits tie often, so the test asks that
@@ -92,6 +92,28 @@ def test_router_large_t_tiles(tiles: tuple[int, int, int, int]) -> None:
     """The tiles route() picks at T >= 8192, on a T that leaves the last program partly empty."""
     check_route("olmoe large-T tiles", 64, 8, RouterSpec(top_k=8, renormalize=False), 100, tiles)
     check_route("qwen3 large-T tiles", 128, 8, RouterSpec(top_k=8), 100, tiles if tiles[0] <= 32 else None)
+
+
+@pytest.mark.parametrize("name,E,k,spec", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
+@pytest.mark.parametrize("T", [1, 37])
+def test_split_router_matches_reference(name: str, E: int, k: int, spec: RouterSpec, T: int) -> None:
+    """The decode path for large router matrices: the matmul split over H chunks and expert blocks (here forced,
+    on an H of 200 that leaves the last chunk short and E not a multiple of the expert block), then the selection
+    from the partial sums: the same logits, choices and weights as the reference."""
+    check_route(name, E, k, spec, T, split=True, H=200)
+
+
+def test_split_plan_is_for_large_routers_at_decode_sizes() -> None:
+    """split_plan: DeepSeek-V3-class (float32) and wide bf16 routers split at <= 64 tokens, into chunks that cover
+    H exactly; small routers and prefill sizes keep the one-kernel router."""
+    from kernels.moe_router import SPLIT_BLOCK_H, split_plan
+
+    chunk, parts = split_plan(1, 256, 7168, True, 264)
+    assert chunk % SPLIT_BLOCK_H == 0 and (parts - 1) * chunk < 7168 <= parts * chunk and parts > 16
+    assert split_plan(1, 384, 3072, False, 264) is not None  # Qwen2-class, 384 experts, bf16
+    assert split_plan(1, 128, 2048, False, 264) is None  # Qwen3: one program reads it fast enough
+    assert split_plan(65, 256, 7168, True, 264) is None  # prefill: many token blocks already spread the work
+    assert split_plan(1, 16, 4096, True, 264)[1] <= 4096 // SPLIT_BLOCK_H
 
 
 def test_router_rejects_bad_groups() -> None:
