@@ -82,7 +82,8 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
                 times[f"block {prov}"] = graph_time(lambda: _out(block, x))
             if prov == "dispatched":  # what it measured, per part and regime, and chose
                 for key, tt in dispatch._default.timings.items():
-                    part = key.split("|")[3].split(" ")[0] + (" graph" if key.endswith(dispatch.GRAPH) else " plain")
+                    what = next(p for p in key.split("|") if p.startswith(("experts", "router")))
+                    part = what.split(" ")[0] + (" graph" if key.endswith(dispatch.GRAPH) else " plain")
                     print(f"{'':22s} dispatch {part}: " + "  ".join(f"{k} {v * 1e6:.0f}" for k, v in tt.items())
                           + f" -> {dispatch._default.choices[key]}", flush=True)
         for prov, t in plain.items():

@@ -3,10 +3,10 @@
 Our fused kernels win on most MoE shapes, not all (a DeepSeek-V3-class layer at one token ran 3x slower than
 transformers' `grouped_mm` as a graph replay). So `kernels.hf_moe` does not assume: the first time a problem is
 seen (the experts module's shape, dtype and activation, top-k, the token count rounded up to a power of two,
-the GPU, the torch and Triton versions), each candidate path (ours, `grouped_mm`, `batched_mm` for experts;
-ours and the model's own for routers) runs on that very input, timed with CUDA events, and the fastest is kept:
-in memory, and on disk (`$DISTILL_CACHE/moe_dispatch.json`, default ~/.cache/moe-distill), so that a second
-process does not time again. A path that fails (out of memory, resources) is not a candidate. A choice other
+the GPU, the torch and Triton versions, a digest of our kernels' source), each candidate path (ours,
+`grouped_mm`, `batched_mm` for experts; ours and the model's own for routers) runs on that very input, timed
+with CUDA events, and the fastest is kept: in memory, and on disk (`$DISTILL_CACHE/moe_dispatch.json`, default
+~/.cache/moe-distill), so that a second process does not time again. A path that fails (out of memory, resources) is not a candidate. A choice other
 than ours is logged once, with both times.
 
 Two regimes, two choices. A plain call pays the host's launch work as well as the GPU's; a CUDA-graph replay (a
@@ -21,12 +21,14 @@ ours, runs), or off the GPU (ours: under the Triton interpreter, the tests). `DI
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import statistics
 import tempfile
 import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -49,12 +51,22 @@ def token_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()
 
 
+@lru_cache(maxsize=None)
+def kernels_version() -> str:
+    """A digest of this package's source files. A choice persisted on disk was measured against the kernels of
+    its day: when ours change (faster or slower), every problem is measured again instead of trusting it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment_key(device: torch.device) -> str:
-    """The GPU and software a timing holds for."""
+    """The GPU and software a timing holds for, our kernels' source included."""
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name}|torch {torch.__version__}|triton {triton.__version__}"
+    return f"{name}|torch {torch.__version__}|triton {triton.__version__}|kernels {kernels_version()}"
 
 
 def burst_time(fn: Callable[[], object], reps: int) -> float:

@@ -117,6 +117,28 @@ def test_the_environment_forces_one_side(mode: str, want: str, monkeypatch: pyte
     assert d.choose("k", {OURS: lambda: 1, "grouped_mm": lambda: 2}, measurable=True) == want
 
 
+def test_choices_are_keyed_on_our_kernels_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A choice on disk was measured against the kernels of its day: the key carries a digest of kernels/*.py,
+    so a changed kernel file gives another key (and a new measurement) instead of a stale choice."""
+    import shutil
+
+    from kernels import dispatch as d
+
+    key = d.environment_key(torch.device("cpu"))
+    assert key.endswith(f"|kernels {d.kernels_version()}") and len(d.kernels_version()) == 12
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(d.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(d, "__file__", str(copy / "dispatch.py"))
+    d.kernels_version.cache_clear()
+    try:
+        same = d.kernels_version()
+        (copy / "moe_gemv.py").write_text((copy / "moe_gemv.py").read_text() + "\n# changed\n")
+        d.kernels_version.cache_clear()
+        assert same == key.rsplit(" ", 1)[1] and d.kernels_version() != same
+    finally:
+        d.kernels_version.cache_clear()
+
+
 def test_token_buckets() -> None:
     assert [token_bucket(t) for t in (1, 2, 3, 16, 17, 4096, 16384)] == [1, 2, 4, 16, 32, 4096, 16384]
 
