@@ -25,7 +25,8 @@ SOFTMAX, SIGMOID = 0, 1
 # (about 1e-6 relative); an "ieee" dot on the CUDA cores made a DeepSeek-V3 router at 1-16 tokens 2.5x slower than
 # stock (bench/results/moe_grid_h200*.csv). At 16k tokens tf32x3 was slower still (its three products need the
 # shared memory of the smaller tile fallbacks): there "ieee", and the dispatcher runs stock's cuBLAS where it wins.
-# The interpreter computes in float32 anyway.
+# The interpreter computes in float32 anyway. Since the split router (`split_plan`) takes every float32 router at
+# decode sizes, this applies only where the split is switched off (`route(split=False)`).
 DECODE_FP32_PRECISION = "ieee" if INTERPRETED else "tf32x3"
 
 
@@ -221,7 +222,8 @@ def route(
     hidden: [T, H] (bf16/fp16/fp32); weight: [E, H] router matrix; bias: optional [E] score-correction bias
     (added for the choice only, as DeepSeek-V3 does). Returns (logits [T, E] in the input dtype, or float32 when
     spec.fp32_logits; top-k weights [T, k] in weights_dtype; top-k expert ids [T, k] int32, best first).
-    tiles: (tokens per program, H step, warps, stages) in place of the built-in choice (benchmarks).
+    tiles: (tokens per program, H step, warps, stages) in place of the built-in choice of the one-kernel router
+    (benchmarks).
     split: force the split matmul on (True) or off (False) at any size; None: `split_plan` decides.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -269,6 +271,7 @@ def route(
     if plan is not None:
         chunk, n_parts = plan
         parts = torch.empty(n_parts, T, E, device=hidden.device, dtype=torch.float32)
+
         def launch_parts(stages: int) -> None:
             # float32 logits on the CUDA cores ("ieee"): spread over many programs they cost little, and they are
             # float32's own products, as stock's F.linear in float32 computes them.
