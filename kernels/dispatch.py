@@ -6,8 +6,8 @@ seen (the experts module's shape, dtype and activation, top-k, the token count r
 the GPU, the torch and Triton versions, a digest of our kernels' source), each candidate path (ours,
 `grouped_mm`, `batched_mm` for experts; ours and the model's own for routers) runs on that very input, timed
 with CUDA events, and the fastest is kept: in memory, and on disk (`$DISTILL_CACHE/moe_dispatch.json`, default
-~/.cache/moe-distill), so that a second process does not time again. A path that fails (out of memory, resources) is not a candidate. A choice other
-than ours is logged once, with both times.
+~/.cache/moe-distill), so that a second process does not time again. A path that fails (out of memory,
+resources) is not a candidate. A choice other than ours is logged once, with both times.
 
 Two regimes, two choices. A plain call pays the host's launch work as well as the GPU's; a CUDA-graph replay (a
 captured decode step) pays the GPU's alone, and at a few tokens the two rank the candidates differently (on a
