@@ -35,6 +35,7 @@ import gc
 import os
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,11 +363,17 @@ def summary_rows(run, rows: list[dict]) -> list[dict]:
 
 def finished(path: Path) -> tuple[set[str], list[dict]]:
     """The shapes a grid CSV has finished (closed by their `seconds` row) and their rows, values as numbers. A
-    shape cut off midway, the ceilings and the summary are left out: they are measured or written again."""
-    with path.open(newline="") as f:
-        old = list(csv.DictReader(f))
-    done = {r["shape"] for r in old if r["metric"] == "seconds" and r["shape"] != "all"}
-    return done, [{**r, "value": float(r["value"]), "tokens": int(r["tokens"])} for r in old if r["shape"] in done]
+    shape cut off midway, the ceilings and the summary are left out: they are measured or written again.
+    Raises ValueError, naming the file, when it is not a CSV of bench.common's columns."""
+    try:
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+        done = {r["shape"] for r in old if r["metric"] == "seconds" and r["shape"] != "all"}
+        return done, [{**r, "value": float(r["value"]), "tokens": int(r["tokens"])} for r in old
+                      if r["shape"] in done]
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a grid CSV to resume ({type(e).__name__}: {e}); pass another --out, or "
+                         "leave out --resume to start the grid over") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,15 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the points of --out and run only the shapes it has not finished (a grid over calls)")
     args = ap.parse_args(argv)
+    done: set[str] = set()
+    kept: list[dict] = []
+    if args.resume and args.out.exists():  # read before any GPU work: a wrong file fails at once
+        try:
+            done, kept = finished(args.out)
+        except ValueError as e:
+            print(f"error (input): {e}", file=sys.stderr)
+            return 2
     run = start_run("moe_grid")
     if run is None:
         return 2
     t0 = time.perf_counter()
-    rows = list(run.rows)
-    done: set[str] = set()
-    if args.resume and args.out.exists():
-        done, kept = finished(args.out)
-        rows += kept
+    rows = list(run.rows) + kept
+    if args.resume:
         print(f"resuming: {len(done)} shapes done in {args.out}", flush=True)
     shapes = [s for s in grid(args.shapes) if (args.only is None or s.name in args.only) and s.name not in args.skip
               and s.name not in done]

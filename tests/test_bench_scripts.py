@@ -115,6 +115,19 @@ def test_a_resumed_grid_keeps_finished_shapes_only(tmp_path: Path) -> None:
                                                                                    ("a", "seconds", 3.0, 0)]
 
 
+def test_resuming_from_a_file_that_is_not_a_grid_csv_is_one_line_and_leaves_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume on some other file: `error (input)`, exit 2, before any GPU work, and the file is untouched."""
+    from bench import moe_grid
+
+    out = tmp_path / "notes.csv"
+    out.write_text("name,score\nfoo,1\n")
+    assert moe_grid.main(["--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error (input): ") and str(out) in err and "Traceback" not in err
+    assert out.read_text() == "name,score\nfoo,1\n"
+
+
 GRID_TESTED = 16  # generated shapes beside the anchors: about a minute of building blocks on one GPU
 
 
