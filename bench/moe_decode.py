@@ -9,7 +9,8 @@ CUDA-graph replays (what a captured decode step pays: the GPU's time alone):
   `dispatched` (what `enable_fused_moe` runs), also as plain calls back to back (`plain_time`), with the
   dispatcher's own timings of each part printed;
 - its parts: our router and the stock one; our experts and `grouped_mm`'s on the stock routing; the rest of the
-  block (shared expert and its gate), as the stock code runs it;
+  block (shared expert and its gate), as the stock code runs it; and at the decode path's token counts our
+  experts with the shared expert inside (kernels/hf_shared.py), the call our fused block makes;
 - the weight-read floor: the bytes of the distinct experts routed to plus every other weight of the block, over
   the copy bandwidth measured at the start of the run; each time's share of it.
 `--sweep` adds, at the first token count, the decode GEMV's tiles (kernels.moe_experts.GemvConfig) for gate/up
@@ -30,6 +31,7 @@ from bench.moe_grid import BATCHED_MM_BUDGET, _out, _time, build_block, floor_by
 from bench.moe_layer import graph_time
 from kernels import dispatch
 from kernels.hf_moe import fused_triton_experts_forward, register
+from kernels.hf_shared import shared_expert, structure_problem
 from kernels.moe_experts import GEMV_MAX_TOKENS, GEMV_TILES, ExpertWeights, GemvConfig, fused_experts
 
 GEMV_SWEEP = [GemvConfig(16, 512, 4), GemvConfig(8, 512, 4), GemvConfig(8, 1024, 4), GemvConfig(16, 1024, 8),
@@ -82,7 +84,7 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
                 times[f"block {prov}"] = graph_time(lambda: _out(block, x))
             if prov == "dispatched":  # what it measured, per part and regime, and chose
                 for key, tt in dispatch._default.timings.items():
-                    what = next(p for p in key.split("|") if p.startswith(("experts", "router")))
+                    what = next(p for p in key.split("|") if p.startswith(("experts", "router", "block")))
                     part = what.split(" ")[0] + (" graph" if key.endswith(dispatch.GRAPH) else " plain")
                     print(f"{'':22s} dispatch {part}: " + "  ".join(f"{k} {v * 1e6:.0f}" for k, v in tt.items())
                           + f" -> {dispatch._default.choices[key]}", flush=True)
@@ -101,6 +103,9 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         times["experts grouped_mm"] = graph_time(lambda: ex(h, idx, w))
         if _rest(block, h) is not None:
             times["rest (shared expert) stock"] = graph_time(lambda: _rest(block, h))
+            if structure_problem(block) is None and T <= GEMV_MAX_TOKENS:  # the shared expert in our kernels
+                sh = shared_expert(block)
+                times["experts+shared ours"] = graph_time(lambda: fused_experts(h, wts, w, idx, shared=sh))
         for name, t in times.items():
             if t is None:
                 rows.append(run.row(**base, provider=name, metric="failed", value=1, unit="capture"))

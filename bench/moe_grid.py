@@ -44,8 +44,16 @@ import torch
 
 from bench.common import random_bf16_on_gpu, start_run, write_rows
 from bench.moe_layer import graph_time, skew_router
-from kernels import dispatch
+from kernels import dispatch, hf_coverage
 from kernels.hf_moe import install_fused_routers, register
+from kernels.hf_shared import (
+    install_fused_blocks,
+    shared_expert,
+    shared_module,
+    structure_problem,
+    uninstall_fused_blocks,
+)
+from kernels.moe_experts import GEMV_MAX_TOKENS, fused_experts
 
 TOKENS = [1, 16, 64, 256, 4096, 16384]
 EXPERTS = [8, 16, 32, 60, 64, 128, 256, 384]
@@ -174,7 +182,9 @@ def floor_bytes(block: torch.nn.Module, idx: torch.Tensor) -> float:
 
 def set_provider(block: torch.nn.Module, prov: str) -> None:
     """Stock routers and experts backend `prov`, or ours (`fused_triton` forced, `dispatched` measured; the
-    process's dispatcher keeps its choices: a caller wanting a fresh measurement replaces `dispatch._default`)."""
+    process's dispatcher keeps its choices: a caller wanting a fresh measurement replaces `dispatch._default`).
+    Ours includes the block's shared expert in our decode kernels where it has one (kernels/hf_shared.py)."""
+    uninstall_fused_blocks(block)
     for m in block.modules():
         if getattr(m, "_fused_spec", None) is not None:
             m.forward, m._fused_spec = m._stock_forward, None
@@ -185,6 +195,7 @@ def set_provider(block: torch.nn.Module, prov: str) -> None:
     if ours:
         os.environ[dispatch.ENV] = "fused" if prov == "fused_triton" else "measure"
         install_fused_routers(block)
+        install_fused_blocks(block)
 
 
 def _out(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +236,9 @@ def interleaved(block: torch.nn.Module, x: torch.Tensor, first: dict[str, float]
 @torch.no_grad()
 def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) -> dict[str, float]:
     """With the routing held equal (the stock router's top-k): relative error of our experts and of grouped_mm
-    against float64, on the first `tokens` tokens; and how often our router picks stock's top-k set."""
+    against float64, on the first `tokens` tokens; and how often our router picks stock's top-k set. A block with
+    a shared expert our kernels take adds `shared_block_rel_err_fused`: routed plus shared experts in our decode
+    kernels, on the first GEMV_MAX_TOKENS tokens, against float64."""
     from transformers.integrations import moe as hf_moe
 
     from kernels.hf_moe import fused_triton_experts_forward
@@ -245,8 +258,26 @@ def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) ->
     set_provider(block, "fused_triton")
     _, _, idx_ours = router(block)(h)
     agree = (idx_ours.sort(-1).values == idx.sort(-1).values).all(-1)
-    return {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock),
-            "router_topk_agree": agree.float().mean().item(), "router_topk_disagree_tokens": int((~agree).sum())}
+    out = {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock),
+           "router_topk_agree": agree.float().mean().item(), "router_topk_disagree_tokens": int((~agree).sum())}
+    if shared_module(block) is not None and structure_problem(block) is None:
+        n = min(GEMV_MAX_TOKENS, h.shape[0])
+        v = hf_coverage.verdict(ex, h)
+        sh = shared_expert(block)
+        both = fused_experts(h[:n], hf_coverage.expert_weights(ex, v), w[:n], idx[:n], activation=v[3][0], shared=sh)
+        ref_both = ref[:n] + shared_reference(block, h[:n])
+        out["shared_block_rel_err_fused"] = float((both.double() - ref_both).norm() / ref_both.norm())
+    return out
+
+
+def shared_reference(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The block's shared expert (and its sigmoid gate) on h [T, H] in float64: [T, H]."""
+    mlp = shared_module(block)[1]
+    hd = h.double()
+    y = mlp.act_fn(hd @ mlp.gate_proj.weight.double().T) * (hd @ mlp.up_proj.weight.double().T)
+    y = y @ mlp.down_proj.weight.double().T
+    gate = getattr(block, "shared_expert_gate", None)
+    return y if gate is None else torch.sigmoid(hd @ gate.weight.double().T) * y
 
 
 def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:

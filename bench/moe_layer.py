@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Olmoe
 
 from bench.common import bench, start_run, write_rows
 from kernels.hf_moe import enable_fused_moe, register
+from kernels.hf_shared import uninstall_fused_blocks
 from kernels.moe_experts import TileConfig
 
 SHAPES = {
@@ -249,6 +250,7 @@ def set_provider(model, prov: str) -> None:
     if prov == "fused_triton":
         enable_fused_moe(model)
         return
+    uninstall_fused_blocks(model)
     for m in model.modules():  # restore stock routers
         if getattr(m, "_fused_spec", None) is not None:
             m.forward = m._stock_forward

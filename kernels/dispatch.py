@@ -134,7 +134,7 @@ class Dispatcher:
         self.choices: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
         self._loaded = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: a block's candidates call its router's and experts' choose
 
     def _load(self) -> None:
         if self._loaded or self.path is None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.integrations import moe as hf_moe
 
+from kernels import hf_coverage as coverage
 from kernels.dispatch import (
     GRAPH_MAX_TOKENS,
     OURS,
@@ -30,86 +31,19 @@ from kernels.dispatch import (
     environment_key,
     token_bucket,
 )
+from kernels.hf_shared import install_fused_blocks
 from kernels.interpreter import INTERPRETED
 from kernels.moe_experts import ExpertWeights, fused_experts
-from kernels.moe_grouped_gemm import ACTIVATIONS, CLAMPED_SWIGLU
 from kernels.moe_router import RouterSpec, route
 
-log = logging.getLogger(__name__)
 NAME = "fused_triton"
-_warned: set[str] = set()
-
-
-def _fallback(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("fused_triton: %s; this experts module runs transformers' grouped_mm instead", reason)
-
-
-# The gate `fused_experts` computes: (activation name, swiglu_alpha, swiglu_limit); the last two matter only to
-# the clamped SwiGLU.
-Gate = tuple[str, float, float]
-_PLAIN = (1.702, 7.0)  # fused_experts' defaults, ignored by hidden_act activations
-
-# Experts classes with their own `_apply_gate` that our kernels compute, by class name (so that no architecture
-# module is imported just to be recognised) -> the gate, read off the module. Any other custom gate falls back.
-KNOWN_GATES: dict[str, Callable[[torch.nn.Module], Gate]] = {
-    # GPT-OSS: gate = min(gate, limit), up = clamp(up, -limit, limit), (up + 1) * gate * sigmoid(alpha * gate),
-    # on interleaved gate/up columns (the layout `is_concatenated=False` already describes).
-    "GptOssExperts": lambda m: (CLAMPED_SWIGLU, float(m.alpha), float(m.limit)),
-}
-
-
-def _gate(experts: torch.nn.Module) -> Gate | str:
-    """The gate our kernels compute for this experts module, or why they cannot."""
-    cls = type(experts)
-    apply_gate = getattr(cls, "_apply_gate", hf_moe._default_apply_gate)
-    if apply_gate is not hf_moe._default_apply_gate:
-        known = KNOWN_GATES.get(cls.__name__)
-        # The registry is keyed by name: the gate must still be the one that class defines, not a subclass's or a
-        # patched one that happens to sit on a class of that name.
-        if known is None or getattr(apply_gate, "__qualname__", None) != f"{cls.__name__}._apply_gate":
-            return f"{cls.__name__} has its own gate function"
-        try:
-            return known(experts)
-        except (AttributeError, TypeError, ValueError) as e:  # e.g. a config without swiglu_limit
-            return f"{cls.__name__}'s gate parameters are unreadable ({e})"
-    act = getattr(getattr(experts, "config", None), "hidden_act", None)
-    if act not in ACTIVATIONS:
-        return f"activation {act!r} is not supported"
-    return (act, *_PLAIN)
-
-
-def _bias_problem(experts: torch.nn.Module) -> str | None:
-    """Why this module's expert biases cannot go to our kernels (None when it has none, or usable ones)."""
-    if not getattr(experts, "has_bias", False):
-        return None
-    gb, db = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
-    E, H = experts.down_proj.shape[0], experts.down_proj.shape[2 if getattr(experts, "is_transposed", False) else 1]
-    two_i = experts.gate_up_proj.shape[2 if getattr(experts, "is_transposed", False) else 1]
-    if gb is None or db is None or tuple(gb.shape) != (E, two_i) or tuple(db.shape) != (E, H):
-        return (f"expert biases of shapes {None if gb is None else tuple(gb.shape)} / "
-                f"{None if db is None else tuple(db.shape)} are not [E, 2I] = {(E, two_i)} / [E, H] = {(E, H)}")
-    return None
-
-
-def _unsupported(experts: torch.nn.Module, hidden: torch.Tensor) -> str | None:
-    """Why our kernels cannot run this experts module on this input (None when they can)."""
-    if not (hidden.is_cuda or (INTERPRETED and hidden.device.type == "cpu")):
-        return f"input on {hidden.device.type} (Triton needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU)"
-    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"dtype {hidden.dtype} is not supported"
-    if not getattr(experts, "has_gate", True):
-        return "experts without a gate projection are not supported"
-    if getattr(experts, "has_post_expert_norm", False):
-        return "a post-expert norm is not supported"
-    if getattr(experts, "_is_expert_parallel", False):
-        return "expert parallelism is not supported"
-    bias = _bias_problem(experts)
-    if bias is not None:
-        return bias
-    gate = _gate(experts)
-    return gate if isinstance(gate, str) else None
+log = logging.getLogger(__name__)
+# Kept under their old names: tests and users' code reach them through this module.
+_warned = coverage._warned
+_fallback = coverage.fallback
+_unsupported = coverage.unsupported
+_gate = coverage.gate_of
+KNOWN_GATES = coverage.KNOWN_GATES
 
 
 # Under torch.compile (generate's static-cache decode step, a user's own compile) the stock paths run: routers'
@@ -126,25 +60,12 @@ def fused_triton_experts_forward(
     """transformers experts-backend signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
     if torch.compiler.is_compiling():
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    # The verdict and the layout depend on the module, the input's dtype and its device type only: worked out
-    # once per combination, since at decode sizes these attribute lookups cost as much as a kernel launch.
-    key = (hidden_states.dtype, hidden_states.device.type)
-    verdicts = self.__dict__.setdefault("_fused_verdicts", {})
-    got = verdicts.get(key)
-    if got is None:
-        reason = _unsupported(self, hidden_states)
-        gate = _gate(self) if reason is None else ("", *_PLAIN)
-        got = verdicts[key] = (reason, bool(getattr(self, "is_transposed", False)),
-                               bool(getattr(self, "is_concatenated", True)), gate,
-                               bool(getattr(self, "has_bias", False)))
-    reason, transposed, concatenated, (act, alpha, limit), has_bias = got
+    got = coverage.verdict(self, hidden_states)
+    reason, act, alpha, limit = got[0], *got[3]
     if reason is not None:
         _fallback(reason)
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    # The parameters are read at every call (not cached with the verdict), so reloaded weights are seen.
-    weights = ExpertWeights(self.gate_up_proj, self.down_proj, transposed=transposed, concatenated=concatenated,
-                            gate_up_bias=self.gate_up_proj_bias if has_bias else None,
-                            down_bias=self.down_proj_bias if has_bias else None)
+    weights = coverage.expert_weights(self, got)
 
     def ours() -> torch.Tensor:
         # Under autocast a norm may hand the experts float32 activations with bf16 weights: the matmuls run in
@@ -276,24 +197,29 @@ def install_fused_routers(model: torch.nn.Module) -> tuple[int, list[str]]:
     return fused, sorted(unknown)
 
 
-def enable_fused_moe(model: torch.nn.Module, routers: bool = True) -> dict[str, Any]:
-    """Turn on our kernels for a loaded transformers MoE model: experts backend `fused_triton` plus fused routers.
+def enable_fused_moe(model: torch.nn.Module, routers: bool = True, shared: bool = True) -> dict[str, Any]:
+    """Turn on our kernels for a loaded transformers MoE model: experts backend `fused_triton`, fused routers,
+    and (`shared`) blocks whose shared expert joins our decode kernels (kernels/hf_shared.py).
 
     Whether our kernels cover an experts module is decided at its first forward per input dtype and device type;
     after changing a module's structure (biases, norms, activation), call this again.
-    Returns {"experts_implementation", "routers_fused", "routers_unrecognised"}. Raises ValueError for a model
-    whose experts cannot switch implementation (not a transformers MoE with `@use_experts_implementation`).
+    Returns {"experts_implementation", "routers_fused", "routers_unrecognised", "shared_blocks_fused"}. Raises
+    ValueError for a model whose experts cannot switch implementation (not a transformers MoE with
+    `@use_experts_implementation`).
     """
     register()
     for module in model.modules():  # verdicts and paths cached by an earlier call are worked out again
         module.__dict__.pop("_fused_verdicts", None)
         module.__dict__.pop("_fused_paths", None)
+        module.__dict__.pop("_fused_block_state", None)
     if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
         raise ValueError(f"{type(model).__name__} does not route through transformers' experts interface; "
                          "fused_triton cannot be installed on it")
     model.set_experts_implementation(NAME)
     fused, unknown = install_fused_routers(model) if routers else (0, [])
-    return {"experts_implementation": NAME, "routers_fused": fused, "routers_unrecognised": unknown}
+    blocks = install_fused_blocks(model) if shared else 0
+    return {"experts_implementation": NAME, "routers_fused": fused, "routers_unrecognised": unknown,
+            "shared_blocks_fused": blocks}
 
 
 register()

@@ -3,6 +3,8 @@ configuration for the shape, and launches with no host synchronisation (CUDA-gra
 
 Expert biases and GPT-OSS's clamped SwiGLU run on the GEMV and pointer GEMM kernels; the descriptor (TMA)
 kernels take neither, so such experts never go there, whatever the tile config asks.
+A shared expert (`SharedExpert`) joins the decode path's two launches as extra slots per token (see moe_gemv);
+on the grouped path it is a dense MLP over every token, which cuBLAS runs near its peak, added to the routed sum.
 """
 
 from __future__ import annotations
@@ -12,13 +14,23 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
 from kernels.launch import cdiv, fast, launch_fitting, sm_count
 from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
-from kernels.moe_grouped_gemm import ACT_CLAMPED_SWIGLU, KERNEL_ACTIVATIONS, down_kernel, gate_up_kernel
+from kernels.moe_grouped_gemm import (
+    ACT_CLAMPED_SWIGLU,
+    ACT_GELU,
+    ACT_GELU_TANH,
+    ACT_RELU,
+    ACT_SILU,
+    KERNEL_ACTIVATIONS,
+    down_kernel,
+    gate_up_kernel,
+)
 from kernels.moe_grouped_tma import down_tma_kernel, gate_up_tma_kernel, tma_layout_ok
 
 # Up to this many tokens the experts run as matrix-vector products (see moe_gemv); above, as grouped GEMMs.
@@ -78,6 +90,49 @@ class ExpertWeights:
             raise ValueError(f"ExpertWeights: biases must be both None or [E, 2I] = {(E, 2 * I)} and [E, H] = "
                              f"{(E, H)}; got {None if gb is None else tuple(gb.shape)} and "
                              f"{None if db is None else tuple(db.shape)}")
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """A shared expert: an MLP every token goes through with weight 1, beside its routed experts (DeepSeek's
+    `shared_experts`, Qwen2-MoE's `shared_expert`), in nn.Linear's layout, addressed by strides (no copies).
+
+    gate, up: [Is, H]; down: [H, Is]; gate_weight: optional sigmoid gate [1, H] or [H] (Qwen2-MoE's
+    `shared_expert_gate`): the output is then sigmoid(x . gate_weight) * down(act(gate x) * up x). No biases; the
+    activation is the routed experts' (one of moe_grouped_gemm.ACTIVATIONS); all in the routed weights' dtype.
+    """
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_weight: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
+
+    def check(self, hidden: int, dtype: torch.dtype) -> None:
+        """Raise ValueError unless the shapes agree with hidden size `hidden` and every weight is of `dtype`."""
+        Is = self.width
+        gw = self.gate_weight
+        shapes_ok = (tuple(self.gate.shape) == (Is, hidden) and tuple(self.up.shape) == (Is, hidden)
+                     and tuple(self.down.shape) == (hidden, Is) and (gw is None or gw.numel() == hidden))
+        dtypes_ok = all(t.dtype == dtype for t in (self.gate, self.up, self.down) + (() if gw is None else (gw,)))
+        if not shapes_ok or not dtypes_ok:
+            got = [(tuple(t.shape), str(t.dtype)) for t in (self.gate, self.up, self.down, gw) if t is not None]
+            raise ValueError(f"SharedExpert: want gate/up [Is, H], down [H, Is], gate_weight [1, H] with H = "
+                             f"{hidden}, all {dtype}; got {got}")
+
+    def dense(self, x: torch.Tensor, act: int) -> torch.Tensor:
+        """The shared expert on every row of x [T, H] with torch's matmuls (act: an ACT_* code): [T, H]."""
+        y = F.linear(_TORCH_ACTS[act](F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        if self.gate_weight is not None:
+            y = torch.sigmoid(F.linear(x, self.gate_weight.reshape(1, -1))) * y
+        return y
+
+
+_TORCH_ACTS = {ACT_SILU: F.silu, ACT_GELU_TANH: lambda g: F.gelu(g, approximate="tanh"), ACT_GELU: F.gelu,
+               ACT_RELU: F.relu}
 
 
 def _bias_args(bias: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
@@ -173,9 +228,11 @@ def fused_experts(
     gemv: tuple[GemvConfig, GemvConfig] | None = None,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    shared: SharedExpert | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * (Down_e(act(Gate_e x_t + bg_e) * (Up_e x_t + bu_e)) + bd_e), e = topk_ids[t, j];
-    the biases (weights.gate_up_bias [E, 2I], weights.down_bias [E, H]) are 0 when absent.
+    the biases (weights.gate_up_bias [E, 2I], weights.down_bias [E, H]) are 0 when absent. With `shared`, plus
+    the shared expert's output on x_t (its gate and activation as SharedExpert says; not with "clamped_swiglu").
 
     hidden: [T, H] bf16/fp16/fp32; topk_weights: [T, k] (any float dtype); topk_ids: [T, k] int.
     Returns [T, H] in hidden's dtype. activation: a `hidden_act` name of moe_grouped_gemm.ACTIVATIONS, or
@@ -196,6 +253,10 @@ def fused_experts(
         raise ValueError(f"fused_experts: hidden {tuple(hidden.shape)}, experts H={weights.hidden}, "
                          f"topk {tuple(topk_weights.shape)}/{tuple(topk_ids.shape)} do not agree")
     act = KERNEL_ACTIVATIONS[activation]
+    if shared is not None:
+        if act not in _TORCH_ACTS:
+            raise ValueError(f"fused_experts: a shared expert with activation {activation!r} is not supported")
+        shared.check(H, weights.gate_up.dtype)
     alpha, limit = float(swiglu_alpha), float(swiglu_limit)
     x = hidden.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
@@ -209,19 +270,28 @@ def fused_experts(
         g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
         d_se, d_sn, d_sk = weights.down_strides()
         gu, gd = gemv or GEMV_TILES
-        inter = torch.empty(T * k, I, device=x.device, dtype=out_dtype)
-        fast(gate_up_gemv_kernel)[(T * k, cdiv(I, gu.block_n))](
+        n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
+        slots = k + n_sh
+        inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
+        fast(gate_up_gemv_kernel)[(T * slots, cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
-            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit,
+            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh,
             TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
-            num_warps=gu.num_warps)
+            N_SHARED=n_sh, HAS_SGATE=sh[5] is not None, num_warps=gu.num_warps)
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
+        sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
+                                                     shared.width)
         fast(down_gemv_kernel)[(T, cdiv(H, gd.block_n))](
             inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
-            *_bias_args(weights.down_bias),
+            *_bias_args(weights.down_bias), *sd,
             TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k,
-            num_warps=gd.num_warps)
+            N_SHARED=n_sh, num_warps=gd.num_warps)
         return out
+
+    if shared is not None:  # a dense MLP over every token: cuBLAS, then the routed sum added to it
+        routed = fused_experts(hidden, weights, topk_weights, topk_ids, activation, configs, force_path, gemv,
+                               swiglu_alpha, swiglu_limit)
+        return routed.add_(shared.dense(x.to(weights.gate_up.dtype), act).to(out_dtype))
 
     def launch(pair: tuple[TileConfig, TileConfig]) -> torch.Tensor:
         cfg_up, cfg_down = pair
@@ -240,6 +310,15 @@ def fused_experts(
     # clamped gate send a TMA choice to the pointer kernels, which need other resources: both are in the key.
     fit_key = (choice, H, I, x.dtype, weights.gate_up.dtype, act, weights.gate_up_bias is None)
     return launch_fitting(fit_key, grouped_fallbacks(choice), launch)
+
+
+def _shared_args(shared: SharedExpert, width: int) -> tuple[int, tuple]:
+    """(chunks of the routed `width`, the gate/up GEMV kernel's shared-expert arguments)."""
+    g, u, gw = shared.gate, shared.up, shared.gate_weight
+    if g.stride() != u.stride():  # one pair of strides addresses both (nn.Linear weights always share them)
+        g, u = g.contiguous(), u.contiguous()
+    gw_args = (None, 0) if gw is None else (gw.reshape(-1), gw.reshape(-1).stride(0))
+    return cdiv(shared.width, width), (g, u, g.stride(0), g.stride(1), shared.width, *gw_args)
 
 
 @lru_cache(maxsize=None)

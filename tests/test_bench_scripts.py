@@ -136,7 +136,8 @@ GRID_TESTED = 16  # generated shapes beside the anchors: about a minute of build
 def test_every_grid_shape_matches_float64_on_the_gpu(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU: each shape of the benchmark grid (the anchors, DeepSeek-V3's and the 60-expert one among them, then
     shapes drawn by rule), its routing held equal: our experts within 1e-2 of the float64 reference, and our
-    router's top-k set the same as stock's for all tokens but 5% of them, or one (bf16 near-ties may swap one)."""
+    router's top-k set the same as stock's for all tokens but 5% of them, or one (bf16 near-ties may swap one);
+    where the shape has a shared expert, routed and shared experts in our decode kernels within 1e-2 too."""
     import gc
 
     from bench.moe_grid import build_block, experts_errors, grid
@@ -154,6 +155,9 @@ def test_every_grid_shape_matches_float64_on_the_gpu(tokens: int, monkeypatch: p
         # 60-expert shape did so on the H200), so one token is always allowed, more only past 20 tokens.
         allowed = max(1, int(0.05 * tokens))
         assert errors["router_topk_disagree_tokens"] <= allowed, (s, errors)
+        # The shared expert inside our decode kernels (every grid shape with one), on the first tokens.
+        assert ("shared_block_rel_err_fused" in errors) == (s.shared != "none" and not s.arch), (s, errors)
+        assert errors.get("shared_block_rel_err_fused", 0.0) <= 1e-2, (s, errors)
         del block
         gc.collect()
         torch.cuda.empty_cache()

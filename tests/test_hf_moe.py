@@ -12,11 +12,12 @@ from transformers import (
     GptOssConfig,
     MixtralConfig,
     OlmoeConfig,
+    Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
 from transformers.integrations.moe import grouped_mm_experts_forward
 
-from kernels import hf_moe
+from kernels import dispatch, hf_moe, hf_shared
 from kernels.hf_moe import enable_fused_moe, fused_triton_experts_forward
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,6 +34,9 @@ CONFIGS = {
                                             n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None,
                                             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                             v_head_dim=12, routed_scaling_factor=2.0),
+    # A gated shared expert 56 wide beside experts 24 wide: three chunks, the last one partly masked.
+    "qwen2_moe": lambda: Qwen2MoeConfig(**SMALL, intermediate_size=64, moe_intermediate_size=24, num_experts=12,
+                                       num_experts_per_tok=4, shared_expert_intermediate_size=56),
     # GPT-OSS: expert biases, the clamped SwiGLU on interleaved, transposed gate/up weights, attention sinks and
     # alternating sliding-window layers. swiglu_limit well under the default 7 so that the clamp bites on these
     # small activations (and a limit that did not reach the kernels would show); alpha also not the default.
@@ -199,3 +203,76 @@ def test_compiled_model_runs_the_stock_paths_in_one_graph(name: str, monkeypatch
     assert calls == []
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+def _decode(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode of 4 tokens after a 6-token prompt, two sequences (2 tokens per decode step): (tokens,
+    logits of the steps [steps, 2, vocab])."""
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(2)).to(DEV)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits).double()
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+def test_shared_expert_blocks_decode_on_our_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks with a shared expert (Qwen2-MoE's gated one in three chunks, DeepSeek-V3's ungated one) decode with
+    routed and shared experts in our kernels' one call per block, and give eager's tokens and logits."""
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    model = _model(name, dtype)
+    model.set_experts_implementation("eager")
+    ref_tokens, ref_logits = _decode(model)
+    monkeypatch.setenv(dispatch.ENV, "fused")  # our side, also where a GPU would measure stock as faster
+    summary = enable_fused_moe(model)
+    assert summary["shared_blocks_fused"] == model.config.num_hidden_layers
+    calls: list[int] = []
+    real = hf_shared.fused_experts
+    monkeypatch.setattr(hf_shared, "fused_experts",
+                        lambda x, *a, **k: (calls.append(x.shape[0]) if k.get("shared") is not None else None)
+                        or real(x, *a, **k))
+    tokens, logits = _decode(model)
+    # 3 decode steps of 2 tokens per layer, plus each block's one check against its stock forward; the prompt
+    # (12 tokens) runs the stock block.
+    assert calls == [2] * (3 + 1) * model.config.num_hidden_layers, calls
+    assert torch.equal(tokens, ref_tokens)
+    err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+    assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), err
+
+
+def test_a_block_that_is_not_what_its_structure_says_keeps_its_stock_forward(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Structure is not semantics: a block with the shared-expert layout whose forward scales its output (as an
+    architecture might) is caught by the first call's comparison and keeps its stock forward, logged once."""
+    model = _model("qwen2_moe", torch.float32)
+    for layer in model.model.layers:
+        cls = type(layer.mlp)
+        layer.mlp.__class__ = type(cls.__name__, (cls,), {"forward": lambda self, h, _c=cls: 1.5 * _c.forward(self, h)})
+    model.set_experts_implementation("eager")
+    ref_tokens, ref_logits = _decode(model)
+    monkeypatch.setenv(dispatch.ENV, "fused")
+    hf_moe._warned.clear()
+    enable_fused_moe(model)
+    with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
+        tokens, logits = _decode(model)
+    assert "differs from its stock forward" in caplog.text, caplog.text
+    assert caplog.text.count("differs from its stock forward") == 1  # once, not per block and step
+    assert torch.equal(tokens, ref_tokens)
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < 1e-4
+
+
+def test_shared_experts_our_kernels_cannot_take_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """A shared expert with biases (or any layout other than three bias-free nn.Linear) is not fused, and the
+    reason is logged; the model still gives eager's output."""
+    model = _model("qwen2_moe", torch.float32)
+    mlp = model.model.layers[0].mlp.shared_expert
+    mlp.up_proj = torch.nn.Linear(48, 56, bias=True).to(DEV)
+    model.set_experts_implementation("eager")
+    ref_tokens, _ = _decode(model)
+    hf_moe._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
+        summary = enable_fused_moe(model)
+    assert summary["shared_blocks_fused"] == model.config.num_hidden_layers - 1
+    assert "shared_expert is not three bias-free nn.Linear" in caplog.text
+    tokens, _ = _decode(model)
+    assert torch.equal(tokens, ref_tokens)

@@ -139,6 +139,25 @@ def test_choices_are_keyed_on_our_kernels_source(tmp_path: Path, monkeypatch: py
         d.kernels_version.cache_clear()
 
 
+def test_a_candidate_may_measure_its_own_parts(tmp_path: Path) -> None:
+    """A block's candidates call its router's and experts' dispatch, which measure on their first call: the
+    dispatcher is re-entered from inside a measurement and must neither deadlock nor lose either choice."""
+    import threading
+
+    calls: list[str] = []
+    d = Dispatcher(tmp_path / "d.json", _timer({OURS: 2e-4, "stock": 1e-4, "grouped_mm": 3e-4}, calls))
+    inner = {OURS: lambda: 1, "grouped_mm": lambda: 2}
+    outer = {OURS: lambda: d.choose("experts", inner, measurable=True), "stock": lambda: 0}
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(d.choose("block", outer, measurable=True)), daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "the dispatcher deadlocked on a nested measurement"
+    assert got == ["stock"] and d.known("experts") == OURS
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved["block"]["choice"] == "stock" and saved["experts"]["choice"] == OURS
+
+
 def test_token_buckets() -> None:
     assert [token_bucket(t) for t in (1, 2, 3, 16, 17, 4096, 16384)] == [1, 2, 4, 16, 32, 4096, 16384]
 

@@ -6,12 +6,14 @@ no GPU is present) with small sizes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kernels import moe_align, moe_experts
 from kernels.moe_align import align_slots
-from kernels.moe_experts import ExpertWeights, TileConfig, fused_experts
+from kernels.moe_experts import ExpertWeights, SharedExpert, TileConfig, fused_experts
 from kernels.moe_grouped_tma import tma_layout_ok
 from kernels.moe_router import RouterSpec, route
 
@@ -230,6 +232,63 @@ def test_experts_layouts_and_activations(layout: str, act: str) -> None:
     for path in ("gemv", "grouped"):
         out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation=act, force_path=path)
         assert rel_err(out.cpu(), ref) < 5e-3, path  # fp32 inputs, tf32-class dots
+
+
+def ref_shared(x: torch.Tensor, sh: SharedExpert, act: str = "silu") -> torch.Tensor:
+    """float64 shared expert on every row of x: [sigmoid(x . gw) *] down(act(gate x) * up x)."""
+    xd = x.double().cpu()
+    y = ref_gate(torch.cat([xd @ sh.gate.double().cpu().T, xd @ sh.up.double().cpu().T], dim=1), act, 1.702, 7.0)
+    y = y @ sh.down.double().cpu().T
+    if sh.gate_weight is not None:
+        y = torch.sigmoid(xd @ sh.gate_weight.double().cpu().reshape(-1, 1)) * y
+    return y
+
+
+# (T, E, k, H, I, shared width, gated): DeepSeek-like (one routed width, ungated), Qwen2-MoE-like (4 widths,
+# gated), a width that is no multiple of the routed one (the last chunk masked) and one narrower than it.
+SHARED_CASES = [(1, 8, 2, 64, 48, 48, False), (3, 12, 4, 40, 24, 96, True), (4, 8, 2, 72, 40, 100, True),
+                (2, 6, 1, 48, 32, 20, False)]
+
+
+@pytest.mark.parametrize("layout", ["default", "interleaved"])
+@pytest.mark.parametrize("T,E,k,H,I,Is,gated", SHARED_CASES, ids=[f"Is={c[5]}{'-gated' if c[6] else ''}"
+                                                                  for c in SHARED_CASES])
+def test_shared_expert_slots_match_float64(T: int, E: int, k: int, H: int, I: int, Is: int, gated: bool,
+                                           layout: str) -> None:
+    """A shared expert inside the decode kernels (its width in chunks of the routed width, weight 1 or its sigmoid
+    gate) and beside the grouped path, bf16, against float64 of routed + shared."""
+    gen = torch.Generator().manual_seed(T + Is)
+    dtype = torch.bfloat16
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
+    sh = SharedExpert(*((torch.randn(*s, generator=gen) / s[1]**0.5).to(dtype) for s in ((Is, H), (Is, H), (H, Is))),
+                      gate_weight=(torch.randn(1, H, generator=gen) / H**0.5).to(dtype) if gated else None)
+    ids = skewed_ids(T, E, k, gen)
+    topw = torch.rand(T, k, generator=gen).softmax(-1)
+    ref = ref_experts(x, gate_up, down, topw, ids) + ref_shared(x, sh)
+    w = as_layout(gate_up, down, None, None, layout)
+    sh_dev = SharedExpert(*(t.to(DEV) if t is not None else None for t in dataclasses.astuple(sh)))
+    for path in ("gemv", "grouped"):
+        out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path=path, shared=sh_dev)
+        assert out.dtype == dtype and out.shape == (T, H)
+        assert rel_err(out.cpu(), ref) < 1e-2, path
+    no_shared = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path="gemv")
+    assert rel_err(no_shared.cpu(), ref) > 0.05  # the shared part is a real share of the output
+
+
+def test_shared_expert_bad_shapes_and_activation_are_refused() -> None:
+    E, H, I = 4, 16, 8
+    w = ExpertWeights(torch.zeros(E, 2 * I, H), torch.zeros(E, H, I))
+    x, topw, ids = torch.zeros(1, H), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="gate/up \\[Is, H\\]"):
+        fused_experts(x, w, topw, ids, shared=SharedExpert(torch.zeros(8, H), torch.zeros(8, H), torch.zeros(8, H)))
+    with pytest.raises(ValueError, match="all torch.float32"):
+        fused_experts(x, w, topw, ids, shared=SharedExpert(torch.zeros(8, H), torch.zeros(8, H),
+                                                             torch.zeros(H, 8, dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match="shared expert with activation 'clamped_swiglu'"):
+        fused_experts(x, w, topw, ids, activation="clamped_swiglu",
+                      shared=SharedExpert(torch.zeros(8, H), torch.zeros(8, H), torch.zeros(H, 8)))
 
 
 def as_layout(gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
