@@ -258,7 +258,8 @@ def test_a_block_that_is_not_what_its_structure_says_keeps_its_stock_forward(
     assert "differs from its stock forward" in caplog.text, caplog.text
     assert caplog.text.count("differs from its stock forward") == 1  # once, not per block and step
     assert torch.equal(tokens, ref_tokens)
-    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < 1e-4
+    # The blocks' stock forwards, with our routers and experts in them: float32 dots of another order on a GPU
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < (1e-4 if DEV == "cpu" else 2e-3)
 
 
 def test_shared_experts_our_kernels_cannot_take_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
