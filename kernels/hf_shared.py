@@ -78,6 +78,9 @@ def structure_problem(block: torch.nn.Module) -> str | None:
         return f"{cls}.{name} is not three bias-free nn.Linear gate_proj/up_proj/down_proj"
     if mlp._forward_hooks or mlp._forward_pre_hooks:
         return f"{cls}.{name} has forward hooks"
+    # accelerate's offloading hooks load weights inside the wrapped forwards that our kernels would bypass.
+    if any(hasattr(m, "_hf_hook") for m in (block, mlp, *mlp.children())):
+        return f"{cls} or its shared expert runs under accelerate hooks (offloading)"
     sg = getattr(block, "shared_expert_gate", None)
     if sg is not None and not (_bias_free_linear(sg) and sg.out_features == 1):
         return f"{cls}.shared_expert_gate is not a bias-free nn.Linear(H, 1)"

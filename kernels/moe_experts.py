@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import INTERPRETED
-from kernels.launch import cdiv, fast, launch_fitting, next_pow2, sm_count
+from kernels.launch import cdiv, fast, launch_fitting, sm_count
 from kernels.moe_align import Alignment, align_slots
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
 from kernels.moe_grouped_gemm import (
@@ -271,21 +271,19 @@ def fused_experts(
         d_se, d_sn, d_sk = weights.down_strides()
         gu, gd = gemv or GEMV_TILES
         n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
-        inter = torch.empty(T * (k + n_sh), I, device=x.device, dtype=out_dtype)
-        # Shared chunks: one program per column tile serves every token (T <= 4 here; a forced path on more
-        # tokens takes the padded token count up to the next power of two).
-        fast(gate_up_gemv_kernel)[(T * k + n_sh, cdiv(I, gu.block_n))](
+        slots = k + n_sh
+        inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
+        fast(gate_up_gemv_kernel)[(T * slots, cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
-            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, T, *sh,
+            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh,
             TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
-            N_SHARED=n_sh, HAS_SGATE=sh[5] is not None, T_PAD=next_pow2(T) if n_sh else 1,
-            num_warps=gu.num_warps)
+            N_SHARED=n_sh, HAS_SGATE=sh[5] is not None, num_warps=gu.num_warps)
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
         sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
                                                      shared.width)
         fast(down_gemv_kernel)[(T, cdiv(H, gd.block_n))](
             inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
-            *_bias_args(weights.down_bias), T, *sd,
+            *_bias_args(weights.down_bias), *sd,
             TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k,
             N_SHARED=n_sh, num_warps=gd.num_warps)
         return out

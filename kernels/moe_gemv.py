@@ -7,13 +7,17 @@ No alignment, no padding, no atomics: two launches after the router.
 - down: one program per (token, column tile) loops over the token's slots, so the sum stays in registers and
   the output is written once, in the model's dtype; each slot's down bias joins its product before the routing
   weight.
-Shared experts (DeepSeek's, Qwen2-MoE's) ride along as N_SHARED more programs per column tile: the shared MLP's
-width cut into chunks of the routed width (the last one masked), read from the shared weights' own tensors. A
-shared chunk's gate/up program serves every token (up to 4), so its weights are read once, not once per token;
-the down programs add each token's chunks with weight 1. A gated shared expert (Qwen2-MoE: sigmoid(x . w) times
-its output) has its gate dot accumulated beside the gate/up products, where x is already in registers, and
-scales the chunk's activation (down is linear, so that is the gated output). So the shared expert costs no
-launch of its own and its weights stream with the routed ones.
+Shared experts (DeepSeek's, Qwen2-MoE's) ride along as N_SHARED more slots per token: the shared MLP's width cut
+into chunks of the routed width (the last one masked), each chunk a slot with routing weight 1, read from the
+shared weights' own tensors. A gated shared expert (Qwen2-MoE: sigmoid(x . w) times its output) has its gate dot
+accumulated beside the gate/up products of each chunk, where x is already in registers, and scales the chunk's
+activation (down is linear, so that is the gated output). So the shared expert costs no launch of its own and
+its weights stream with the routed ones.
+At 2-4 tokens each token's chunks read the shared weights again. A variant whose chunk programs served every
+token at once (weights read once; commit 3cc3c9a) measured slower at 4 tokens on small layers (one H200, graph
+replays: Qwen2-MoE 149 against 135 us, a 256-expert 3072-wide layer 130 against 94) and 2% faster on DeepSeek-V3:
+fewer, longer programs on the critical path. Where the shared expert inside ours loses to the stock block, the
+dispatcher runs the stock block (kernels/hf_shared.py).
 Tensor cores need 16 rows; a decode step has one, so this uses plain FMA over 16-byte vector loads.
 """
 
@@ -51,90 +55,48 @@ def _dots(x_row, g_base, u_base, row_stride, stride_k, offs_n, n_ok, K, sg_ptr, 
 
 
 @triton.jit
-def _shared_dots(x_ptr, stride_xt, n_tok, g_base, u_base, row_stride, stride_k, offs_n, n_ok, K, sg_ptr,
-                 stride_sgk, WITH_SGATE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # As _dots for the first n_tok rows of x (n_tok <= T_PAD): each weight tile is loaded once and used for every
-    # token. Returns float32 [T_PAD, BLOCK_N] gate and up products and the gate-vector dots [T_PAD] (rows past
-    # n_tok repeat the last token's).
-    offs_k = tl.arange(0, BLOCK_K)
-    tok = tl.arange(0, T_PAD)
-    acc_g = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
-    acc_s = tl.zeros((T_PAD,), dtype=tl.float32)
-    rows = offs_n[:, None] * row_stride
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < K
-        m = n_ok[:, None] & k_ok[None, :]
-        # Kept in the weights' dtype until each product: float32 copies of both tiles would double the registers.
-        wg = tl.load(g_base + rows + k[None, :] * stride_k, mask=m, other=0.0)
-        wu = tl.load(u_base + rows + k[None, :] * stride_k, mask=m, other=0.0)
-        if WITH_SGATE:
-            sg = tl.load(sg_ptr + k * stride_sgk, mask=k_ok, other=0.0).to(tl.float32)
-        for t in tl.static_range(T_PAD):
-            # Rows past n_tok read the last token again (in bounds); their results are never stored.
-            x = tl.load(x_ptr + tl.minimum(n_tok - 1, t) * stride_xt + k, mask=k_ok, other=0.0).to(tl.float32)
-            here = (tok == t)[:, None]
-            acc_g += tl.where(here, tl.sum(wg.to(tl.float32) * x[None, :], axis=1)[None, :], 0.0)
-            acc_u += tl.where(here, tl.sum(wu.to(tl.float32) * x[None, :], axis=1)[None, :], 0.0)
-            if WITH_SGATE:
-                acc_s += tl.where(tok == t, tl.sum(sg * x, axis=0), 0.0)
-    return acc_g, acc_u, acc_s
-
-
-@triton.jit
 def gate_up_gemv_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr, K, N,
     stride_xt, stride_we, stride_wn, stride_wk, stride_ot,
     gate_off, up_off, row_mult,
     bias_ptr, stride_be, stride_bn, alpha, limit,
-    n_tok, sh_gate_ptr, sh_up_ptr, stride_shn, stride_shk, sh_width, sgate_ptr, stride_sgk,
+    sh_gate_ptr, sh_up_ptr, stride_shn, stride_shk, sh_width, sgate_ptr, stride_sgk,
     TOP_K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False, T_PAD: tl.constexpr = 1,
+    N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False,
 ):
-    """Program p < n_tok * TOP_K (routed slot p, t = p // TOP_K, e = ids[p]): out[p, n] = act(x[t] . Wg[e, n] +
-    bg[e, n]) * (x[t] . Wu[e, n] + bu[e, n]). Program n_tok * TOP_K + c (N_SHARED > 0: the shared expert's chunk
-    c, for every token t < n_tok <= T_PAD): out[n_tok * TOP_K + c * n_tok + t, n] = the same with rows c * N + n of
-    the shared gate / up weights [sh_width, K] (zero past sh_width), times sigmoid(x[t] . sgate) (HAS_SGATE: the
-    shared expert's gate vector [K]).
+    """out[slot, n] = act(x[t] . Wg[e, n] + bg[e, n]) * (x[t] . Wu[e, n] + bu[e, n]) for slot = t * (TOP_K +
+    N_SHARED) + j, j < TOP_K, e = ids[t, j]; for j = TOP_K + c (the shared expert's chunk c), the same with rows
+    c * N + n of the shared gate / up weights [sh_width, K] (zero past sh_width), times sigmoid(x[t] . sgate)
+    (HAS_SGATE: the shared expert's gate vector [K]).
 
     Gate/up row n of a routed expert is weight row n * row_mult + gate_off / up_off, and bias column the same in
     bias [E, 2I] (HAS_BIAS; else the bias terms are 0). alpha, limit: ACT_CLAMPED_SWIGLU's, ignored by the other
     activations."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
+    SLOTS: tl.constexpr = TOP_K + N_SHARED
+    tok = slot // SLOTS
+    j = slot % SLOTS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    x_row = x_ptr + tok * stride_xt
     if N_SHARED == 0:
-        h = _routed_gate_up(x_ptr + (slot // TOP_K) * stride_xt, w_ptr, ids_ptr, slot, K, stride_we, stride_wn,
-                            stride_wk, gate_off, up_off, row_mult, bias_ptr, stride_be, stride_bn, alpha, limit,
-                            offs_n, n_ok, ACT, HAS_BIAS, BLOCK_N, BLOCK_K)
-        tl.store(out_ptr + slot * stride_ot + offs_n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
-    elif slot < n_tok * TOP_K:
-        h = _routed_gate_up(x_ptr + (slot // TOP_K) * stride_xt, w_ptr, ids_ptr, slot, K, stride_we, stride_wn,
-                            stride_wk, gate_off, up_off, row_mult, bias_ptr, stride_be, stride_bn, alpha, limit,
-                            offs_n, n_ok, ACT, HAS_BIAS, BLOCK_N, BLOCK_K)
-        tl.store(out_ptr + slot * stride_ot + offs_n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
+        h = _routed_gate_up(x_row, w_ptr, ids_ptr, tok * TOP_K + j, K, stride_we, stride_wn, stride_wk, gate_off,
+                            up_off, row_mult, bias_ptr, stride_be, stride_bn, alpha, limit, offs_n, n_ok,
+                            ACT, HAS_BIAS, BLOCK_N, BLOCK_K)
+    elif j < TOP_K:
+        h = _routed_gate_up(x_row, w_ptr, ids_ptr, tok * TOP_K + j, K, stride_we, stride_wn, stride_wk, gate_off,
+                            up_off, row_mult, bias_ptr, stride_be, stride_bn, alpha, limit, offs_n, n_ok,
+                            ACT, HAS_BIAS, BLOCK_N, BLOCK_K)
     else:
-        # (Names apart from the routed branch's: Triton types a name across both branches of a runtime `if`.)
-        # A K step shortened by the token count keeps the T_PAD products' registers at the routed branch's
-        # level: the kernel's register count is its larger branch's, and it sets how many routed programs fit
-        # on an SM.
-        SHARED_BLOCK_K: tl.constexpr = max(64, BLOCK_K // T_PAD)
-        c = slot - n_tok * TOP_K
-        first = c.to(tl.int64) * N  # the chunk's first row of the shared weights
+        first = (j - TOP_K).to(tl.int64) * N  # the chunk's first row of the shared weights
         ok = n_ok & (first + offs_n < sh_width)
-        g2, u2, s2 = _shared_dots(x_ptr, stride_xt, n_tok, sh_gate_ptr + first * stride_shn,
-                                  sh_up_ptr + first * stride_shn, stride_shn, stride_shk, offs_n, ok, K, sgate_ptr,
-                                  stride_sgk, HAS_SGATE, T_PAD, BLOCK_N, SHARED_BLOCK_K)
-        h2 = gated_act(g2, u2, ACT, alpha, limit)  # 0 on masked columns: act(0) * 0
+        g, u, s = _dots(x_row, sh_gate_ptr + first * stride_shn, sh_up_ptr + first * stride_shn, stride_shn,
+                        stride_shk, offs_n, ok, K, sgate_ptr, stride_sgk, HAS_SGATE, BLOCK_N, BLOCK_K)
+        h = gated_act(g, u, ACT, alpha, limit)  # 0 on masked columns: act(0) * 0
         if HAS_SGATE:
-            h2 = h2 * tl.sigmoid(s2)[:, None]
-        tok = tl.arange(0, T_PAD)
-        rows = n_tok * TOP_K + c * n_tok + tok
-        tl.store(out_ptr + rows[:, None] * stride_ot + offs_n[None, :], h2.to(out_ptr.dtype.element_ty),
-                 mask=(tok < n_tok)[:, None] & n_ok[None, :])
+            h = h * tl.sigmoid(s)
+    tl.store(out_ptr + slot * stride_ot + offs_n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -173,23 +135,23 @@ def down_gemv_kernel(
     a_ptr, w_ptr, ids_ptr, topw_ptr, out_ptr, K, N,
     stride_at, stride_we, stride_wn, stride_wk, stride_ot,
     bias_ptr, stride_be, stride_bn,
-    n_tok, sh_down_ptr, stride_shn, stride_shk, sh_width,
+    sh_down_ptr, stride_shn, stride_shk, sh_width,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_SHARED: tl.constexpr = 0,
 ):
-    """out[t, n] = sum_j topw[t, j] * (a[t*k + j] . Wd[ids[t, j], n] + bd[ids[t, j], n])
-    + sum_c a[n_tok*k + c*n_tok + t] . Wsd[n, c*K : (c+1)*K], k = TOP_K, c < N_SHARED (gate_up_gemv_kernel's row
-    order); bd: the down bias [E, H] (HAS_BIAS; else 0); Wsd: the shared expert's down weight [N, sh_width]
-    (columns past sh_width are 0)."""
+    """out[t, n] = sum_j topw[t, j] * (a[t*S + j] . Wd[ids[t, j], n] + bd[ids[t, j], n])
+    + sum_c a[t*S + TOP_K + c] . Wsd[n, c*K : (c+1)*K], S = TOP_K + N_SHARED; bd: the down bias [E, H] (HAS_BIAS;
+    else 0); Wsd: the shared expert's down weight [N, sh_width] (columns past sh_width are 0)."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    SLOTS: tl.constexpr = TOP_K + N_SHARED
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in range(TOP_K):
         r = t * TOP_K + j
         e = tl.load(ids_ptr + r).to(tl.int64)
-        acc = _row_dot(a_ptr + r * stride_at, w_ptr + e * stride_we, stride_wn, stride_wk, offs_n,
+        acc = _row_dot(a_ptr + (t * SLOTS + j) * stride_at, w_ptr + e * stride_we, stride_wn, stride_wk, offs_n,
                        n_ok, K, K, BLOCK_N, BLOCK_K)
         if HAS_BIAS:  # inside the routing weight: the model weights each expert's biased output
             acc += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n, n_ok)
@@ -197,6 +159,6 @@ def down_gemv_kernel(
     if N_SHARED > 0:
         for c in range(N_SHARED):
             first = c * K  # the chunk's first column of the shared down weight
-            total += _row_dot(a_ptr + (n_tok * TOP_K + c * n_tok + t) * stride_at, sh_down_ptr + first * stride_shk,
+            total += _row_dot(a_ptr + (t * SLOTS + TOP_K + c) * stride_at, sh_down_ptr + first * stride_shk,
                               stride_shn, stride_shk, offs_n, n_ok, K, sh_width - first, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + t * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -277,3 +277,7 @@ def test_shared_experts_our_kernels_cannot_take_are_left_alone(caplog: pytest.Lo
     assert "shared_expert is not three bias-free nn.Linear" in caplog.text
     tokens, _ = _decode(model)
     assert torch.equal(tokens, ref_tokens)
+    # Offloading hooks (accelerate's) load weights inside the forwards our kernels would bypass: left alone too.
+    other = model.model.layers[1].mlp
+    other.shared_expert.down_proj._hf_hook = object()
+    assert "accelerate hooks" in hf_shared.structure_problem(other)
