@@ -9,7 +9,8 @@ OVERRIDES where the config needs them), saves it as safetensors, loads it back t
   3 logits      generate_logit_cache with a RouterRecorder (as tests/test_teacher_architectures.py), the cache
                 compared with a plain forward, router counts checked (tokens x top-k per routed layer)
   4 derive      students.dense_twin.check_derivable, then routing_stats + derive_dense_student + a forward
-  5 fused       kernels.hf_moe.enable_fused_moe (TRITON_INTERPRET=1), a forward compared with the eager one
+  5 fused       kernels.hf_moe.enable_fused_moe (TRITON_INTERPRET=1), a forward compared with the eager one, then
+                a decode-sized one (2 tokens: shared-expert blocks take kernels/hf_shared.py's path there)
 
 Each step is classified: ok / refusal (a UserError, a logged skip or fallback: a message a user can act on) /
 wrong (ran, but the result is not what it should be, or an MoE refused as dense) / crash (any other exception:
@@ -445,9 +446,15 @@ def probe(model_type: str) -> dict:
     # 5 fused -------------------------------------------------------------------------------------------------
     try:
         import kernels.hf_moe as hf
+        import kernels.hf_shared as hs
         from kernels.hf_moe import enable_fused_moe
-        calls = {"experts": 0, "router": 0}
-        stock_experts, stock_route = hf.fused_experts, hf.route
+        calls = {"experts": 0, "router": 0, "shared_blocks": 0}
+        stock_experts, stock_route, stock_shared = hf.fused_experts, hf.route, hs.fused_experts
+
+        def counting_shared(*a, **kw):
+            calls["shared_blocks"] += 1
+            return stock_shared(*a, **kw)
+        hs.fused_experts = counting_shared
 
         def counting_experts(*a, **kw):
             calls["experts"] += 1
@@ -467,7 +474,12 @@ def probe(model_type: str) -> dict:
         else:
             with torch.no_grad():
                 out = fused(input_ids=ids, use_cache=False).logits.float()
+                # Decode-sized: one token of each of the 2 sequences, against the eager model on the same.
+                one = ids[:, :1]
+                ref1 = model(input_ids=one, use_cache=False).logits.float()
+                out1 = fused(input_ids=one, use_cache=False).logits.float()
             rel = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+            rel = max(rel, float((out1 - ref1).norm() / ref1.norm().clamp_min(1e-12)))
             warns = handler.lines[n_warn:]
             fallback = [w for w in warns if "fused_triton" in w]
             status = "ok" if rel < 1e-3 else "wrong"

@@ -281,3 +281,22 @@ def test_shared_experts_our_kernels_cannot_take_are_left_alone(caplog: pytest.Lo
     other = model.model.layers[1].mlp
     other.shared_expert.down_proj._hf_hook = object()
     assert "accelerate hooks" in hf_shared.structure_problem(other)
+
+
+def test_a_block_called_with_more_than_hidden_states_runs_its_stock_forward(caplog: pytest.LogCaptureFixture) -> None:
+    """DeepSeek-V4's blocks take the token ids beside the hidden states (its hash routers read them): whatever a
+    block's extra arguments mean, it gets them, through its stock forward."""
+    model = _model("qwen2_moe", torch.float32)
+    block = model.model.layers[0].mlp
+    cls = type(block)
+    block.__class__ = type(cls.__name__, (cls,), {
+        "forward": lambda self, h, input_ids=None, _c=cls: _c.forward(self, h) + (0 if input_ids is None else 1)})
+    enable_fused_moe(model)
+    h = torch.randn(1, 2, 48, device=DEV)
+    hf_moe._warned.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
+        with_ids = block(h, input_ids=torch.zeros(1, 2, dtype=torch.long, device=DEV))
+        positional = block(h, torch.zeros(1, 2, dtype=torch.long, device=DEV))
+        plain = block(h)
+    assert torch.allclose(with_ids, plain + 1, atol=1e-5) and torch.allclose(positional, plain + 1, atol=1e-5)
+    assert "forward takes more than the hidden states" in caplog.text
