@@ -152,8 +152,10 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
     if path is None:
         ex = self.experts
         sh = shared_expert(self)
+        v = coverage.verdict(ex, x)
+        top_k = getattr(self.gate, "top_k", None) or getattr(self, "top_k", "?")
         key = (f"{environment_key(x.device)}|block {type(self).__name__} E={ex.gate_up_proj.shape[0]} "
-               f"H={x.shape[1]} I={coverage.expert_weights(ex, coverage.verdict(ex, x)).intermediate} "
+               f"H={x.shape[1]} I={coverage.expert_weights(ex, v).intermediate} k={top_k} {v[3][0]} "
                f"shared={sh.width}{'+gate' if sh.gate_weight is not None else ''} {str(x.dtype)[6:]} "
                f"T<={slot[1]}")
         measurable = can_measure(x)
