@@ -115,6 +115,30 @@ def test_a_resumed_grid_keeps_finished_shapes_only(tmp_path: Path) -> None:
                                                                                    ("a", "seconds", 3.0, 0)]
 
 
+def test_a_regression_counts_only_when_a_second_pass_confirms_it() -> None:
+    """The grid's summary: a plain point below 1.0x in every paired round was timed again; only one below in every
+    round of that second pass too is a confirmed regression."""
+    from bench.common import BenchRun
+    from bench.moe_grid import summary_rows
+
+    run = BenchRun("g", "t", 1.0, 1.0)
+
+    def point(shape: str, speedup: float, high: float, recheck_high: float | None) -> list[dict]:
+        base = dict(kernel="moe_grid", provider="dispatched", shape=shape, tokens=16, unit="x")
+        out = [run.row(**base, metric="speedup_vs_best_stock_plain", value=speedup),
+               run.row(**base, metric="speedup_vs_best_stock_plain_high", value=high)]
+        if recheck_high is not None:
+            out.append(run.row(**base, metric="speedup_vs_best_stock_plain_recheck_high", value=recheck_high))
+        return out
+
+    rows = (point("a", 1.3, 1.5, None) + point("b", 0.8, 0.9, 1.1) + point("c", 0.7, 0.8, 0.9)
+            + point("d", 0.95, 1.2, None))
+    got = {r["metric"]: r["value"] for r in summary_rows(run, rows) if r["provider"] == "dispatched"}
+    assert got["points_below_1_speedup_plain"] == 3  # b, c, d
+    assert got["points_below_1_in_every_round_plain"] == 2  # b, c
+    assert got["points_below_1_confirmed_plain"] == 1  # c
+
+
 def test_resuming_from_a_file_that_is_not_a_grid_csv_is_one_line_and_leaves_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--resume on some other file: `error (input)`, exit 2, before any GPU work, and the file is untouched."""
