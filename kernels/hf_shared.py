@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from transformers.activations import ACT2FN
@@ -136,7 +137,8 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
         if reason is None:
             if capturing(x):
                 return self._stock_forward(hidden_states)  # not verified yet, and nothing can be compared now
-            reason = _verify(self, hidden_states, x)
+            with _unobserved(self):
+                reason = _verify(self, hidden_states, x)
         state[key] = reason
     if reason:
         coverage.fallback(reason, INSTEAD)
@@ -159,11 +161,27 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
                f"shared={sh.width}{'+gate' if sh.gate_weight is not None else ''} {str(x.dtype)[6:]} "
                f"T<={slot[1]}")
         measurable = can_measure(x)
-        path = default_dispatcher().choose(key, {OURS: ours, STOCK: lambda: self._stock_forward(hidden_states)},
-                                           measurable, graph=graph, time_graphs=slot[1] <= GRAPH_MAX_TOKENS)
+        with _unobserved(self):
+            path = default_dispatcher().choose(key, {OURS: ours, STOCK: lambda: self._stock_forward(hidden_states)},
+                                               measurable, graph=graph, time_graphs=slot[1] <= GRAPH_MAX_TOKENS)
         if measurable or path != OURS:
             chosen[slot] = path
     return ours() if path == OURS else self._stock_forward(hidden_states)
+
+
+@contextmanager
+def _unobserved(block: torch.nn.Module) -> Iterator[None]:
+    """The forward hooks of the block's modules set aside while its first call checks and times both paths:
+    those calls are not the model's forward, and observers (transformers' router-logits recorder, our routing
+    taps) must see one routing per call of the block, not one per trial."""
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in block.modules()]
+    for m, _, _ in saved:
+        m._forward_hooks, m._forward_pre_hooks = type(m._forward_hooks)(), type(m._forward_pre_hooks)()
+    try:
+        yield
+    finally:
+        for m, hooks, pre in saved:
+            m._forward_hooks, m._forward_pre_hooks = hooks, pre
 
 
 def _ours(block: torch.nn.Module, hidden_states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -300,3 +300,19 @@ def test_a_block_called_with_more_than_hidden_states_runs_its_stock_forward(capl
         plain = block(h)
     assert torch.allclose(with_ids, plain + 1, atol=1e-5) and torch.allclose(positional, plain + 1, atol=1e-5)
     assert "forward takes more than the hidden states" in caplog.text
+
+
+def test_observers_see_one_routing_per_block_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block's first decode-sized call runs both paths to compare them (and, on a GPU, times them): hooks on its
+    router (transformers' router-logits recorder, our routing taps) still see one call per call of the block."""
+    monkeypatch.setenv(dispatch.ENV, "fused")
+    model = _model("qwen2_moe", torch.float32)
+    enable_fused_moe(model)
+    seen: list[int] = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        for _ in range(3):
+            model(input_ids=torch.tensor([[5, 7]], device=DEV), use_cache=False)
+    assert seen == [2] * 3 * model.config.num_hidden_layers, seen
+    assert all(m.__dict__.get("_fused_block_state") for m in model.modules() if getattr(m, "_fused_block", False))
