@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import types
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers.activations import ACT2FN
@@ -40,6 +39,7 @@ from kernels.dispatch import (
     environment_key,
     token_bucket,
 )
+from kernels.module_hooks import hooks_set_aside
 from kernels.moe_experts import GEMV_MAX_TOKENS, SharedExpert, fused_experts
 
 log = logging.getLogger("kernels.hf_moe")
@@ -137,7 +137,9 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
         if reason is None:
             if capturing(x):
                 return self._stock_forward(hidden_states)  # not verified yet, and nothing can be compared now
-            with _unobserved(self):
+            # Trials, not the model's forward: observers hooked on the block's modules (router-logit recorders,
+            # routing taps) must see one routing per call of the block.
+            with hooks_set_aside(self):
                 reason = _verify(self, hidden_states, x)
         state[key] = reason
     if reason:
@@ -161,27 +163,12 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
                f"shared={sh.width}{'+gate' if sh.gate_weight is not None else ''} {str(x.dtype)[6:]} "
                f"T<={slot[1]}")
         measurable = can_measure(x)
-        with _unobserved(self):
+        with hooks_set_aside(self):  # timing trials, as above
             path = default_dispatcher().choose(key, {OURS: ours, STOCK: lambda: self._stock_forward(hidden_states)},
                                                measurable, graph=graph, time_graphs=slot[1] <= GRAPH_MAX_TOKENS)
         if measurable or path != OURS:
             chosen[slot] = path
     return ours() if path == OURS else self._stock_forward(hidden_states)
-
-
-@contextmanager
-def _unobserved(block: torch.nn.Module) -> Iterator[None]:
-    """The forward hooks of the block's modules set aside while its first call checks and times both paths:
-    those calls are not the model's forward, and observers (transformers' router-logits recorder, our routing
-    taps) must see one routing per call of the block, not one per trial."""
-    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in block.modules()]
-    for m, _, _ in saved:
-        m._forward_hooks, m._forward_pre_hooks = type(m._forward_hooks)(), type(m._forward_pre_hooks)()
-    try:
-        yield
-    finally:
-        for m, hooks, pre in saved:
-            m._forward_hooks, m._forward_pre_hooks = hooks, pre
 
 
 def _ours(block: torch.nn.Module, hidden_states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ feed the output layer the decoder's last hidden state and return the output laye
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+
+from kernels.module_hooks import hooks_set_aside
 
 _PROBE_TOKENS = 8
 # A family that transforms its logits changes them by far more than this (relative, whole tensor); the same
@@ -38,21 +39,6 @@ def plain_head_problem(model: torch.nn.Module) -> str | None:
     if hasattr(head, "base_layer"):
         return "its output layer has LoRA adapters"
     return _measured_problem(model, base, head)
-
-
-@contextmanager
-def _hooks_set_aside(model: torch.nn.Module) -> Iterator[None]:
-    """Every module's forward (pre-)hooks set aside for the duration (routing analytics, layer taps): a probe
-    forward must not be counted by them. Hooks registered inside are dropped with the temporary tables."""
-    saved = []
-    for m in model.modules():
-        saved.append((m, m._forward_hooks, m._forward_pre_hooks))
-        m._forward_hooks, m._forward_pre_hooks = type(m._forward_hooks)(), type(m._forward_pre_hooks)()
-    try:
-        yield
-    finally:
-        for m, fwd, pre in saved:
-            m._forward_hooks, m._forward_pre_hooks = fwd, pre
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,7 +64,7 @@ def _measured_problem(model: torch.nn.Module, base: torch.nn.Module, head: torch
     vocab = min(int(weight.shape[0]), int(emb_params[0].shape[0]))
     ids = ((torch.arange(_PROBE_TOKENS) * 7919 + 3) % vocab).unsqueeze(0).to(emb_params[0].device)
     was_training = model.training
-    with _hooks_set_aside(model):
+    with hooks_set_aside(model):
         def on_decoder(_m: torch.nn.Module, _args: tuple, out: Any) -> None:  # returns None: output unchanged
             seen.setdefault("hidden", getattr(out, "last_hidden_state", None))
 
