@@ -30,7 +30,7 @@ import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, ContextManager, Mapping
 
 import torch
 
@@ -246,3 +246,31 @@ def can_measure(x: torch.Tensor) -> bool:
     """Whether timing may happen now on x's device: a GPU, not capturing a CUDA graph, not tracing."""
     return (x.is_cuda and not torch.compiler.is_compiling()
             and not torch.cuda.is_current_stream_capturing())
+
+
+def module_path(module: torch.nn.Module, x: torch.Tensor, slot: tuple, tokens: int, problem: Callable[[], str],
+                candidates: Callable[[], Mapping[str, Callable[[], object]]],
+                trials: Callable[[], ContextManager] | None = None) -> str:
+    """The path for this call of `module` on x: the choice kept on the module for `slot` (dtype, top-k, ... and the
+    token bucket; whether a graph is being captured is added here), a dict lookup after the first call; else the
+    process dispatcher's for the problem `problem()` names (the environment is prefixed), measured now where it
+    can be, and kept. `tokens`: the token bucket, which decides whether graph replays are timed. `candidates()`
+    is built only then, and the measurement runs inside `trials()` when given (a block sets its hooks aside)."""
+    graph = capturing(x)  # a graph capture runs the graph-fastest path, which may differ from the plain one
+    slot = (*slot, graph)
+    chosen = module.__dict__.setdefault("_fused_paths", {})
+    path = chosen.get(slot)
+    if path is not None:
+        return path
+    measurable = can_measure(x)
+    key = f"{environment_key(x.device)}|{problem()}"
+    if trials is None:
+        path = default_dispatcher().choose(key, candidates(), measurable, graph=graph,
+                                           time_graphs=tokens <= GRAPH_MAX_TOKENS)
+    else:
+        with trials():
+            path = default_dispatcher().choose(key, candidates(), measurable, graph=graph,
+                                               time_graphs=tokens <= GRAPH_MAX_TOKENS)
+    if measurable or path != OURS:  # an unmeasured default is asked again where timing is possible
+        chosen[slot] = path
+    return path

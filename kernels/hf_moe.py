@@ -22,15 +22,7 @@ import torch
 from transformers.integrations import moe as hf_moe
 
 from kernels import hf_coverage as coverage
-from kernels.dispatch import (
-    GRAPH_MAX_TOKENS,
-    OURS,
-    can_measure,
-    capturing,
-    default_dispatcher,
-    environment_key,
-    token_bucket,
-)
+from kernels.dispatch import OURS, module_path, token_bucket
 from kernels.hf_shared import install_fused_blocks
 from kernels.interpreter import INTERPRETED
 from kernels.moe_experts import ExpertWeights, fused_experts
@@ -92,26 +84,19 @@ def _experts_path(module: torch.nn.Module, weights: ExpertWeights, x: torch.Tens
     """Which path runs this experts call: per (dtype, top-k, token bucket) a dict lookup after the first call.
     The problem key names the activation and, for biased experts, "+bias" (unbiased keys are as they were)."""
     T, k = idx.shape
-    graph = capturing(x)  # a graph capture runs the graph-fastest path, which may differ from the plain one
-    slot = (x.dtype, k, token_bucket(T), graph)
-    chosen = module.__dict__.setdefault("_fused_paths", {})
-    got = chosen.get(slot)
-    if got is not None:
-        return got
     E, H, I = weights.num_experts, weights.hidden, weights.intermediate
+    bucket = token_bucket(T)
+
+    def candidates() -> dict[str, Any]:
+        out = {OURS: ours, "grouped_mm": lambda: hf_moe.grouped_mm_experts_forward(module, x, idx, w)}
+        if T * k * 3 * H * I * x.element_size() <= BATCHED_MM_MAX_BYTES:
+            out["batched_mm"] = lambda: hf_moe.batched_mm_experts_forward(module, x, idx, w)
+        return out
+
     bias = "+bias" if weights.gate_up_bias is not None else ""
-    key = (f"{environment_key(x.device)}|experts E={E} H={H} I={I} k={k} {act}{bias} {str(x.dtype)[6:]} "
-           f"T<={slot[2]}")
-    candidates = {OURS: ours}
-    candidates["grouped_mm"] = lambda: hf_moe.grouped_mm_experts_forward(module, x, idx, w)
-    if T * k * 3 * H * I * x.element_size() <= BATCHED_MM_MAX_BYTES:
-        candidates["batched_mm"] = lambda: hf_moe.batched_mm_experts_forward(module, x, idx, w)
-    measurable = can_measure(x)
-    path = default_dispatcher().choose(key, candidates, measurable, graph=graph,
-                                       time_graphs=slot[2] <= GRAPH_MAX_TOKENS)
-    if measurable or path != OURS:  # an unmeasured default is asked again where timing is possible
-        chosen[slot] = path
-    return path
+    return module_path(module, x, (x.dtype, k, bucket), bucket,
+                       lambda: f"experts E={E} H={H} I={I} k={k} {act}{bias} {str(x.dtype)[6:]} T<={bucket}",
+                       candidates)
 
 
 def register() -> None:
@@ -160,18 +145,12 @@ def _fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) ->
         return route(x, self.weight, spec, bias=bias if spec.scoring == "sigmoid" else None,
                      weights_dtype=x.dtype if cast else torch.float32)
 
-    graph = capturing(x)
-    slot = (x.dtype, token_bucket(x.shape[0]), graph)
-    chosen = self.__dict__.setdefault("_fused_paths", {})
-    path = chosen.get(slot)
-    if path is None:
-        key = (f"{environment_key(x.device)}|router {type(self).__name__} E={self.weight.shape[0]} "
-               f"H={x.shape[1]} k={spec.top_k} {str(x.dtype)[6:]} T<={slot[1]}")
-        measurable = can_measure(x)
-        path = default_dispatcher().choose(key, {OURS: ours, "stock": lambda: self._stock_forward(hidden_states)},
-                                           measurable, graph=graph, time_graphs=slot[1] <= GRAPH_MAX_TOKENS)
-        if measurable or path != OURS:
-            chosen[slot] = path
+    bucket = token_bucket(x.shape[0])
+    path = module_path(
+        self, x, (x.dtype, bucket), bucket,
+        lambda: f"router {type(self).__name__} E={self.weight.shape[0]} H={x.shape[1]} k={spec.top_k} "
+                f"{str(x.dtype)[6:]} T<={bucket}",
+        lambda: {OURS: ours, "stock": lambda: self._stock_forward(hidden_states)})
     return ours() if path == OURS else self._stock_forward(hidden_states)
 
 

@@ -30,15 +30,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from kernels import hf_coverage as coverage
-from kernels.dispatch import (
-    GRAPH_MAX_TOKENS,
-    OURS,
-    can_measure,
-    capturing,
-    default_dispatcher,
-    environment_key,
-    token_bucket,
-)
+from kernels.dispatch import OURS, capturing, module_path, token_bucket
 from kernels.module_hooks import hooks_set_aside
 from kernels.moe_experts import GEMV_MAX_TOKENS, SharedExpert, fused_experts
 
@@ -149,25 +141,19 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
     def ours() -> torch.Tensor:
         return _ours(self, hidden_states, x)
 
-    graph = capturing(x)
-    slot = (x.dtype, token_bucket(x.shape[0]), graph)
-    chosen = self.__dict__.setdefault("_fused_paths", {})
-    path = chosen.get(slot)
-    if path is None:
-        ex = self.experts
-        sh = shared_expert(self)
-        v = coverage.verdict(ex, x)
+    bucket = token_bucket(x.shape[0])
+
+    def problem() -> str:
+        ex, sh, v = self.experts, shared_expert(self), coverage.verdict(self.experts, x)
         top_k = getattr(self.gate, "top_k", None) or getattr(self, "top_k", "?")
-        key = (f"{environment_key(x.device)}|block {type(self).__name__} E={ex.gate_up_proj.shape[0]} "
-               f"H={x.shape[1]} I={coverage.expert_weights(ex, v).intermediate} k={top_k} {v[3][0]} "
-               f"shared={sh.width}{'+gate' if sh.gate_weight is not None else ''} {str(x.dtype)[6:]} "
-               f"T<={slot[1]}")
-        measurable = can_measure(x)
-        with hooks_set_aside(self):  # timing trials, as above
-            path = default_dispatcher().choose(key, {OURS: ours, STOCK: lambda: self._stock_forward(hidden_states)},
-                                               measurable, graph=graph, time_graphs=slot[1] <= GRAPH_MAX_TOKENS)
-        if measurable or path != OURS:
-            chosen[slot] = path
+        return (f"block {type(self).__name__} E={ex.gate_up_proj.shape[0]} H={x.shape[1]} "
+                f"I={coverage.expert_weights(ex, v).intermediate} k={top_k} {v[3][0]} "
+                f"shared={sh.width}{'+gate' if sh.gate_weight is not None else ''} {str(x.dtype)[6:]} T<={bucket}")
+
+    # The timing trials, like the check above, with the block's hooks set aside.
+    path = module_path(self, x, (x.dtype, bucket), bucket, problem,
+                       lambda: {OURS: ours, STOCK: lambda: self._stock_forward(hidden_states)},
+                       trials=lambda: hooks_set_aside(self))
     return ours() if path == OURS else self._stock_forward(hidden_states)
 
 

@@ -184,8 +184,8 @@ def _router_kernel(
 
 # Decode sizes: the router matmul split over H chunks and expert blocks (`_router_partial_logits_kernel`), then the
 # selection from the partial sums, where one program per 16 tokens would stream a large router matrix through a
-# single SM. The H200 grid (bench/results/moe_grid_h200.csv) had the one-kernel router at 254-446 us as a graph
-# replay on DeepSeek-V3/Kimi-K2 layers (E = 256/384, H = 7168, float32) against stock's 55-75, 703 us on a
+# single SM. The H200 grid (bench/results/moe_grid_h200_before_shared.csv) had the one-kernel router at 254-446 us
+# as a graph replay on DeepSeek-V3/Kimi-K2 layers (E = 256/384, H = 7168, float32) against stock's 55-75, 703 us on a
 # 16-expert float32 router at H = 4096, and 58 us against 23 on a 384-expert bf16 one at H = 3072; at E x H below
 # half a million bf16 weights it won (Qwen3, OLMoE: 11-18 us against 19-24).
 SPLIT_MAX_TOKENS = 64

@@ -173,8 +173,8 @@ def test_a_model_runs_the_measured_path_per_token_bucket(tmp_path: Path, monkeyp
     calls: list[str] = []
     times = {OURS: 2.0, "grouped_mm": 1.0, "batched_mm": 3.0, "stock": 5.0}
     d = Dispatcher(tmp_path / "d.json", _timer(times, calls))
-    monkeypatch.setattr(hf_moe, "default_dispatcher", lambda: d)
-    monkeypatch.setattr(hf_moe, "can_measure", lambda x: True)
+    monkeypatch.setattr(dispatch, "default_dispatcher", lambda: d)
+    monkeypatch.setattr(dispatch, "can_measure", lambda x: True)
     model = _model("mixtral", torch.float32)
     hf_moe.enable_fused_moe(model)
     experts = model.model.layers[0].mlp.experts
@@ -202,8 +202,8 @@ def test_a_model_runs_the_measured_path_per_token_bucket(tmp_path: Path, monkeyp
     for k in list(d.choices):  # (this dispatcher has no graph timer: set the graph choices by hand)
         if "experts" in k:
             d.choices[k + dispatch.GRAPH] = "batched_mm"
-    monkeypatch.setattr(hf_moe, "capturing", lambda x: True)
-    monkeypatch.setattr(hf_moe, "can_measure", lambda x: False)
+    monkeypatch.setattr(dispatch, "capturing", lambda x: True)
+    monkeypatch.setattr(dispatch, "can_measure", lambda x: False)
     n = len(calls)
     real_b = hf_moe_integration.batched_mm_experts_forward
     monkeypatch.setitem(hf_moe.STOCK_EXPERTS, "batched_mm", lambda *a: used.append("b") or real_b(*a))
@@ -281,7 +281,7 @@ def test_a_captured_decode_step_replays_the_graph_choice_and_matches_eager(name:
     from tests.test_hf_moe import _model
 
     d = Dispatcher(tmp_path / "d.json")
-    monkeypatch.setattr(hf_moe, "default_dispatcher", lambda: d)
+    monkeypatch.setattr(dispatch, "default_dispatcher", lambda: d)
     model = _model(name, torch.bfloat16)
     block = next(m for m in model.modules() if hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router")))
     h = torch.randn(1, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
