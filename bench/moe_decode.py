@@ -19,6 +19,7 @@ and for down, timed as graph replays of our experts alone (SiLU gate: the tiles'
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import time
@@ -28,7 +29,7 @@ import torch
 
 from bench.common import start_run, write_rows
 from bench.moe_grid import BATCHED_MM_BUDGET, _out, _time, build_block, floor_bytes, grid, router, set_provider
-from bench.moe_layer import graph_time
+from bench.moe_layer import graph_time, l2_copies
 from kernels import dispatch
 from kernels.hf_moe import fused_triton_experts_forward, register
 from kernels.hf_shared import shared_expert, structure_problem
@@ -60,8 +61,10 @@ def _rest(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor | None:
 def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
     register()
     block = build_block(s)
+    # Copies every graph cycles through (bench.moe_layer.l2_copies): a small layer's weights come from memory.
+    blocks = [block] + [copy.deepcopy(block) for _ in range(l2_copies(s.top_k * s.weight_bytes() / s.experts,
+                                                                       1.2 * s.weight_bytes()) - 1)]
     rows: list[dict] = []
-    ex = block.experts
     for n, T in enumerate(tokens):
         x = (torch.randn(1, T, s.hidden, device="cuda") + 4 * block.u).to(torch.bfloat16)
         h = x.view(-1, s.hidden)
@@ -75,13 +78,14 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         for prov in ("grouped_mm", "batched_mm", "fused_triton", "dispatched"):
             if prov == "batched_mm" and T * s.top_k * 3 * s.hidden * s.width * 2 > BATCHED_MM_BUDGET:
                 continue
-            set_provider(block, prov)
+            for b in blocks:
+                set_provider(b, prov)
             if prov == "dispatched":
                 dispatch._default = dispatch.Dispatcher(None)
             with torch.no_grad():
                 _out(block, x)  # the dispatcher measures here
                 plain[prov] = _time(lambda: _out(block, x))
-                times[f"block {prov}"] = graph_time(lambda: _out(block, x))
+                times[f"block {prov}"] = graph_time([lambda b=b: _out(b, x) for b in blocks])
             if prov == "dispatched":  # what it measured, per part and regime, and chose
                 for key, tt in dispatch._default.timings.items():
                     what = next(p for p in key.split("|") if p.startswith(("experts", "router", "block")))
@@ -91,21 +95,25 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         for prov, t in plain.items():
             rows.append(run.row(**base, provider=f"block {prov}", metric="plain_time", value=round(t * 1e6, 2),
                                 unit="us"))
-        set_provider(block, "fused_triton")
+        for b in blocks:
+            set_provider(b, "fused_triton")
         with torch.no_grad():
             router(block)(h)
-        times["router ours"] = graph_time(lambda: router(block)(h))
-        set_provider(block, "grouped_mm")
-        times["router stock"] = graph_time(lambda: router(block)(h))
+        times["router ours"] = graph_time([lambda b=b: router(b)(h) for b in blocks])
+        for b in blocks:
+            set_provider(b, "grouped_mm")
+        times["router stock"] = graph_time([lambda b=b: router(b)(h) for b in blocks])
         os.environ[dispatch.ENV] = "fused"
-        wts = _weights(ex)
-        times["experts ours"] = graph_time(lambda: fused_triton_experts_forward(ex, h, idx, w))
-        times["experts grouped_mm"] = graph_time(lambda: ex(h, idx, w))
+        wts = [_weights(b.experts) for b in blocks]
+        times["experts ours"] = graph_time([lambda b=b: fused_triton_experts_forward(b.experts, h, idx, w)
+                                            for b in blocks])
+        times["experts grouped_mm"] = graph_time([lambda b=b: b.experts(h, idx, w) for b in blocks])
         if _rest(block, h) is not None:
-            times["rest (shared expert) stock"] = graph_time(lambda: _rest(block, h))
+            times["rest (shared expert) stock"] = graph_time([lambda b=b: _rest(b, h) for b in blocks])
             if structure_problem(block) is None and T <= GEMV_MAX_TOKENS:  # the shared expert in our kernels
-                sh = shared_expert(block)
-                times["experts+shared ours"] = graph_time(lambda: fused_experts(h, wts, w, idx, shared=sh))
+                shs = [shared_expert(b) for b in blocks]
+                times["experts+shared ours"] = graph_time([lambda i=i: fused_experts(h, wts[i], w, idx, shared=shs[i])
+                                                           for i in range(len(blocks))])
         for name, t in times.items():
             if t is None:
                 rows.append(run.row(**base, provider=name, metric="failed", value=1, unit="capture"))
@@ -122,21 +130,21 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         if sweep and n == 0 and T <= GEMV_MAX_TOKENS:
             rows += gemv_sweep(run, base, h, wts, w, idx)
     os.environ[dispatch.ENV] = "measure"
-    del block
+    del block, blocks
     gc.collect()
     torch.cuda.empty_cache()
     return rows
 
 
-def gemv_sweep(run, base: dict, h: torch.Tensor, wts: ExpertWeights, w: torch.Tensor,
+def gemv_sweep(run, base: dict, h: torch.Tensor, wts: list[ExpertWeights], w: torch.Tensor,
                idx: torch.Tensor) -> list[dict]:
-    """Graph-replay time of our experts on the decode path for each gate/up tile (down at today's), then each
-    down tile (gate/up at the best)."""
+    """Graph-replay time of our experts (cycling over the copies `wts`) on the decode path for each gate/up tile
+    (down at today's), then each down tile (gate/up at the best)."""
     rows = []
 
     def timed(up: GemvConfig, down: GemvConfig) -> float:
         with torch.no_grad():
-            t = graph_time(lambda: fused_experts(h, wts, w, idx, force_path="gemv", gemv=(up, down)))
+            t = graph_time([lambda c=c: fused_experts(h, c, w, idx, force_path="gemv", gemv=(up, down)) for c in wts])
         return float("inf") if t is None else t
 
     up_t = {c: timed(c, GEMV_TILES[1]) for c in GEMV_SWEEP}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -149,22 +151,71 @@ def _breakdown(block, x, base, floor) -> list[dict]:
     return rows
 
 
-def graph_time(fn) -> float | None:
-    """Median time of a CUDA-graph replay of fn, or None when fn cannot be captured."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(g):
-            fn()
-        return bench(g.replay, reps=50, warm=5)
-    except Exception as err:
-        print(f"  graph capture failed: {type(err).__name__}: {str(err)[:100]}", flush=True)
-        return None
+GRAPH_BATCH_S = 5e-4  # GPU time a timed graph aims at: enough calls that its launch is a small share
+GRAPH_MAX_CALLS = 32
+
+
+def graph_time(fn: Callable[[], object] | Sequence[Callable[[], object]], calls: int | None = None) -> float | None:
+    """Median seconds per call of fn as a CUDA-graph replay (`CallGraph`), or None when fn cannot be captured."""
+    g = CallGraph.capture(fn, calls)
+    return None if g is None else g.time()
+
+
+@dataclass
+class CallGraph:
+    """`calls` calls of a function captured back to back into one CUDA graph.
+
+    A graph of one call charges every replay the graph's launch, which a decode step's graph pays once for all
+    its layers (one H200: a graph of one 1-us kernel timed 18.9 us a replay, the same kernel 1.0 us a call in a
+    graph of 40); so a replay's time is divided over many calls (`capture`'s default: about GRAPH_BATCH_S of GPU
+    time, at most GRAPH_MAX_CALLS). fn may be a list of callables (the same work on copies of the weights,
+    `l2_copies`): the calls cycle through it, so that a small layer's weights come from memory, not from the L2
+    cache the previous call left them in."""
+
+    graph: torch.cuda.CUDAGraph
+    calls: int
+
+    @staticmethod
+    def capture(fn: Callable[[], object] | Sequence[Callable[[], object]],
+                calls: int | None = None) -> CallGraph | None:
+        """The graph of fn's calls, or None (the reason printed) when fn cannot be captured."""
+        fns = list(fn) if isinstance(fn, Sequence) else [fn]
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(s):
+                for _ in range(3):
+                    for f in fns:
+                        f()
+            torch.cuda.current_stream().wait_stream(s)
+
+            def captured(n: int) -> CallGraph:
+                g = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(g):
+                    for i in range(n):
+                        fns[i % len(fns)]()
+                return CallGraph(g, n)
+
+            if calls is None:
+                one = captured(len(fns)).time(reps=5)
+                calls = max(1, min(GRAPH_MAX_CALLS, int(GRAPH_BATCH_S / max(one, 1e-7))))
+            return captured(max(calls, len(fns)) // len(fns) * len(fns))  # every copy as often
+        except Exception as err:
+            print(f"  graph capture failed: {type(err).__name__}: {str(err)[:100]}", flush=True)
+            return None
+
+    def time(self, reps: int = 30) -> float:
+        """Median seconds per call over `reps` replays."""
+        return bench(self.graph.replay, reps=reps, warm=3) / self.calls
+
+
+def l2_copies(bytes_per_call: float, bytes_per_copy: float, budget: float = 16e9, most: int = 8) -> int:
+    """How many copies of a layer's weights `graph_time` should cycle through so that one call's weights have
+    left the L2 cache when the next call on the same copy comes: enough for 3 x the L2's size between two calls
+    on one copy (a real forward runs every other layer in between), at most `most` and `budget` bytes in all."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    want = -(-3 * l2 // max(1, int(bytes_per_call)))
+    return int(max(1, min(most, want, budget // max(1.0, bytes_per_copy))))
 
 
 def _perf_rows(base: dict, prov: str, t: float, flops: float, floor: float, err: float) -> list[dict]:

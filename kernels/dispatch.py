@@ -12,8 +12,8 @@ resources) is not a candidate. A choice other than ours is logged once, with bot
 Two regimes, two choices. A plain call pays the host's launch work as well as the GPU's; a CUDA-graph replay (a
 captured decode step) pays the GPU's alone, and at a few tokens the two rank the candidates differently (on a
 DeepSeek-V3 layer at one token our one-kernel router wins plain calls and loses graph replays). So each candidate
-is also timed as a replay of a graph of one call, and a call made while a graph is being captured runs the
-graph-fastest path. A candidate that cannot be captured is not a graph candidate.
+is also timed inside a CUDA graph (GRAPH_CALLS calls of it per graph), and a call made while a graph is being
+captured runs the graph-fastest path. A candidate that cannot be captured is not a graph candidate.
 
 No timing happens where it cannot: inside CUDA-graph capture or torch.compile tracing (the known choice, or
 ours, runs), or off the GPU (ours: under the Triton interpreter, the tests). `DISTILL_MOE_DISPATCH=fused` or
@@ -89,9 +89,15 @@ def _cuda_time(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(burst_time(fn, reps) for _ in range(3))
 
 
+GRAPH_CALLS = 8  # calls of a candidate per timed graph
+
+
 def _cuda_graph_time(fn: Callable[[], object], reps: int) -> float:
-    """Seconds per replay of a CUDA graph of one call of `fn`: the GPU's time alone, what a captured decode step
-    pays. Raises (RuntimeError) when `fn` cannot be captured, e.g. it waits for the host."""
+    """Seconds per call of `fn` inside a CUDA graph of GRAPH_CALLS calls: the GPU's time alone, what a captured
+    decode step pays. A graph of one call would charge each call a graph launch, which a decode step's graph pays
+    once for all its layers (one H200: 18.9 us a replay for a 1-us kernel), and hide the difference between two
+    candidates of a small layer under it. Raises (RuntimeError) when `fn` cannot be captured, e.g. it waits for
+    the host."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad():
@@ -100,9 +106,10 @@ def _cuda_graph_time(fn: Callable[[], object], reps: int) -> float:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            for _ in range(GRAPH_CALLS):
+                fn()
     try:
-        return _cuda_time(graph.replay, reps)
+        return _cuda_time(graph.replay, reps) / GRAPH_CALLS
     finally:
         del graph
 

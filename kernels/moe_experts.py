@@ -20,7 +20,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.interpreter import INTERPRETED
 from kernels.launch import cdiv, fast, launch_fitting, sm_count
 from kernels.moe_align import Alignment, align_slots
-from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
+from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel, slot_sum_kernel
 from kernels.moe_grouped_gemm import (
     ACT_CLAMPED_SWIGLU,
     ACT_GELU,
@@ -162,19 +162,33 @@ class GemvConfig:
     block_n: int = 16
     block_k: int = 512
     num_warps: int = 4
+    groups: int = 0  # down only: slot groups per token; 0: down_groups decides
 
 
 # Narrow column tiles, long rows: enough programs to cover every SM, 16 KiB+ in flight per program.
 GEMV_DEFAULT = GemvConfig()
 
 
-# (gate/up, down) tiles of the decode path, from the H200 sweep in bench/results/launch_overhead_h200.csv
-# (`python -m bench.launch_overhead`, rows `gemv ...`: graph-replay time of the experts at T=1). Each down program
-# walks a token's k experts one after another, so it wants many bytes in flight per step: 1024-wide steps over 8
-# warps took the experts from 84 to 42 us on OLMoE, 82 to 38 on Qwen3, 202 to 182 on Mixtral and 19 to 17 on
-# SmolLM2-MoE, the best of 11 configs on all four (k = 8 and k = 2 alike). Gate/up keeps the default: best or
-# within 3% everywhere.
-GEMV_TILES = (GEMV_DEFAULT, GemvConfig(16, 1024, 8))
+# (gate/up, down) tiles of the decode path. The first sweep (bench/results/launch_overhead_h200.csv) timed graphs
+# of one call, whose launch hid differences under 5-18 us; timed inside graphs of many calls over copies of the
+# weights (one H200, 9 layers x 1 and 4 tokens, kernels/NOTES.md), 4 columns x 1024-wide steps over 4 warps was
+# the best gate/up tile or within 3% of it on 15 of the 18 points (up to 40% faster than 16 x 512 on small
+# layers: top-1 32 x 2048 x 512, 15.3 -> 9.3 us), and, with a program per slot, the best down tile.
+GEMV_TILES = (GemvConfig(4, 1024, 4), GemvConfig(4, 1024, 4))
+
+
+# Down at decode sizes: one program per (token, column tile) walked the token's slots one after another, so every
+# program waited on k round trips to memory, and a layer with few column tiles (H = 2048: 128 programs of 16
+# columns) left SMs idle. Now each slot has its own programs, which write float32 partial sums that a second, tiny
+# kernel adds in slot order (no atomics: the same output at every call). One H200, graph replays of the experts on
+# 9 layers x 1 and 4 tokens, 4 tiles x 1-8 slot groups (kernels/NOTES.md): one group per slot was the best or
+# within 2% of it everywhere; one group for all slots lost up to 19% (GPT-OSS's shape at 1 token: 65 against 55 us).
+SLOT_SUM_BLOCK = 1024
+
+
+def down_groups(slots: int) -> int:
+    """Slot groups per token for the decode down GEMV: one per slot (routed experts plus shared-expert chunks)."""
+    return max(1, slots)
 
 
 @lru_cache(maxsize=None)
@@ -281,11 +295,16 @@ def fused_experts(
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
         sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
                                                      shared.width)
-        fast(down_gemv_kernel)[(T, cdiv(H, gd.block_n))](
-            inter, weights.down, ids, topw, out, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
+        groups = gd.groups or down_groups(slots)
+        part = out if groups == 1 else torch.empty(T, groups, H, device=x.device, dtype=torch.float32)
+        fast(down_gemv_kernel)[(T * groups, cdiv(H, gd.block_n))](
+            inter, weights.down, ids, topw, part, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
             *_bias_args(weights.down_bias), *sd,
             TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k,
-            N_SHARED=n_sh, num_warps=gd.num_warps)
+            N_SHARED=n_sh, GROUPS=groups, num_warps=gd.num_warps)
+        if groups > 1:
+            fast(slot_sum_kernel)[(T, cdiv(H, SLOT_SUM_BLOCK))](part, out, H, out.stride(0), GROUPS=groups,
+                                                                BLOCK_N=SLOT_SUM_BLOCK, num_warps=4)
         return out
 
     if shared is not None:  # a dense MLP over every token: cuBLAS, then the routed sum added to it

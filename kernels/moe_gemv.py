@@ -137,18 +137,25 @@ def down_gemv_kernel(
     bias_ptr, stride_be, stride_bn,
     sh_down_ptr, stride_shn, stride_shk, sh_width,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_SHARED: tl.constexpr = 0,
+    N_SHARED: tl.constexpr = 0, GROUPS: tl.constexpr = 1,
 ):
     """out[t, n] = sum_j topw[t, j] * (a[t*S + j] . Wd[ids[t, j], n] + bd[ids[t, j], n])
     + sum_c a[t*S + TOP_K + c] . Wsd[n, c*K : (c+1)*K], S = TOP_K + N_SHARED; bd: the down bias [E, H] (HAS_BIAS;
-    else 0); Wsd: the shared expert's down weight [N, sh_width] (columns past sh_width are 0)."""
-    t = tl.program_id(0)
+    else 0); Wsd: the shared expert's down weight [N, sh_width] (columns past sh_width are 0).
+
+    GROUPS > 1: program (t * GROUPS + g, n tile) sums only slots [g * P, (g + 1) * P), P = cdiv(S, GROUPS), and
+    writes that float32 partial sum to out [T, GROUPS, N] (slot_sum_kernel adds the groups); GROUPS == 1 writes the
+    whole sum in out's dtype to out [T, N]."""
+    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
+    t = pid // GROUPS
+    g = pid % GROUPS
     SLOTS: tl.constexpr = TOP_K + N_SHARED
+    PER: tl.constexpr = (SLOTS + GROUPS - 1) // GROUPS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(TOP_K):
+    for j in range(g * PER, tl.minimum((g + 1) * PER, TOP_K)):
         r = t * TOP_K + j
         e = tl.load(ids_ptr + r).to(tl.int64)
         acc = _row_dot(a_ptr + (t * SLOTS + j) * stride_at, w_ptr + e * stride_we, stride_wn, stride_wk, offs_n,
@@ -157,8 +164,24 @@ def down_gemv_kernel(
             acc += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n, n_ok)
         total += tl.load(topw_ptr + r).to(tl.float32) * acc
     if N_SHARED > 0:
-        for c in range(N_SHARED):
+        for c in range(tl.maximum(g * PER, TOP_K) - TOP_K, tl.minimum((g + 1) * PER, SLOTS) - TOP_K):
             first = c * K  # the chunk's first column of the shared down weight
             total += _row_dot(a_ptr + (t * SLOTS + TOP_K + c) * stride_at, sh_down_ptr + first * stride_shk,
                               stride_shn, stride_shk, offs_n, n_ok, K, sh_width - first, BLOCK_N, BLOCK_K)
+    if GROUPS == 1:
+        tl.store(out_ptr + t * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(out_ptr + pid * N + offs_n, total, mask=n_ok)
+
+
+@triton.jit
+def slot_sum_kernel(part_ptr, out_ptr, N, stride_ot, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, n] = sum_g part[t, g, n] (float32 [T, GROUPS, N], contiguous), added in order g = 0, 1, ...: the
+    same result at every call."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in tl.static_range(GROUPS):
+        total += tl.load(part_ptr + (t * GROUPS + g) * N + offs_n, mask=n_ok, other=0.0)
     tl.store(out_ptr + t * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)

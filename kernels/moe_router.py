@@ -76,7 +76,7 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, h_lo, h_hi, stride_xt, stride_we,
 
 @triton.jit
 def _router_partial_logits_kernel(
-    x_ptr, w_ptr, part_ptr, T, H, E, stride_xt, stride_we, h_chunk,
+    x_ptr, w_ptr, part_ptr, T, H, E, stride_xt, stride_we, h_chunk, pe,
     FP32_LOGITS: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -91,18 +91,19 @@ def _router_partial_logits_kernel(
     h_lo = split * h_chunk
     acc = _logits_tile(x_ptr, w_ptr, rows_in, cols_in, h_lo, tl.minimum(h_lo + h_chunk, H), stride_xt, stride_we,
                        FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
-    tl.store(part_ptr + split * T * E + rows[:, None] * E + cols[None, :], acc,
+    tl.store(part_ptr + split * T * pe + rows[:, None] * pe + cols[None, :], acc,
              mask=(rows < T)[:, None] & (cols < E)[None, :])
 
 
 @triton.jit
 def _router_kernel(
-    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr, part_ptr, n_parts,
+    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr, part_ptr, n_parts, pe,
     T, H, E, stride_xt, stride_we, scaling,
     SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr, FROM_PARTS: tl.constexpr,
+    BLOCK_P: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -111,11 +112,15 @@ def _router_kernel(
     col_ok = cols < E
 
     if FROM_PARTS:
-        # The split matmul's partial sums, added in a fixed order: the same logits at every call.
+        # The split matmul's partial sums, BLOCK_P parts per load (one load per part waited on its own round trip:
+        # 66 parts of a DeepSeek-V3 router took 31 us), added in a fixed order: the same logits at every call.
         acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        for sp in range(0, n_parts):
-            acc += tl.load(part_ptr + sp * T * E + rows[:, None] * E + cols[None, :],
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        pp = tl.arange(0, BLOCK_P)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        for p0 in range(0, n_parts, BLOCK_P):
+            p = p0 + pp
+            acc += tl.sum(tl.load(part_ptr + p[:, None, None] * T * pe + (rows[:, None] * pe + cols[None, :])[None],
+                                  mask=(p < n_parts)[:, None, None] & tile_ok[None], other=0.0), axis=0)
     else:
         # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
         acc = _logits_tile(x_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), 0, H, stride_xt,
@@ -183,13 +188,14 @@ def _router_kernel(
 
 
 # Decode sizes: the router matmul split over H chunks and expert blocks (`_router_partial_logits_kernel`), then the
-# selection from the partial sums, where one program per 16 tokens would stream a large router matrix through a
-# single SM. The H200 grid (bench/results/moe_grid_h200_before_shared.csv) had the one-kernel router at 254-446 us
-# as a graph replay on DeepSeek-V3/Kimi-K2 layers (E = 256/384, H = 7168, float32) against stock's 55-75, 703 us on a
-# 16-expert float32 router at H = 4096, and 58 us against 23 on a 384-expert bf16 one at H = 3072; at E x H below
-# half a million bf16 weights it won (Qwen3, OLMoE: 11-18 us against 19-24).
+# selection from the partial sums, where one program per 16 tokens would stream the router matrix through a single
+# SM, one H-step (and one round trip to memory) after another. First for large routers only (the H200 grid had the
+# one-kernel router at 254-446 us as a graph replay on DeepSeek-V3/Kimi-K2 layers against stock's 55-75). Timed
+# inside graphs of 20 calls (one H200, 12 routers E = 8-384, H = 576-7168, bf16 and float32; kernels/NOTES.md) the
+# split won at 1 token on every router, small ones included (E = 8, H = 576: 4.4 us against 6.4; Qwen3's
+# 128 x 2048: 5.8 against 14.5), and at 4-64 tokens on all but E = 60, whose unaligned partial rows are now
+# padded. So every decode-sized call splits.
 SPLIT_MAX_TOKENS = 64
-SPLIT_MIN_WEIGHTS = 1 << 19
 SPLIT_BLOCK_E = 64
 SPLIT_BLOCK_H = 64
 
@@ -197,9 +203,9 @@ SPLIT_BLOCK_H = 64
 def split_plan(T: int, E: int, H: int, fp32_logits: bool, programs: int,
                force: bool = False) -> tuple[int, int] | None:
     """(H chunk, number of chunks) for the split router at T tokens, aiming at about `programs` programs in all;
-    None where the one-kernel router runs (many tokens, or a router matrix small enough for one program),
-    unless `force`."""
-    if not force and (T > SPLIT_MAX_TOKENS or not (fp32_logits or E * H >= SPLIT_MIN_WEIGHTS)):
+    None where the one-kernel router runs (more than SPLIT_MAX_TOKENS tokens), unless `force`. fp32_logits: kept
+    for callers; the plan does not depend on it."""
+    if not force and T > SPLIT_MAX_TOKENS:
         return None
     tiles = cdiv(max(T, 1), 16) * cdiv(E, SPLIT_BLOCK_E)
     parts = max(1, min(cdiv(programs, tiles), cdiv(H, SPLIT_BLOCK_H)))
@@ -267,16 +273,19 @@ def route(
         bias = bias.contiguous()
     plan = None if split is False else split_plan(T, E, H, spec.fp32_logits, 2 * sm_count(hidden.device),
                                                     force=bool(split))
-    parts, n_parts = topw, 0  # (unused pointer, no parts) for the one-kernel router
+    parts, n_parts, pe = topw, 0, 0  # (unused pointer, no parts) for the one-kernel router
     if plan is not None:
         chunk, n_parts = plan
-        parts = torch.empty(n_parts, T, E, device=hidden.device, dtype=torch.float32)
+        # Rows of the partial sums padded to 16 floats: aligned rows load 16 bytes at a time (at E = 60 the
+        # unpadded rows took the selection from 8 to 21 us at 4 tokens, one H200).
+        pe = cdiv(E, 16) * 16
+        parts = torch.empty(n_parts, T, pe, device=hidden.device, dtype=torch.float32)
 
         def launch_parts(stages: int) -> None:
             # float32 logits on the CUDA cores ("ieee"): spread over many programs they cost little, and they are
             # float32's own products, as stock's F.linear in float32 computes them.
             fast(_router_partial_logits_kernel)[(cdiv(T, 16), cdiv(E, SPLIT_BLOCK_E), n_parts)](
-                hidden, weight, parts, T, H, E, hidden.stride(0), weight.stride(0), chunk,
+                hidden, weight, parts, T, H, E, hidden.stride(0), weight.stride(0), chunk, pe,
                 FP32_LOGITS=spec.fp32_logits, DOT_F32=INTERPRETED, FP32_PRECISION="ieee",
                 BLOCK_T=16, BLOCK_H=SPLIT_BLOCK_H, BLOCK_E=SPLIT_BLOCK_E, num_warps=4, num_stages=stages,
             )
@@ -287,7 +296,7 @@ def route(
     def launch(c: tuple[int, int, int, int]) -> None:
         bt, bh, nw, ns = c
         fast(_router_kernel)[(cdiv(T, bt),)](
-            hidden, weight, bias if bias is not None else topw, logits, topw, topi, parts, n_parts,
+            hidden, weight, bias if bias is not None else topw, logits, topw, topi, parts, n_parts, pe,
             T, H, E, hidden.stride(0), weight.stride(0), float(spec.scaling),
             SCORING=SOFTMAX if spec.scoring == "softmax" else SIGMOID, RENORM=spec.renormalize,
             HAS_BIAS=bias is not None, FP32_LOGITS=spec.fp32_logits,
@@ -295,11 +304,17 @@ def route(
             BLOCK_T=bt, BLOCK_H=bh, BLOCK_E=block_e, BLOCK_K=next_pow2(spec.top_k),
             BLOCK_G=max(2, next_pow2(spec.n_group)), DOT_F32=INTERPRETED,
             FP32_PRECISION=DECODE_FP32_PRECISION if T <= 64 else "ieee", FROM_PARTS=n_parts > 0,
-            num_warps=nw, num_stages=ns,
+            BLOCK_P=block_p, num_warps=nw, num_stages=ns,
         )
 
-    if n_parts:  # the selection alone: no matmul tile to size, 16 tokens per program, a wide score tile
-        block_t, block_h, warps, stages = 16, 16, 8 if block_e >= 256 else 4, 1
+    block_p = 1
+    if n_parts:  # the selection alone: no matmul tile to size, up to 16 tokens per program, a wide score tile
+        block_t, block_h, warps, stages = min(16, next_pow2(T)), 16, 8 if block_e >= 256 else 4, 1
+        # One token: parts loaded together, a [BLOCK_P, 1, BLOCK_E] float32 tile of at most 8K elements (one H200,
+        # graph replays: 4.4-20 us against 5.6-31 one part per load). With more tokens per program the 3-D sum
+        # measured slower than a load per part (E = 128, 16 tokens: 73 us against 14), so it stays at one.
+        if block_t == 1:
+            block_p = max(1, min(next_pow2(n_parts), 8192 // block_e))
     choice = (block_t, block_h, warps, stages)
     # A wide router (E = 256, 384) in float32 can ask more shared memory than the GPU has (DeepSeek-V3 at
     # T = 16384: 288 KiB of 227); the heuristic's choice comes first, then ones that need less.

@@ -105,15 +105,29 @@ def test_split_router_matches_reference(name: str, E: int, k: int, spec: RouterS
     check_route(name, E, k, spec, T, split=True, H=200)
 
 
-def test_split_plan_is_for_large_routers_at_decode_sizes() -> None:
-    """split_plan: DeepSeek-V3-class (float32) and wide bf16 routers split at <= 64 tokens, into chunks that cover
-    H exactly; small routers and prefill sizes keep the one-kernel router."""
+def test_split_router_adds_many_parts_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More partial sums than the selection loads at once (H = 1100 over 64-wide chunks: 18 parts on a GPU of
+    64 SMs, 8 per load at 16 tokens x 64 experts), the last block partly past the end; E = 60 leaves the expert
+    tile ragged."""
+    from kernels import moe_router
+
+    monkeypatch.setattr(moe_router, "sm_count", lambda _device: 64)
+    assert moe_router.split_plan(37, 60, 1100, False, 128, force=True)[1] == 18
+    check_route("many parts", 60, 4, RouterSpec(top_k=4), 37, split=True, H=1100)
+    check_route("many parts, one token", 60, 4, RouterSpec(top_k=4), 1, split=True, H=1100)
+
+
+def test_split_plan_is_for_decode_sizes() -> None:
+    """split_plan: every router splits at <= 64 tokens, into chunks that cover H exactly and about the programs
+    asked for; prefill sizes keep the one-kernel router."""
     from kernels.moe_router import SPLIT_BLOCK_H, split_plan
 
     chunk, parts = split_plan(1, 256, 7168, True, 264)
     assert chunk % SPLIT_BLOCK_H == 0 and (parts - 1) * chunk < 7168 <= parts * chunk and parts > 16
-    assert split_plan(1, 384, 3072, False, 264) is not None  # Qwen2-class, 384 experts, bf16
-    assert split_plan(1, 128, 2048, False, 264) is None  # Qwen3: one program reads it fast enough
+    assert split_plan(1, 384, 3072, False, 264) is not None  # 384 experts, bf16
+    chunk, parts = split_plan(1, 128, 2048, False, 264)  # Qwen3: 2 expert blocks x 32 chunks
+    assert parts == 2048 // SPLIT_BLOCK_H and chunk == SPLIT_BLOCK_H
+    assert split_plan(64, 8, 576, False, 264) is not None
     assert split_plan(65, 256, 7168, True, 264) is None  # prefill: many token blocks already spread the work
     assert split_plan(1, 16, 4096, True, 264)[1] <= 4096 // SPLIT_BLOCK_H
 
@@ -275,6 +289,38 @@ def test_shared_expert_slots_match_float64(T: int, E: int, k: int, H: int, I: in
         assert rel_err(out.cpu(), ref) < 1e-2, path
     no_shared = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path="gemv")
     assert rel_err(no_shared.cpu(), ref) > 0.05  # the shared part is a real share of the output
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 5])
+def test_down_slot_groups_match_float64_and_repeat_exactly(groups: int) -> None:
+    """The decode down GEMV with a token's slots shared out over `groups` programs (float32 partial sums, then
+    slot_sum_kernel): 2 routed slots + 3 shared chunks, so groups of 3 slots straddle routed and shared ones and
+    5 groups leave one slot each. Every split matches float64, and two calls give the same bits."""
+    gen = torch.Generator().manual_seed(11)
+    T, E, k, H, I, Is = 2, 8, 2, 72, 40, 100
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(torch.bfloat16)
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(torch.bfloat16)
+    sh = SharedExpert(*((torch.randn(*s, generator=gen) / s[1]**0.5).to(torch.bfloat16)
+                        for s in ((Is, H), (Is, H), (H, Is))))
+    ids = skewed_ids(T, E, k, gen)
+    topw = torch.rand(T, k, generator=gen).softmax(-1)
+    ref = ref_experts(x, gate_up, down, topw, ids) + ref_shared(x, sh)
+    w = ExpertWeights(gate_up.to(DEV), down.to(DEV))
+    sh_dev = SharedExpert(*(t.to(DEV) if t is not None else None for t in dataclasses.astuple(sh)))
+    tiles = (moe_experts.GEMV_TILES[0], dataclasses.replace(moe_experts.GEMV_TILES[1], groups=groups))
+    outs = [fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path="gemv", gemv=tiles, shared=sh_dev)
+            for _ in range(2)]
+    assert rel_err(outs[0].cpu(), ref) < 1e-2
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_down_groups_rule_gives_each_slot_its_own_programs() -> None:
+    from kernels.moe_experts import down_groups
+
+    assert down_groups(8) == 8  # Qwen3: 8 routed slots
+    assert down_groups(8 + 1) == 9  # DeepSeek-V3: 8 routed + 1 shared chunk
+    assert down_groups(1) == 1  # top-1, no shared expert: no second kernel
 
 
 def test_shared_expert_bad_shapes_and_activation_are_refused() -> None:
