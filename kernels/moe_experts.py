@@ -175,6 +175,10 @@ GEMV_DEFAULT = GemvConfig()
 # the best gate/up tile or within 3% of it on 15 of the 18 points (up to 40% faster than 16 x 512 on small
 # layers: top-1 32 x 2048 x 512, 15.3 -> 9.3 us), and, with a program per slot, the best down tile.
 GEMV_TILES = (GemvConfig(4, 1024, 4), GemvConfig(4, 1024, 4))
+# Transposed weights (GPT-OSS's [E, H, 2I] / [E, I, H]): a tile's columns are then adjacent elements of each
+# weight row, so 4 of them load 8 bytes where 16 load 32. The grid (bench/results/moe_grid_h200.csv) had GPT-OSS-20B
+# at 1 token go from 131 to 176 us with the 4-column tiles; it keeps the tiles it was measured with before.
+GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=1))
 
 
 # Down at decode sizes: one program per (token, column tile) walked the token's slots one after another, so every
@@ -253,7 +257,7 @@ def fused_experts(
     "clamped_swiglu" (GPT-OSS: act(g) * u = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
     g' = min(g, limit), with alpha = swiglu_alpha and limit = swiglu_limit; the other activations ignore both).
     force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up, down) tiles of the grouped path, gemv:
-    (gate/up, down) of the decode path (default: pick_configs, GEMV_TILES).
+    (gate/up, down) of the decode path (default: pick_configs, GEMV_TILES or GEMV_TILES_TRANSPOSED).
     """
     if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of "
@@ -283,7 +287,7 @@ def fused_experts(
     if path == "gemv":
         g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
         d_se, d_sn, d_sk = weights.down_strides()
-        gu, gd = gemv or GEMV_TILES
+        gu, gd = gemv or (GEMV_TILES_TRANSPOSED if weights.transposed else GEMV_TILES)
         n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
         slots = k + n_sh
         inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)

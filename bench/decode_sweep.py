@@ -1,0 +1,129 @@
+"""The decode kernels' choices, swept: the router's one kernel against its split matmul, and the decode GEMV's
+tiles and slot groups, timed as the GPU runs them inside a captured decode step (issue 21, point 4).
+
+    python -m bench.decode_sweep [--out bench/results/decode_sweep.csv] [--tokens 1 4] [--only router experts]
+
+Every time is a CUDA-graph replay divided over the many calls captured in it (bench.moe_layer.CallGraph), the
+calls cycling over copies of the weights so that small layers are read from memory (l2_copies). Rows:
+- `router one` / `router split` for 12 routers (E = 8-384, H = 576-7168, bf16 and float32 logits) at 1, 4, 16 and
+  64 tokens (kernels.moe_router.route with split forced off and on);
+- per expert layout of the grid's anchors (and GPT-OSS's transposed, biased one) and token count: our experts
+  with each gate/up tile (down at one group), then each down tile x slot groups (gate/up at the best), and with
+  the built-in choice (`experts default`), beside the weight-read floor of the experts routed to.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from bench.common import start_run, write_rows
+from bench.moe_layer import graph_time, l2_copies
+from kernels.moe_experts import ExpertWeights, GemvConfig, fused_experts
+from kernels.moe_router import RouterSpec, route
+
+ROUTERS = [(8, 576, False), (8, 4096, False), (32, 2880, False), (60, 2048, False), (64, 2048, False),
+           (128, 2048, False), (128, 4096, False), (256, 3072, False), (384, 3072, False), (384, 7168, False),
+           (16, 4096, True), (256, 7168, True)]
+# (name, experts, top-k, hidden, width, transposed layout)
+EXPERTS = [("qwen3-30b-a3b", 128, 8, 2048, 768, False), ("olmoe-1b-7b", 64, 8, 2048, 1024, False),
+           ("qwen2-moe-a2.7b", 60, 4, 2048, 1408, False), ("smollm2-moe", 8, 2, 576, 1536, False),
+           ("mixtral-8x7b", 8, 2, 4096, 14336, False), ("deepseek-v3", 256, 8, 7168, 2048, False),
+           ("e32-k1-h2048-i512", 32, 1, 2048, 512, False), ("gpt-oss-20b", 32, 4, 2880, 2880, True)]
+UPS = [GemvConfig(16, 512, 4), GemvConfig(4, 1024, 4), GemvConfig(2, 1024, 4), GemvConfig(4, 2048, 8),
+       GemvConfig(8, 1024, 4), GemvConfig(4, 512, 2)]
+DOWNS = [GemvConfig(16, 1024, 8), GemvConfig(8, 1024, 8), GemvConfig(8, 1024, 4), GemvConfig(4, 1024, 4)]
+
+
+def _name(c: GemvConfig) -> str:
+    return f"n{c.block_n} k{c.block_k} w{c.num_warps}" + (f" g{c.groups}" if c.groups else "")
+
+
+def router_rows(run, tokens: list[int]) -> list[dict]:
+    rows = []
+    for E, H, fp32 in ROUTERS:
+        spec = RouterSpec(top_k=min(8, E), fp32_logits=fp32)
+        w = torch.randn(E, H, device="cuda", dtype=torch.float32 if fp32 else torch.bfloat16) * 0.02
+        shape = f"router E={E} H={H}" + (" fp32" if fp32 else "")
+        line = []
+        for T in tokens:
+            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+            for prov, split in (("router one", False), ("router split", True)):
+                t = graph_time(lambda: route(h, w, spec, split=split), 20)
+                rows.append(run.row(kernel="decode_sweep", provider=prov, shape=shape, tokens=T, metric="graph_time",
+                                    value=round(t * 1e6, 2), unit="us"))
+            line.append(f"T={T}: one {rows[-2]['value']} split {rows[-1]['value']}")
+        print(f"{shape:26s} " + " | ".join(line), flush=True)
+    return rows
+
+
+def experts_rows(run, tokens: list[int]) -> list[dict]:
+    rows = []
+    for name, E, k, H, I, transposed in EXPERTS:
+        per_call = k * 3 * H * I * 2
+        ws = []
+        for _ in range(l2_copies(per_call, E * 3 * H * I * 2)):
+            gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
+            dn = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+            if transposed:  # GPT-OSS keeps [E, H, 2I] / [E, I, H]
+                gu, dn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()
+            ws.append(ExpertWeights(gu, dn, transposed=transposed))
+        for T in tokens:
+            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+            ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
+            tw = torch.rand(T, k, device="cuda")
+            base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
+
+            def timed(tiles: tuple[GemvConfig, GemvConfig] | None) -> float:
+                t = graph_time([lambda w=w: fused_experts(h, w, tw, ids, force_path="gemv", gemv=tiles) for w in ws])
+                return float("inf") if t is None else t * 1e6
+
+            one_group = GemvConfig(16, 1024, 8, groups=1)
+            ups = {u: timed((u, one_group)) for u in UPS}
+            best_up = min(ups, key=ups.__getitem__)
+            downs = {GemvConfig(d.block_n, d.block_k, d.num_warps, groups=g): 0.0 for d in DOWNS
+                     for g in (1, 2, 4, 8) if g <= k}
+            downs = {d: timed((best_up, d)) for d in downs}
+            default = timed(None)
+            floor = ids.unique().numel() * 3 * H * I * 2 / run.bandwidth * 1e6
+            for tag, tt in (("experts up", ups), ("experts down", downs)):
+                for c, t in tt.items():
+                    rows.append(run.row(**base, provider=f"{tag} {_name(c)}", metric="graph_time", value=round(t, 2),
+                                        unit="us"))
+            rows.append(run.row(**base, provider="experts default", metric="graph_time", value=round(default, 2),
+                                unit="us"))
+            rows.append(run.row(**base, provider="floor", metric="graph_time", value=round(floor, 2),
+                                unit=f"us ({ids.unique().numel()} experts read)"))
+            best_down = min(downs, key=downs.__getitem__)
+            print(f"{base['shape']:28s} T={T} floor {floor:.1f} us | default {default:.1f} | best up {_name(best_up)} "
+                  f"{ups[best_up]:.1f} (16x512: {ups[UPS[0]]:.1f}) | best down {_name(best_down)} "
+                  f"{downs[best_down]:.1f}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results/decode_sweep.csv"))
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 4])
+    ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
+    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts"])
+    args = ap.parse_args(argv)
+    run = start_run("decode_sweep")
+    if run is None:
+        return 2
+    torch.manual_seed(0)
+    rows = list(run.rows)
+    if "router" in args.only:
+        rows += router_rows(run, args.router_tokens)
+        write_rows(args.out, rows)
+    if "experts" in args.only:
+        rows += experts_rows(run, args.tokens)
+    write_rows(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
