@@ -176,9 +176,11 @@ GEMV_DEFAULT = GemvConfig()
 # layers: top-1 32 x 2048 x 512, 15.3 -> 9.3 us), and, with a program per slot, the best down tile.
 GEMV_TILES = (GemvConfig(4, 1024, 4), GemvConfig(4, 1024, 4))
 # Transposed weights (GPT-OSS's [E, H, 2I] / [E, I, H]): a tile's columns are then adjacent elements of each
-# weight row, so 4 of them load 8 bytes where 16 load 32. The grid (bench/results/moe_grid_h200.csv) had GPT-OSS-20B
-# at 1 token go from 131 to 176 us with the 4-column tiles; it keeps the tiles it was measured with before.
-GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=1))
+# weight row, so 4 of them load 8 bytes where 16 load 32. The grid had GPT-OSS-20B at 1 token go from 131 to 176 us
+# with the 4-column tiles (bench/results/moe_grid_h200_gptoss_narrow_tiles.csv), so it keeps 16 columns; its down
+# GEMV in two slot groups took 97 us at 1 token against 116 in one and 102 in four (bench/results/
+# decode_sweep_h200.csv; 4 tokens: 299 against 317 and 305).
+GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=2))
 
 
 # Down at decode sizes: one program per (token, column tile) walked the token's slots one after another, so every
@@ -299,7 +301,7 @@ def fused_experts(
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
         sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
                                                      shared.width)
-        groups = gd.groups or down_groups(slots)
+        groups = min(gd.groups or down_groups(slots), slots)  # never a group without a slot
         part = out if groups == 1 else torch.empty(T, groups, H, device=x.device, dtype=torch.float32)
         fast(down_gemv_kernel)[(T * groups, cdiv(H, gd.block_n))](
             inter, weights.down, ids, topw, part, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
