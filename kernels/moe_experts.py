@@ -171,9 +171,10 @@ GEMV_DEFAULT = GemvConfig()
 
 # (gate/up, down) tiles of the decode path. The first sweep (bench/results/launch_overhead_h200.csv) timed graphs
 # of one call, whose launch hid differences under 5-18 us; timed inside graphs of many calls over copies of the
-# weights (one H200, 9 layers x 1 and 4 tokens, kernels/NOTES.md), 4 columns x 1024-wide steps over 4 warps was
-# the best gate/up tile or within 3% of it on 15 of the 18 points (up to 40% faster than 16 x 512 on small
-# layers: top-1 32 x 2048 x 512, 15.3 -> 9.3 us), and, with a program per slot, the best down tile.
+# weights (one H200, 9 layers x 1 and 4 tokens, bench/results/probes/decode_probe_tiles_h200.log), 4 columns x
+# 1024-wide steps over 4 warps was the best gate/up tile or within 3% of it on 17 of the 18 points (up to 40% faster
+# than 16 x 512 on small layers: top-1 32 x 2048 x 512, 15.3 -> 9.3 us), and, with a program per slot, the down
+# tile within 3% of the best on 17 of 18 (the top-1 layer at 1 token: 7.1 against 6.5 us).
 GEMV_TILES = (GemvConfig(4, 1024, 4), GemvConfig(4, 1024, 4))
 # Transposed weights (GPT-OSS's [E, H, 2I] / [E, I, H]): a tile's columns are then adjacent elements of each
 # weight row, so 4 of them load 8 bytes where 16 load 32. The grid had GPT-OSS-20B at 1 token go from 131 to 176 us
@@ -187,8 +188,9 @@ GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=
 # program waited on k round trips to memory, and a layer with few column tiles (H = 2048: 128 programs of 16
 # columns) left SMs idle. Now each slot has its own programs, which write float32 partial sums that a second, tiny
 # kernel adds in slot order (no atomics: the same output at every call). One H200, graph replays of the experts on
-# 9 layers x 1 and 4 tokens, 4 tiles x 1-8 slot groups (kernels/NOTES.md): one group per slot was the best or
-# within 2% of it everywhere; one group for all slots lost up to 19% (GPT-OSS's shape at 1 token: 65 against 55 us).
+# 9 layers x 1 and 4 tokens, 4 tiles x 1-8 slot groups (bench/results/probes/decode_probe_tiles_h200.log): one
+# group per slot was the best or within 3% of it on 17 of 18 points; one group for all slots lost up to 19%
+# (GPT-OSS's shape, untransposed, at 1 token: 65 against 55 us).
 SLOT_SUM_BLOCK = 1024
 
 

@@ -191,10 +191,11 @@ def _router_kernel(
 # selection from the partial sums, where one program per 16 tokens would stream the router matrix through a single
 # SM, one H-step (and one round trip to memory) after another. First for large routers only (the H200 grid had the
 # one-kernel router at 254-446 us as a graph replay on DeepSeek-V3/Kimi-K2 layers against stock's 55-75). Timed
-# inside graphs of 20 calls (one H200, 12 routers E = 8-384, H = 576-7168, bf16 and float32; kernels/NOTES.md) the
-# split won at 1 token on every router, small ones included (E = 8, H = 576: 4.4 us against 6.4; Qwen3's
-# 128 x 2048: 5.8 against 14.5), and at 4-64 tokens on all but E = 60, whose unaligned partial rows are now
-# padded. So every decode-sized call splits.
+# inside graphs of 20 calls (one H200, 12 routers E = 8-384, H = 576-7168, bf16 and float32;
+# bench/results/decode_sweep_h200.csv) the split won at 1 and 4 tokens on every router, small ones included (E = 8,
+# H = 576: 4.2 us against 6.4; Qwen3's 128 x 2048: 6.2 against 13.9), and at 16-64 tokens on all but the two with
+# 128 experts, which it costs about 1 us (128 x 2048: 15.8 against 14.5). So every decode-sized call splits; the
+# dispatcher still times our router against the model's own.
 SPLIT_MAX_TOKENS = 64
 SPLIT_BLOCK_E = 64
 SPLIT_BLOCK_H = 64
