@@ -209,11 +209,14 @@ class CallGraph:
         return bench(self.graph.replay, reps=reps, warm=3) / self.calls
 
 
-def l2_copies(bytes_per_call: float, bytes_per_copy: float, budget: float = 16e9, most: int = 8) -> int:
+def l2_copies(bytes_per_call: float, bytes_per_copy: float, budget: float = 16e9, most: int = 8,
+              l2: int | None = None) -> int:
     """How many copies of a layer's weights `graph_time` should cycle through so that one call's weights have
     left the L2 cache when the next call on the same copy comes: enough for 3 x the L2's size between two calls
-    on one copy (a real forward runs every other layer in between), at most `most` and `budget` bytes in all."""
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    on one copy (a real forward runs every other layer in between), at most `most` and `budget` bytes in all.
+    l2: the cache's bytes (default: the current GPU's)."""
+    if l2 is None:
+        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     want = -(-3 * l2 // max(1, int(bytes_per_call)))
     return int(max(1, min(most, want, budget // max(1.0, bytes_per_copy))))
 

@@ -137,6 +137,24 @@ def test_a_regression_counts_only_when_a_second_pass_confirms_it() -> None:
     assert got["points_below_1_speedup_plain"] == 3  # b, c, d
     assert got["points_below_1_in_every_round_plain"] == 2  # b, c
     assert got["points_below_1_confirmed_plain"] == 1  # c
+    assert "points_below_1_in_every_round_graph" not in got  # no graph rounds in these rows
+
+
+def test_graph_points_count_below_1_only_when_every_paired_round_is() -> None:
+    """Graph replays are timed in paired rounds as well: a point whose best round reaches 1.0x is within the
+    spread of two timings; one below 1.0x in every round counts."""
+    from bench.common import BenchRun
+    from bench.moe_grid import summary_rows
+
+    run = BenchRun("g", "t", 1.0, 1.0)
+    rows = []
+    for shape, speedup, high in (("a", 1.4, 1.5), ("b", 0.99, 1.01), ("c", 0.98, 0.985)):
+        base = dict(kernel="moe_grid", provider="dispatched", shape=shape, tokens=16, unit="x")
+        rows += [run.row(**base, metric="speedup_vs_best_stock_graph", value=speedup),
+                 run.row(**base, metric="speedup_vs_best_stock_graph_high", value=high)]
+    got = {r["metric"]: r["value"] for r in summary_rows(run, rows) if r["provider"] == "dispatched"}
+    assert got["points_below_1_speedup_graph"] == 2  # b, c
+    assert got["points_below_1_in_every_round_graph"] == 1  # c
 
 
 def test_resuming_from_a_file_that_is_not_a_grid_csv_is_one_line_and_leaves_it(
@@ -186,3 +204,13 @@ def test_every_grid_shape_matches_float64_on_the_gpu(tokens: int, monkeypatch: p
         gc.collect()
         torch.cuda.empty_cache()
     assert len(worst) == len(grid(GRID_TESTED))
+
+
+def test_l2_copies_put_three_caches_between_two_calls_on_one_copy_within_budgets() -> None:
+    from bench.moe_layer import l2_copies
+
+    l2 = 60 << 20
+    assert l2_copies(75e6, 1.2e9, l2=l2) == 3  # Qwen3-30B-A3B at one token: 3 x 75 MB >= 3 x 60 MiB
+    assert l2_copies(10.6e6, 42e6, l2=l2) == 8  # SmolLM2-MoE: would want 18, at most 8
+    assert l2_copies(10.6e6, 4e9, l2=l2) == 4  # ... and at most 16 GB of copies
+    assert l2_copies(704e6, 22.5e9, l2=l2) == 1  # DeepSeek-V3: one call already reads 12 caches' worth
