@@ -19,7 +19,6 @@ and for down, timed as graph replays of our experts alone (SiLU gate: the tiles'
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import time
@@ -28,8 +27,19 @@ from pathlib import Path
 import torch
 
 from bench.common import start_run, write_rows
-from bench.moe_grid import BATCHED_MM_BUDGET, _out, _time, build_block, floor_bytes, grid, router, set_provider
-from bench.moe_layer import graph_time, l2_copies
+from bench.moe_grid import (
+    BATCHED_MM_BUDGET,
+    _out,
+    _time,
+    block_copies,
+    build_block,
+    floor_bytes,
+    grid,
+    router,
+    set_provider,
+    set_providers,
+)
+from bench.moe_layer import graph_time
 from kernels import dispatch
 from kernels.hf_moe import fused_triton_experts_forward, register
 from kernels.hf_shared import shared_expert, structure_problem
@@ -61,9 +71,7 @@ def _rest(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor | None:
 def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
     register()
     block = build_block(s)
-    # Copies every graph cycles through (bench.moe_layer.l2_copies): a small layer's weights come from memory.
-    blocks = [block] + [copy.deepcopy(block) for _ in range(l2_copies(s.top_k * s.weight_bytes() / s.experts,
-                                                                       1.2 * s.weight_bytes()) - 1)]
+    blocks = block_copies(block, s)  # every graph cycles through them: a small layer's weights come from memory
     rows: list[dict] = []
     for n, T in enumerate(tokens):
         x = (torch.randn(1, T, s.hidden, device="cuda") + 4 * block.u).to(torch.bfloat16)
@@ -78,8 +86,7 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         for prov in ("grouped_mm", "batched_mm", "fused_triton", "dispatched"):
             if prov == "batched_mm" and T * s.top_k * 3 * s.hidden * s.width * 2 > BATCHED_MM_BUDGET:
                 continue
-            for b in blocks:
-                set_provider(b, prov)
+            set_providers(blocks, prov)
             if prov == "dispatched":
                 dispatch._default = dispatch.Dispatcher(None)
             with torch.no_grad():
@@ -95,13 +102,11 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         for prov, t in plain.items():
             rows.append(run.row(**base, provider=f"block {prov}", metric="plain_time", value=round(t * 1e6, 2),
                                 unit="us"))
-        for b in blocks:
-            set_provider(b, "fused_triton")
+        set_providers(blocks, "fused_triton")
         with torch.no_grad():
             router(block)(h)
         times["router ours"] = graph_time([lambda b=b: router(b)(h) for b in blocks])
-        for b in blocks:
-            set_provider(b, "grouped_mm")
+        set_providers(blocks, "grouped_mm")
         times["router stock"] = graph_time([lambda b=b: router(b)(h) for b in blocks])
         os.environ[dispatch.ENV] = "fused"
         wts = [_weights(b.experts) for b in blocks]

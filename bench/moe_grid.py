@@ -17,17 +17,18 @@ host's drift is shared out, `interleaved`; the lowest and highest ratio of paire
 slower than the best stock backend in every round is timed again in a second pass of rounds, and only one slower
 in both counts as `points_below_1_confirmed_plain`) for:
 `eager`, `grouped_mm`, `batched_mm` (while its gathered weights stay under 8 GB), `fused_triton` (our kernels
-alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` runs: our kernels or a stock
-path, measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays. Rows per point: each time, the
-best stock backend and its time, `speedup_vs_best_stock` of ours and of dispatched (> 1: faster than the best
-stock), and correctness with the routing held equal: the relative error of our experts and of grouped_mm's
-against a float64 computation, and the share of tokens whose top-k set our router picks as stock's does. At decode
-sizes (<= 16 tokens) also the weight-read floor: the bytes of the distinct experts the stock router picks plus
-the block's other weights, over the copy bandwidth measured at the start of the run, and each path's share of it
-(`floor_share_plain`, `floor_share_graph`). A summary (worst, median, best speedup; worst and median floor
-share) closes the CSV. Points are written as they finish, each shape closed by a `seconds` row; `--budget-s`
-stops before starting a shape that would not fit, and `--resume` keeps the shapes --out has finished and runs
-the rest, so that one grid can span several calls of a time-limited machine.
+alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` runs: our kernels or a stock path,
+measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays (many calls per graph, over copies of
+the block larger than the L2 cache: bench.moe_layer.CallGraph; in five paired rounds as well). Rows per point:
+each time, the best stock backend and its time, `speedup_vs_best_stock` of ours and of dispatched (> 1: faster
+than the best stock), and correctness with the routing held equal: the relative error of our experts and of
+grouped_mm's against a float64 computation, and the share of tokens whose top-k set our router picks as stock's
+does. At decode sizes (<= 16 tokens) also the weight-read floor: the bytes of the distinct experts the stock
+router picks plus the block's other weights, over the copy bandwidth measured at the start of the run, and each
+path's share of it (`floor_share_plain`, `floor_share_graph`). A summary (worst, median, best speedup; worst and
+median floor share) closes the CSV. Points are written as they finish, each shape closed by a `seconds` row;
+`--budget-s` stops before starting a shape that would not fit, and `--resume` keeps the shapes --out has finished
+and runs the rest, so that one grid can span several calls of a time-limited machine.
 """
 from __future__ import annotations
 
@@ -283,13 +284,23 @@ def shared_reference(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return y if gate is None else torch.sigmoid(hd @ gate.weight.double().T) * y
 
 
+def block_copies(block: torch.nn.Module, s: Shape) -> list[torch.nn.Module]:
+    """block and deep copies of it, for graph replays to cycle through so that a small layer is read from memory
+    (bench.moe_layer.l2_copies; a decode call reads at least top-k experts)."""
+    n = l2_copies(s.top_k * s.weight_bytes() / s.experts, 1.2 * s.weight_bytes())
+    return [block] + [copy.deepcopy(block) for _ in range(n - 1)]
+
+
+def set_providers(blocks: list[torch.nn.Module], prov: str) -> None:
+    """`set_provider` on each of `blocks`."""
+    for b in blocks:
+        set_provider(b, prov)
+
+
 def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
     register()
     block = build_block(s)
-    # Copies that graph replays cycle through, so that a small layer is read from memory (bench.moe_layer.l2_copies);
-    # a decode call reads at least top-k experts.
-    blocks = [block] + [copy.deepcopy(block) for _ in range(l2_copies(s.top_k * s.weight_bytes() / s.experts,
-                                                                       1.2 * s.weight_bytes()) - 1)]
+    blocks = block_copies(block, s)
     rows: list[dict] = []
     for T in tokens:
         x = (torch.randn(1, T, s.hidden, device="cuda") + 4 * block.u).to(torch.bfloat16)
@@ -307,8 +318,7 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
         for prov in STOCK + ["fused_triton", "dispatched"]:
             if prov == "batched_mm" and T * s.top_k * 3 * s.hidden * s.width * 2 > BATCHED_MM_BUDGET:
                 continue
-            for b in blocks:
-                set_provider(b, prov)
+            set_providers(blocks, prov)
             if prov == "dispatched":
                 dispatch._default = dispatch.Dispatcher(None)  # measure in this run, not from an earlier one
             try:
