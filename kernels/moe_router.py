@@ -201,11 +201,9 @@ SPLIT_BLOCK_E = 64
 SPLIT_BLOCK_H = 64
 
 
-def split_plan(T: int, E: int, H: int, fp32_logits: bool, programs: int,
-               force: bool = False) -> tuple[int, int] | None:
+def split_plan(T: int, E: int, H: int, programs: int, force: bool = False) -> tuple[int, int] | None:
     """(H chunk, number of chunks) for the split router at T tokens, aiming at about `programs` programs in all;
-    None where the one-kernel router runs (more than SPLIT_MAX_TOKENS tokens), unless `force`. fp32_logits: kept
-    for callers; the plan does not depend on it."""
+    None where the one-kernel router runs (more than SPLIT_MAX_TOKENS tokens), unless `force`."""
     if not force and T > SPLIT_MAX_TOKENS:
         return None
     tiles = cdiv(max(T, 1), 16) * cdiv(E, SPLIT_BLOCK_E)
@@ -272,7 +270,7 @@ def route(
         block_t, block_h, warps, stages = tiles
     if bias is not None:
         bias = bias.contiguous()
-    plan = None if split is False else split_plan(T, E, H, spec.fp32_logits, 2 * sm_count(hidden.device),
+    plan = None if split is False else split_plan(T, E, H, 2 * sm_count(hidden.device),
                                                     force=bool(split))
     parts, n_parts, pe = topw, 0, 0  # (unused pointer, no parts) for the one-kernel router
     if plan is not None:

@@ -112,7 +112,7 @@ def test_split_router_adds_many_parts_in_blocks(monkeypatch: pytest.MonkeyPatch)
     from kernels import moe_router
 
     monkeypatch.setattr(moe_router, "sm_count", lambda _device: 64)
-    assert moe_router.split_plan(37, 60, 1100, False, 128, force=True)[1] == 18
+    assert moe_router.split_plan(37, 60, 1100, 128, force=True)[1] == 18
     check_route("many parts", 60, 4, RouterSpec(top_k=4), 37, split=True, H=1100)
     check_route("many parts, one token", 60, 4, RouterSpec(top_k=4), 1, split=True, H=1100)
 
@@ -122,14 +122,14 @@ def test_split_plan_is_for_decode_sizes() -> None:
     asked for; prefill sizes keep the one-kernel router."""
     from kernels.moe_router import SPLIT_BLOCK_H, split_plan
 
-    chunk, parts = split_plan(1, 256, 7168, True, 264)
+    chunk, parts = split_plan(1, 256, 7168, 264)
     assert chunk % SPLIT_BLOCK_H == 0 and (parts - 1) * chunk < 7168 <= parts * chunk and parts > 16
-    assert split_plan(1, 384, 3072, False, 264) is not None  # 384 experts, bf16
-    chunk, parts = split_plan(1, 128, 2048, False, 264)  # Qwen3: 2 expert blocks x 32 chunks
+    assert split_plan(1, 384, 3072, 264) is not None  # 384 experts, bf16
+    chunk, parts = split_plan(1, 128, 2048, 264)  # Qwen3: 2 expert blocks x 32 chunks
     assert parts == 2048 // SPLIT_BLOCK_H and chunk == SPLIT_BLOCK_H
-    assert split_plan(64, 8, 576, False, 264) is not None
-    assert split_plan(65, 256, 7168, True, 264) is None  # prefill: many token blocks already spread the work
-    assert split_plan(1, 16, 4096, True, 264)[1] <= 4096 // SPLIT_BLOCK_H
+    assert split_plan(64, 8, 576, 264) is not None
+    assert split_plan(65, 256, 7168, 264) is None  # prefill: many token blocks already spread the work
+    assert split_plan(1, 16, 4096, 264)[1] <= 4096 // SPLIT_BLOCK_H
 
 
 def test_router_rejects_bad_groups() -> None:
