@@ -4,7 +4,7 @@
                               [--out bench/results/head_topk.csv]
 
 Per (vocabulary, rows): the head's matmul alone (bf16, [rows, hidden] x [hidden, vocab]); `torch.topk` alone on
-its bf16 product; the stage's selection before (`logit_cache.topk_from_logits`: float32 copies, a scatter and two
+its bf16 product, and `logit_cache.topk.block_topk` (the top-k through block maxima) that the stage uses now; the stage's selection before (`logit_cache.topk_from_logits`: float32 copies, a scatter and two
 logsumexps) and now (`logit_cache.topk_select`: the top-k in bf16 and one pass of row statistics,
 `kernels.topk_tail`); the row-statistics kernel alone. Each as microseconds per call and tokens/s, and the floor
 of each: the matmul at the measured bf16 rate, the selection at one read of the bf16 logits at the measured copy
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kernels.topk_tail import row_stats
     from logit_cache import topk_from_logits, topk_select
+    from logit_cache.topk import block_topk
 
     k = args.top_k
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             floors = {"matmul": 2 * rows * vocab * args.hidden / run.matmul, "select": read / run.bandwidth}
             cases = {"matmul": lambda: torch.nn.functional.linear(hidden, weight),
                      "torch_topk_bf16": lambda: torch.topk(logits, k, dim=-1),
+                     "block_topk_bf16": lambda: block_topk(logits, k),
                      "row_stats": lambda: row_stats(logits, kth),
                      "topk_from_logits": lambda: topk_from_logits(logits, k),
                      "topk_select": lambda: topk_select(logits, k)}

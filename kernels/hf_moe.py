@@ -23,6 +23,8 @@ from transformers.integrations import moe as hf_moe
 
 from kernels import hf_coverage as coverage
 from kernels.dispatch import OURS, module_path, token_bucket
+from kernels.hf_norms import install_fused_norms
+from kernels.hf_rotary import install_fused_rotary
 from kernels.hf_shared import install_fused_blocks
 from kernels.interpreter import INTERPRETED
 from kernels.moe_experts import ExpertWeights, fused_experts
@@ -176,13 +178,17 @@ def install_fused_routers(model: torch.nn.Module) -> tuple[int, list[str]]:
     return fused, sorted(unknown)
 
 
-def enable_fused_moe(model: torch.nn.Module, routers: bool = True, shared: bool = True) -> dict[str, Any]:
+def enable_fused_moe(model: torch.nn.Module, routers: bool = True, shared: bool = True, norms: bool = True,
+                     rotary: bool = True) -> dict[str, Any]:
     """Turn on our kernels for a loaded transformers MoE model: experts backend `fused_triton`, fused routers,
-    and (`shared`) blocks whose shared expert joins our decode kernels (kernels/hf_shared.py).
+    (`shared`) blocks whose shared expert joins our decode kernels (kernels/hf_shared.py), and the rest of the
+    decoder's elementwise work: (`norms`) RMSNorm modules on a one-pass kernel (kernels/hf_norms.py) and
+    (`rotary`) the rotary embedding (kernels/hf_rotary.py), each checked against the model's own at first use.
 
     Whether our kernels cover an experts module is decided at its first forward per input dtype and device type;
     after changing a module's structure (biases, norms, activation), call this again.
-    Returns {"experts_implementation", "routers_fused", "routers_unrecognised", "shared_blocks_fused"}. Raises
+    Returns {"experts_implementation", "routers_fused", "routers_unrecognised", "shared_blocks_fused",
+    "norms_fused" (modules), "rotary_fused" (modeling modules whose rotary function is replaced)}. Raises
     ValueError for a model whose experts cannot switch implementation (not a transformers MoE with
     `@use_experts_implementation`).
     """
@@ -198,7 +204,8 @@ def enable_fused_moe(model: torch.nn.Module, routers: bool = True, shared: bool 
     fused, unknown = install_fused_routers(model) if routers else (0, [])
     blocks = install_fused_blocks(model) if shared else 0
     return {"experts_implementation": NAME, "routers_fused": fused, "routers_unrecognised": unknown,
-            "shared_blocks_fused": blocks}
+            "shared_blocks_fused": blocks, "norms_fused": install_fused_norms(model) if norms else 0,
+            "rotary_fused": install_fused_rotary(model) if rotary else []}
 
 
 register()

@@ -27,13 +27,42 @@ def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return ids, vals - lse, tail
 
 
+# Columns per block of block_topk: the candidates are k blocks of this many, so their top-k is a small sort.
+TOPK_BLOCK = 64
+
+
+def block_topk(x: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) for x [N, V] (values sorted, largest first; ids int64 [N, k]) through the maxima
+    of blocks of `block` columns: the k largest entries lie in the k blocks with the largest maxima (each block
+    holding one of them has a maximum at least as large as the k-th value; with ties, the k chosen blocks still
+    hold every entry above the k-th value and enough entries equal to it). So one pass takes each block's maximum,
+    a top-k over those (V / block of them) picks k blocks, and a top-k over their k x block entries (and the
+    last V mod block columns, kept whole) gives the result. The same values as torch.topk, exactly; among equal
+    values the ids may differ. torch.topk on a bf16 row of 151,936 logits is a multi-pass radix select: 1.5x the
+    head's matmul on an H200 (bench/results/head_topk_h200.csv). Small rows (under 4k blocks) go to torch.topk."""
+    n, v = x.shape
+    nb = v // block
+    if nb < 4 * k or x.stride(-1) != 1:
+        return torch.topk(x, k, dim=-1)
+    main = x[:, :nb * block].unflatten(-1, (nb, block))  # [N, nb, block], a view
+    best = torch.topk(main.amax(-1), k, dim=-1).indices  # [N, k] blocks
+    cand = main.gather(1, best[..., None].expand(n, k, block)).flatten(1)  # [N, k * block]
+    cand_ids = (best[..., None] * block + torch.arange(block, device=x.device)).flatten(1)
+    if nb * block < v:  # the last, partial block: every column is a candidate
+        cand = torch.cat((cand, x[:, nb * block:]), 1)
+        tail_ids = torch.arange(nb * block, v, device=x.device).expand(n, -1)
+        cand_ids = torch.cat((cand_ids, tail_ids), 1)
+    vals, pos = torch.topk(cand, k, dim=-1)
+    return vals, cand_ids.gather(1, pos)
+
+
 def topk_select(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_from_logits(logits, k) for [N, V] logits, in two passes over them instead of about ten: the top-k
-    in the logits' own dtype (converting bf16 or fp16 to float32 is exact and keeps the order), then one pass
+    (block_topk) in the logits' own dtype (converting bf16 or fp16 to float32 is exact and keeps the order), then one pass
     for the log-normaliser and the logsumexp below the k-th value (kernels.topk_tail); the tail joins the latter
     with the entries equal to the k-th value that the top-k left out. Returns ids [N, k] int64, logprobs [N, k]
     float32, tail_logmass [N] float32 (-inf when k == V)."""
-    vals, ids = torch.topk(logits, k, dim=-1)
+    vals, ids = block_topk(logits, k)
     vals = vals.float()
     kth = vals[:, -1].contiguous()
     lse, below, n_eq = row_stats(logits, kth)

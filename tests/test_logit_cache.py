@@ -363,3 +363,34 @@ def test_topk_select_equals_the_reference_with_ties_and_without_a_tail(triton_on
         assert torch.allclose(lp, rlp, atol=1e-5) and torch.allclose(tail, rtail, atol=1e-5)
         if k == logits.shape[-1]:
             assert torch.isinf(tail).all() and (tail < 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_topk_gives_torch_topk_values_with_ties_and_a_partial_last_block(dtype: torch.dtype) -> None:
+    """block_topk (block maxima, the k best blocks, a top-k over their entries) against torch.topk: the same
+    sorted values, ids that point at them and never repeat; rows whose k-th value is tied across many blocks, a
+    vocabulary that is not a multiple of the block (the last 17 columns hold a row's winners), a small row that
+    goes straight to torch.topk."""
+    from logit_cache import topk_select
+    from logit_cache.topk import TOPK_BLOCK, block_topk
+
+    g = torch.Generator().manual_seed(2)
+    v = 600 * TOPK_BLOCK + 17
+    x = (torch.randn(9, v, generator=g) * 3).to(dtype)
+    x[1] = (x[1].float() / 3).round().to(dtype)  # a few distinct values: ties everywhere, the k-th among them
+    x[2, -17:] = 100.0  # winners in the partial last block
+    x[3, :] = 1.0  # every entry equal
+    for k in (1, 32, 64, 150):
+        vals, ids = block_topk(x, k)
+        ref = torch.topk(x, k, dim=-1)
+        assert ids.dtype == torch.int64 and torch.equal(vals, ref.values)
+        assert torch.equal(x.gather(1, ids), vals)
+        assert all(len(set(row.tolist())) == k for row in ids)
+    assert set(block_topk(x, 17)[1][2].tolist()) == set(range(v - 17, v))
+    small = torch.randn(4, 100, generator=g)
+    assert torch.equal(block_topk(small, 8)[1], torch.topk(small, 8).indices)
+    # Through topk_select: the same log-probs and tail as the float32 reference, ties and all.
+    ids, lp, tail = topk_select(x, 64)
+    rids, rlp, rtail = topk_from_logits(x, 64)
+    assert torch.equal(x.float().gather(-1, ids), x.float().gather(-1, rids))
+    assert torch.allclose(lp, rlp, atol=1e-5) and torch.allclose(tail, rtail, atol=1e-5)
