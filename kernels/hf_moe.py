@@ -1,5 +1,7 @@
 """Our fused MoE kernels inside transformers: an experts backend registered as `fused_triton` in
-`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`, and fused routers installed per architecture.
+`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`, and fused routers installed per architecture; with them
+the decoder's RMSNorm modules and rotary embedding on our one-pass kernels (kernels/hf_norms.py,
+kernels/hf_rotary.py).
 
     from kernels.hf_moe import enable_fused_moe
     summary = enable_fused_moe(model)   # one call on a loaded model

@@ -10,7 +10,6 @@ torch.compile's tracing (which fuses these ops itself), on a GPU, or under Trito
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -18,9 +17,11 @@ import torch
 from kernels import hf_coverage as coverage
 from kernels import rms_norm as kernel
 from kernels.dispatch import capturing
+from kernels.forward_swap import install_forward, restore_forwards
 from kernels.interpreter import INTERPRETED
 
 INSTEAD = "it keeps its own forward"
+FLAG = "_fused_norm"  # set on modules that run _fused_norm_forward
 EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 # Relative difference (Frobenius norms) from the module's own output within which a mode counts as the same
 # computation. Both sides take the same float32 steps; they differ only in the order of the sum of squares, so a
@@ -95,19 +96,13 @@ def install_fused_norms(model: torch.nn.Module) -> int:
         eps = norm_epsilon(module)
         if eps is None:
             continue
-        if not getattr(module, "_fused_norm", False):
-            module._stock_forward = module.forward
-        module._fused_norm = True
         module._fused_eps = eps
         module.__dict__.pop("_fused_norm_state", None)
-        module.forward = types.MethodType(_fused_norm_forward, module)
+        install_forward(module, FLAG, _fused_norm_forward)
         fused += 1
     return fused
 
 
 def uninstall_fused_norms(model: torch.nn.Module) -> None:
     """Give every fused norm its own forward back (benchmarks timing the stock model)."""
-    for module in model.modules():
-        if getattr(module, "_fused_norm", False):
-            module.forward = module._stock_forward
-            module._fused_norm = False
+    restore_forwards(model, FLAG)

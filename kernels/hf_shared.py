@@ -23,7 +23,6 @@ matmul over every token, which cuBLAS runs as well as anything, and the stock fo
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from transformers.activations import ACT2FN
 
 from kernels import hf_coverage as coverage
 from kernels.dispatch import OURS, capturing, module_path, token_bucket
+from kernels.forward_swap import install_forward, restore_forwards
 from kernels.module_hooks import hooks_set_aside
 from kernels.moe_experts import GEMV_MAX_TOKENS, SharedExpert, fused_experts
 
@@ -38,6 +38,7 @@ log = logging.getLogger("kernels.hf_moe")
 SHARED_NAMES = ("shared_expert", "shared_experts")
 STOCK = "stock"
 INSTEAD = "this block runs its stock forward"
+FLAG = "_fused_block"  # set on blocks that run _fused_block_forward
 # Relative difference (Frobenius norms) between our block's output and the stock forward's above which the
 # block is taken not to be what its structure says. Half precision rounds each output to 2^-8 relative and the
 # two sides round differently (ours sums in float32), a few 1e-3 in all; a block that gates, scales or routes
@@ -203,18 +204,12 @@ def install_fused_blocks(model: torch.nn.Module) -> int:
         if problem is not None:
             coverage.fallback(problem, INSTEAD)
             continue
-        if getattr(module, "_fused_block", False) is False:
-            module._stock_forward = module.forward
-        module._fused_block = True
         module.__dict__.pop("_fused_block_state", None)
-        module.forward = types.MethodType(_fused_block_forward, module)
+        install_forward(module, FLAG, _fused_block_forward)
         fused += 1
     return fused
 
 
 def uninstall_fused_blocks(model: torch.nn.Module) -> None:
     """Give every fused block its stock forward back (benchmarks switching providers)."""
-    for module in model.modules():
-        if getattr(module, "_fused_block", False):
-            module.forward = module._stock_forward
-            module._fused_block = False
+    restore_forwards(model, FLAG)

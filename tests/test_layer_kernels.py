@@ -107,7 +107,10 @@ def test_models_on_our_norms_and_rotary_match_their_own_forward(name: str, monke
     truth.set_experts_implementation("eager")
     with torch.no_grad():
         ref = truth(input_ids=ids).logits.double()
+        eager = model(input_ids=ids).logits.double()
     del truth
+    # Ours may be as far from the truth as transformers' own forward in the model's dtype, with some margin.
+    tol = max(2e-2, 1.5 * ((eager - ref).norm() / ref.norm()).item()) if dtype == torch.bfloat16 else 1e-5
     calls = {"norm": 0, "rotary": 0}
     norm, rot = norm_kernel.rms_norm, rotary_kernel.rotary_pair
     monkeypatch.setattr(norm_kernel, "rms_norm", lambda *a, **k: calls.__setitem__("norm", calls["norm"] + 1)
@@ -126,7 +129,7 @@ def test_models_on_our_norms_and_rotary_match_their_own_forward(name: str, monke
             third = model(input_ids=ids).logits.double()
         for o in (out, again):
             err = ((o - ref).norm() / ref.norm()).item()
-            assert err < (2e-2 if dtype == torch.bfloat16 else 1e-5), err
+            assert err < tol, (err, tol)
         # Checked once, then the same kernels every call (on a GPU the first call of each MoE problem may return
         # another path's output while the dispatcher measures; from the second on the choice is fixed).
         assert torch.equal(again, third)

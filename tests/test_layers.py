@@ -28,11 +28,19 @@ LAYERS: list[tuple[str, ...]] = [
 LEVEL = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
+# Kept records, not modules: probe scripts run once on a GPU, verbatim beside their logs (they may drive test
+# helpers such as tests.test_hf_moe's tiny models).
+RECORDS = ("bench/results",)
+
+
 def _modules() -> dict[str, Path]:
-    """Every module of the project's packages, tests excluded, plus Python files that lm-eval loads by path."""
+    """Every module of the project's packages, tests and kept records excluded, plus Python files that lm-eval
+    loads by path."""
     out = {}
     for pkg in LEVEL:
         for f in (ROOT / pkg).rglob("*.py"):
+            if any(f.relative_to(ROOT).as_posix().startswith(r + "/") for r in RECORDS):
+                continue
             rel = f.relative_to(ROOT).with_suffix("")
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
             out[".".join(parts)] = f
