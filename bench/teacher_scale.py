@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"qwen3-30b-a3b {args.layers} layers"
     for variant in args.variants:
         uninstall_fused_norms(model)
-        uninstall_fused_rotary()
+        uninstall_fused_rotary(model)
         fused = enable_fused_moe(model, **VARIANTS[variant])
         print(f"variant {variant}: {fused}", flush=True)
         suffix = "" if variant == "all" else f" ({variant})"

@@ -10,8 +10,11 @@ shapes (random cos and sin: at position 0, where sin = 0, every convention agree
 kept, and a file whose function neither matches keeps its own, logged once. Like the norms: inference only, outside torch.compile's tracing, on a GPU
 or under Triton's interpreter.
 
-The replacement is per process and per modeling file: other models of the same architecture loaded in the
-process take it too (it computes their function, checked), until `uninstall_fused_rotary`.
+The function is replaced per modeling file, but ours runs only inside the forward of an attention module of a
+model that asked for it: `install_fused_rotary(model)` also wraps those modules' forwards (the modules whose
+class's forward names `apply_rotary_pos_emb`) to mark the call as theirs. Another model of the same file in the
+process (a derived student of the teacher's own family, a stock copy timed beside the fused one) runs the file's
+own function, untouched.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from kernels import hf_coverage as coverage
 from kernels import rotary as kernel
 from kernels.dispatch import capturing
+from kernels.forward_swap import install_forward, restore_forwards
 from kernels.interpreter import INTERPRETED
 
 NAME = "apply_rotary_pos_emb"
@@ -30,6 +34,18 @@ INSTEAD = "it keeps its own rotary function"
 # Ours rounds once from float32; transformers rounds each of its products and the sum to the input dtype.
 VERIFY_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _originals: dict[str, Callable[..., Any]] = {}  # modeling module name -> its own function
+FLAG = "_fused_rotary_scope"  # set on attention modules whose calls of the function may run ours
+_inside = [0]  # how many such attention forwards are running now (nested calls count each)
+
+
+def _scoped_attention_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    if torch.compiler.is_compiling():  # traced: the file's own function runs anyway, and no counter is traced
+        return self._stock_forward(*args, **kwargs)
+    _inside[0] += 1
+    try:
+        return self._stock_forward(*args, **kwargs)
+    finally:
+        _inside[0] -= 1
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,7 +91,7 @@ def _fused(file: str, original: Callable[..., Any]) -> Callable[..., Any]:
         # Only the plain call (q, k, cos, sin[, unsqueeze_dim=1]) is ours: files with another signature (Gemma 4
         # rotates one tensor at a time) or another layout (unsqueeze_dim=2) run their own.
         plain = len(args) == 4 and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"}
-        if not plain or not all(isinstance(t, torch.Tensor) for t in args):
+        if not _inside[0] or not plain or not all(isinstance(t, torch.Tensor) for t in args):
             return original(*args, **kwargs)
         q, k, cos, sin = args
         if (not (q.is_cuda or INTERPRETED) or torch.compiler.is_compiling()
@@ -99,9 +115,15 @@ def _fused(file: str, original: Callable[..., Any]) -> Callable[..., Any]:
     return apply_rotary_pos_emb
 
 
+def _calls_rotary(module: torch.nn.Module) -> bool:
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and NAME in code.co_names
+
+
 def install_fused_rotary(model: torch.nn.Module) -> list[str]:
-    """Replace `apply_rotary_pos_emb` in the modeling module of each of the model's classes that has one;
-    returns those modules' names (already replaced ones included)."""
+    """Replace `apply_rotary_pos_emb` in the modeling module of each of the model's classes that has one, and mark
+    the model's attention modules that call it; returns those modeling modules' names (already replaced ones
+    included)."""
     names = sorted({type(m).__module__ for m in model.modules()})
     done = []
     for name in names:
@@ -113,11 +135,18 @@ def install_fused_rotary(model: torch.nn.Module) -> list[str]:
             _originals[name] = fn
             setattr(mod, NAME, _fused(name, fn))
         done.append(name)
+    for module in model.modules():
+        if type(module).__module__ in done and _calls_rotary(module):
+            install_forward(module, FLAG, _scoped_attention_forward)
     return done
 
 
-def uninstall_fused_rotary() -> None:
-    """Every replaced modeling module gets its own function back (benchmarks timing the stock model)."""
+def uninstall_fused_rotary(model: torch.nn.Module | None = None) -> None:
+    """The model's attention modules get their own forwards back (its rotary runs the file's function again);
+    without a model, every replaced modeling module gets its own function back as well."""
+    if model is not None:
+        restore_forwards(model, FLAG)
+        return
     for name, fn in list(_originals.items()):
         mod = sys.modules.get(name)
         if mod is not None:

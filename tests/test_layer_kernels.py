@@ -138,7 +138,19 @@ def test_models_on_our_norms_and_rotary_match_their_own_forward(name: str, monke
             assert calls_first["rotary"] > 0
         chosen = {m.__dict__.get("_fused_norm_state", {}).get((dtype, dtype, DEV)) for m in norms}
         assert chosen <= set(norm_kernel.MODES), chosen  # every norm of these models is one our kernel computes
+        # Another model of the same file, not enabled, runs the file's own function (a derived student of the
+        # teacher's family, a stock copy timed beside the fused one).
+        other = _model(name, dtype)
+        calls["rotary"] = calls["norm"] = 0
+        with torch.no_grad():
+            other(input_ids=ids)
+        assert calls == {"rotary": 0, "norm": 0}
+        hf_rotary.uninstall_fused_rotary(model)
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert calls["rotary"] == 0 and calls["norm"] > 0
     finally:
+        hf_rotary.uninstall_fused_rotary(model)
         hf_rotary.uninstall_fused_rotary()
         hf_norms.uninstall_fused_norms(model)
     modeling = sys.modules[type(model.model).__module__]
@@ -187,12 +199,16 @@ def test_a_rotary_function_of_another_convention_keeps_its_own(caplog: pytest.Lo
         return rot(q), rot(k)
 
     fused = hf_rotary._fused("tests.fake_modeling", interleaved)
+    hf_rotary._inside[0] += 1  # as inside an enabled model's attention forward
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 3, 8, generator=gen).to(DEV) for _ in range(2))
     pos = torch.arange(3, dtype=torch.float32)[None, :, None] * torch.linspace(0.1, 1, 8)[None, None]
     cos, sin = pos.cos().to(DEV), pos.sin().to(DEV)
-    with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
-        out = fused(q, k, cos, sin)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
+            out = fused(q, k, cos, sin)
+    finally:
+        hf_rotary._inside[0] -= 1
     assert "tests.fake_modeling.apply_rotary_pos_emb is not the rotate-half embedding" in caplog.text
     ref = interleaved(q, k, cos, sin)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
