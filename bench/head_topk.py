@@ -4,12 +4,14 @@
                               [--out bench/results/head_topk.csv]
 
 Per (vocabulary, rows): the head's matmul alone (bf16, [rows, hidden] x [hidden, vocab]); `torch.topk` alone on
-its bf16 product, and `logit_cache.topk.block_topk` (the top-k through block maxima) that the stage uses now; the stage's selection before (`logit_cache.topk_from_logits`: float32 copies, a scatter and two
-logsumexps) and now (`logit_cache.topk_select`: the top-k in bf16 and one pass of row statistics,
-`kernels.topk_tail`); the row-statistics kernel alone. Each as microseconds per call and tokens/s, and the floor
-of each: the matmul at the measured bf16 rate, the selection at one read of the bf16 logits at the measured copy
-bandwidth. The outputs of the two selections are compared in the same run (largest log-prob and tail
-differences). A 151,936-token vocabulary and hidden 2048 are Qwen3-30B-A3B's, 49,152 SmolLM2's.
+its bf16 product, and `logit_cache.topk.block_topk` (the top-k through block maxima); the stage's selection as it
+was first (`logit_cache.topk_from_logits`: float32 copies, a scatter and two logsumexps), in two reads
+(`logit_cache.topk.topk_two_pass`: block_topk, then one pass of row statistics, `kernels.topk_tail`) and now
+(`logit_cache.topk_select`: one read for every block's maximum and logsumexp, then the k best blocks only); the
+row-statistics kernel alone. Each as microseconds per call and tokens/s, and the floor of each: the matmul at the
+measured bf16 rate, the selection at one read of the bf16 logits at the measured copy bandwidth. The outputs of
+the first selection and today's are compared in the same run (largest log-prob and tail differences). A
+151,936-token vocabulary and hidden 2048 are Qwen3-30B-A3B's, 49,152 SmolLM2's.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kernels.topk_tail import row_stats
     from logit_cache import topk_from_logits, topk_select
-    from logit_cache.topk import block_topk
+    from logit_cache.topk import block_topk, topk_two_pass
 
     k = args.top_k
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                      "block_topk_bf16": lambda: block_topk(logits, k),
                      "row_stats": lambda: row_stats(logits, kth),
                      "topk_from_logits": lambda: topk_from_logits(logits, k),
+                     "topk_two_pass": lambda: topk_two_pass(logits, k),
                      "topk_select": lambda: topk_select(logits, k)}
             shape = f"V={vocab} H={args.hidden} k={k}"
             line = []

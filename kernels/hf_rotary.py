@@ -7,8 +7,8 @@ else the file's own function. The name does not promise the rotate-half conventi
 rotate part of the head, GPT-OSS shares one cos of half width between the halves), so the first call per (file,
 dtypes, D, R) runs the file's function and the kernel's two readings of cos on random inputs of the call's
 shapes (random cos and sin: at position 0, where sin = 0, every convention agrees); the reading that matches is
-kept, and a file whose function neither matches keeps its own, logged once. Like the norms: inference only, outside torch.compile's tracing, on a GPU
-or under Triton's interpreter.
+kept, and a file whose function neither matches keeps its own, logged once. Like the norms: inference only,
+outside torch.compile's tracing, on a GPU or under Triton's interpreter.
 
 The function is replaced per modeling file, but ours runs only inside the forward of an attention module of a
 model that asked for it: `install_fused_rotary(model)` also wraps those modules' forwards (the modules whose

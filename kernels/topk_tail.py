@@ -14,6 +14,9 @@ logits in their own dtype gives
 and the tail is lse_below joined with the values equal to the k-th that the top-k left out (ties), exactly:
 everything above the k-th value is in the top-k, everything below it is not.
 
+`block_stats` is the other reading of the same row, for a selection that never reads it whole twice: the maximum
+and the logsumexp of each block of consecutive columns.
+
 A Triton kernel on CUDA tensors; on CPU tensors plain PyTorch, or the kernel through the interpreter when
 `TRITON_ON_CPU` is set (its test does; the pipeline's CPU runs keep the PyTorch path, which is faster there).
 """
@@ -74,3 +77,36 @@ def row_stats(z: torch.Tensor, kth: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if n:
         _row_stats_kernel[(n,)](z, kth, lse, below, eq, v, z.stride(0), BLOCK_V=4096, num_warps=8)
     return lse, below, eq
+
+
+@triton.jit
+def _block_stats_kernel(z_ptr, max_ptr, lse_ptr, V, NB, stride_r, BLOCKS: tl.constexpr, WIDTH: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    cols = b[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+    z = tl.load(z_ptr + r * stride_r + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    m = tl.max(z, 1)
+    ms = tl.maximum(m, _NEG_BIG)  # a block of -inf only: its sum is 0 and its logsumexp -inf, not NaN
+    lse = ms + tl.log(tl.sum(tl.exp(z - ms[:, None]), 1))
+    keep = b < NB
+    tl.store(max_ptr + r * NB + b, m, mask=keep)
+    tl.store(lse_ptr + r * NB + b, lse, mask=keep)
+
+
+def block_stats(z: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [N, V] (any float dtype, last dim contiguous) -> (max [N, NB], logsumexp [N, NB]) float32 of each block
+    of `width` consecutive columns (a power of two), NB = ceil(V / width), the last block holding what is left: one
+    read of the logits gives the top-k's candidate blocks and every block's share of the normaliser
+    (logit_cache.topk.topk_select)."""
+    if z.dim() != 2 or z.stride(1) != 1 or width & (width - 1):
+        raise ValueError(f"block_stats wants a [N, V] tensor with a contiguous last dim and a power-of-two width, "
+                         f"got {tuple(z.shape)} and {width}")
+    n, v = z.shape
+    nb = -(-v // width)
+    bmax = torch.empty(n, nb, device=z.device, dtype=torch.float32)
+    blse = torch.empty_like(bmax)
+    if n and nb:
+        blocks = max(1, 4096 // width)
+        _block_stats_kernel[(n, -(-nb // blocks))](z, bmax, blse, v, nb, z.stride(0), BLOCKS=blocks, WIDTH=width,
+                                                   num_warps=8)
+    return bmax, blse

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from kernels.topk_tail import row_stats
+from kernels import topk_tail
 
 
 def topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,19 +57,50 @@ def block_topk(x: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.
 
 
 def topk_select(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_from_logits(logits, k) for [N, V] logits, in two passes over them instead of about ten: the top-k
-    (block_topk) in the logits' own dtype (converting bf16 or fp16 to float32 is exact and keeps the order), then one pass
-    for the log-normaliser and the logsumexp below the k-th value (kernels.topk_tail); the tail joins the latter
-    with the entries equal to the k-th value that the top-k left out. Returns ids [N, k] int64, logprobs [N, k]
-    float32, tail_logmass [N] float32 (-inf when k == V)."""
+    """topk_from_logits(logits, k) for [N, V] logits, in one or two passes over them instead of about ten.
+    Returns ids [N, k] int64, logprobs [N, k] float32, tail_logmass [N] float32 (-inf when k == V).
+
+    Where the Triton kernels run (CUDA tensors, or `kernels.topk_tail.TRITON_ON_CPU`) and the row holds at least
+    4k blocks: `topk_one_read`. Otherwise (`topk_two_pass`) the top-k (block_topk) in the logits' own dtype (converting
+    bf16 or fp16 to float32 is exact and keeps the order), then one pass for the log-normaliser and the logsumexp
+    below the k-th value (kernels.topk_tail.row_stats); the tail joins the latter with the entries equal to the
+    k-th value that the top-k left out."""
+    if (logits.is_cuda or topk_tail.TRITON_ON_CPU) and logits.shape[-1] >= 4 * k * TOPK_BLOCK \
+            and logits.stride(-1) == 1:
+        return topk_one_read(logits, k)
+    return topk_two_pass(logits, k)
+
+
+def topk_two_pass(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_select through block_topk and then row_stats (two reads of the logits; the path of CPU tensors)."""
     vals, ids = block_topk(logits, k)
     vals = vals.float()
     kth = vals[:, -1].contiguous()
-    lse, below, n_eq = row_stats(logits, kth)
+    lse, below, n_eq = topk_tail.row_stats(logits, kth)
     left_out = n_eq - (vals == kth[:, None]).sum(-1)  # ties at the k-th value outside the top-k
     ties = kth + torch.log(left_out.clamp(min=1).float())
     tail = torch.where(left_out > 0, torch.logaddexp(below, ties), below)
     return ids, vals - lse[:, None], tail - lse
+
+
+def topk_one_read(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_select in one read of the logits: each block's maximum and logsumexp (kernels.topk_tail.block_stats),
+    the k blocks with the largest maxima (they hold the top-k: block_topk's argument), a top-k over their entries.
+    Every entry outside those blocks is at most the k-th value (the k chosen maxima are k entries at least as
+    large as any other block's maximum), so the tail is exactly the logsumexp of the other blocks joined with the
+    chosen blocks' entries the final top-k left out: a sum of what is outside, never a difference."""
+    n, v = logits.shape
+    bmax, blse = topk_tail.block_stats(logits, TOPK_BLOCK)
+    lse = torch.logsumexp(blse, -1)
+    best = torch.topk(bmax, k, dim=-1).indices  # [N, k]
+    cols = (best[..., None] * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=logits.device)).flatten(1)
+    cand = logits.gather(1, cols.clamp(max=v - 1)).float()
+    cand = cand.masked_fill(cols >= v, float("-inf"))  # past the last column: the last block is partial
+    vals, pos = torch.topk(cand, k, dim=-1)
+    others = blse.scatter(1, best, float("-inf"))
+    left = cand.scatter(1, pos, float("-inf"))
+    tail = torch.logaddexp(torch.logsumexp(others, -1), torch.logsumexp(left, -1))
+    return cols.gather(1, pos), vals - lse[:, None], tail - lse
 
 
 # Rows of one chunk of topk_from_hidden: about this many bytes of [rows, V] logits (the product in the model's
