@@ -353,10 +353,13 @@ def test_make_distill_passes_ctrl_c_and_names_the_pipeline_s_exit_code(teacher_d
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "MLFLOW_TRACKING_URI": fresh_store(tmp_path)})
     assert cli.returncode == 3 and "logits.top_k=60000" in cli.stderr
-    # Ctrl-C: make dies of SIGINT too, so the shell sees 130 (128 + 2).
+    # Ctrl-C: make dies of SIGINT too, so the shell sees 130 (128 + 2). When the pipeline's exit reaches make
+    # before make handles its own SIGINT, GNU make reports the recipe's 130 and exits 2 (seen once in a fresh
+    # clone's `make test`): the pipeline's code is still named.
     proc = _start([*make, "RUN=make-ctrl-c"], tmp_path)
     out, err = _interrupt_when_running(proc)
-    assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, out, err)
+    assert proc.returncode in (-signal.SIGINT, 130) or (proc.returncode == 2 and "Error 130" in err), \
+        (proc.returncode, out, err)
     assert "interrupted; run the same command to resume" in err and "Traceback" not in err, err
 
 
