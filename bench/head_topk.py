@@ -5,12 +5,13 @@
 
 Per (vocabulary, rows): the head's matmul alone (bf16, [rows, hidden] x [hidden, vocab]); `torch.topk` alone on
 its bf16 product, and `logit_cache.topk.block_topk` (the top-k through block maxima); the stage's selection as it
-was first (`logit_cache.topk_from_logits`: float32 copies, a scatter and two logsumexps), in two reads
-(`logit_cache.topk.topk_two_pass`: block_topk, then one pass of row statistics, `kernels.topk_tail`) and now
-(`logit_cache.topk_select`: one read for every block's maximum and logsumexp, then the k best blocks only); the
-row-statistics kernel alone. Each as microseconds per call and tokens/s, and the floor of each: the matmul at the
-measured bf16 rate, the selection at one read of the bf16 logits at the measured copy bandwidth. The outputs of
-the first selection and today's are compared in the same run (largest log-prob and tail differences). A
+was first (`logit_cache.topk_from_logits`: float32 copies, a scatter and two logsumexps), as it is
+(`logit_cache.topk_select`: block_topk, then one pass of row statistics, `kernels.topk_tail`) and in one read
+(`logit_cache.topk.topk_one_read`: every block's maximum and logsumexp, then the k best blocks only); the
+row-statistics kernel alone. (At `4e8ddad`, `head_topk_h200.csv`'s `topk_select` rows are the one-read path and
+its `topk_two_pass` rows today's `topk_select`.) Each as microseconds per call and tokens/s, and the floor of
+each: the matmul at the measured bf16 rate, the selection at one read of the bf16 logits at the measured copy
+bandwidth. The outputs of the first selection and today's are compared in the same run (largest log-prob and tail differences). A
 151,936-token vocabulary and hidden 2048 are Qwen3-30B-A3B's, 49,152 SmolLM2's.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kernels.topk_tail import row_stats
     from logit_cache import topk_from_logits, topk_select
-    from logit_cache.topk import block_topk, topk_two_pass
+    from logit_cache.topk import block_topk, topk_one_read
 
     k = args.top_k
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                      "block_topk_bf16": lambda: block_topk(logits, k),
                      "row_stats": lambda: row_stats(logits, kth),
                      "topk_from_logits": lambda: topk_from_logits(logits, k),
-                     "topk_two_pass": lambda: topk_two_pass(logits, k),
-                     "topk_select": lambda: topk_select(logits, k)}
+                     "topk_select": lambda: topk_select(logits, k),
+                     "topk_one_read": lambda: topk_one_read(logits, k)}
             shape = f"V={vocab} H={args.hidden} k={k}"
             line = []
             for name, fn in cases.items():

@@ -57,22 +57,22 @@ def block_topk(x: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.
 
 
 def topk_select(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_from_logits(logits, k) for [N, V] logits, in one or two passes over them instead of about ten.
-    Returns ids [N, k] int64, logprobs [N, k] float32, tail_logmass [N] float32 (-inf when k == V).
+    """topk_from_logits(logits, k) for [N, V] logits, in two passes over them instead of about ten
+    (`topk_two_pass`). Returns ids [N, k] int64, logprobs [N, k] float32, tail_logmass [N] float32 (-inf when
+    k == V).
 
-    Where the Triton kernels run (CUDA tensors, or `kernels.topk_tail.TRITON_ON_CPU`) and the row holds at least
-    4k blocks: `topk_one_read`. Otherwise (`topk_two_pass`) the top-k (block_topk) in the logits' own dtype (converting
-    bf16 or fp16 to float32 is exact and keeps the order), then one pass for the log-normaliser and the logsumexp
-    below the k-th value (kernels.topk_tail.row_stats); the tail joins the latter with the entries equal to the
-    k-th value that the top-k left out."""
-    if (logits.is_cuda or topk_tail.TRITON_ON_CPU) and logits.shape[-1] >= 4 * k * TOPK_BLOCK \
-            and logits.stride(-1) == 1:
-        return topk_one_read(logits, k)
+    `topk_one_read` gives the same in one read and was 2.2-2.5x faster on its own on an H200
+    (bench/results/head_topk_h200.csv), but the one logits-stage run with it read 55.5k tokens/s against 61.1k
+    with this path (teacher_scale_one_read_h200.csv, teacher_scale_h200.csv): until a stage run settles which, the
+    path the stage was measured on stays."""
     return topk_two_pass(logits, k)
 
 
 def topk_two_pass(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_select through block_topk and then row_stats (two reads of the logits; the path of CPU tensors)."""
+    """topk_select's path: the top-k (block_topk) in the logits' own dtype (converting bf16 or fp16 to float32 is
+    exact and keeps the order), then one pass for the log-normaliser and the logsumexp below the k-th value
+    (kernels.topk_tail.row_stats); the tail joins the latter with the entries equal to the k-th value that the
+    top-k left out."""
     vals, ids = block_topk(logits, k)
     vals = vals.float()
     kth = vals[:, -1].contiguous()
@@ -84,12 +84,15 @@ def topk_two_pass(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def topk_one_read(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_select in one read of the logits: each block's maximum and logsumexp (kernels.topk_tail.block_stats),
-    the k blocks with the largest maxima (they hold the top-k: block_topk's argument), a top-k over their entries.
-    Every entry outside those blocks is at most the k-th value (the k chosen maxima are k entries at least as
+    """topk_select in one read of the logits [N, V] (CUDA tensors, or the interpreter with
+    kernels.topk_tail.TRITON_ON_CPU; at least k blocks of TOPK_BLOCK columns): each block's maximum and logsumexp
+    (kernels.topk_tail.block_stats), the k blocks with the largest maxima (they hold the top-k: block_topk's
+    argument), a top-k over their entries. Every entry outside those blocks is at most the k-th value (the k chosen maxima are k entries at least as
     large as any other block's maximum), so the tail is exactly the logsumexp of the other blocks joined with the
     chosen blocks' entries the final top-k left out: a sum of what is outside, never a difference."""
     n, v = logits.shape
+    if -(-v // TOPK_BLOCK) < k:
+        raise ValueError(f"topk_one_read needs at least k = {k} blocks of {TOPK_BLOCK} columns; V = {v} has fewer")
     bmax, blse = topk_tail.block_stats(logits, TOPK_BLOCK)
     lse = torch.logsumexp(blse, -1)
     best = torch.topk(bmax, k, dim=-1).indices  # [N, k]

@@ -399,23 +399,19 @@ def test_block_topk_gives_torch_topk_values_with_ties_and_a_partial_last_block(d
     assert torch.allclose(lp, rlp, atol=1e-5) and torch.allclose(tail, rtail, atol=1e-5)
 
 
-def test_topk_select_in_one_read_by_blocks_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """topk_select's one-read path (each block's max and logsumexp from kernels.topk_tail.block_stats, the k
-    best blocks, a top-k over their entries, the tail as a sum of what is outside) against topk_from_logits:
-    random float32 rows, bf16 rows with ties everywhere, a row whose winners sit in the partial last block, a row
-    with whole blocks of -inf (a masked vocabulary), k = 1, 8, 64. On a GPU, or here through the interpreter."""
+def test_topk_in_one_read_by_blocks_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """topk_one_read (each block's max and logsumexp from kernels.topk_tail.block_stats, the k best blocks, a
+    top-k over their entries, the tail as a sum of what is outside) against topk_from_logits: random float32
+    rows, bf16 rows with ties everywhere, a row whose winners sit in the partial last block, a row with whole
+    blocks of -inf (a masked vocabulary), k = 1, 8, 64. On a GPU, or here through the interpreter."""
     from kernels import topk_tail
     from kernels.interpreter import INTERPRETED
-    from logit_cache import topk_select
-    from logit_cache.topk import TOPK_BLOCK
+    from logit_cache.topk import TOPK_BLOCK, topk_one_read
 
     if not (INTERPRETED or torch.cuda.is_available()):
         pytest.skip("needs a GPU or Triton's interpreter")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(topk_tail, "TRITON_ON_CPU", True)
-    calls = []
-    stats = topk_tail.block_stats
-    monkeypatch.setattr(topk_tail, "block_stats", lambda *a: calls.append(1) or stats(*a))
     g = torch.Generator().manual_seed(4)
     v = 300 * TOPK_BLOCK + 17
     rows = torch.randn(6, v, generator=g) * 3
@@ -424,10 +420,11 @@ def test_topk_select_in_one_read_by_blocks_equals_the_reference(monkeypatch: pyt
     for logits in (rows, (rows / 3).round().to(torch.bfloat16)):
         logits = logits.to(dev)
         for k in (1, 8, 64):
-            ids, lp, tail = topk_select(logits, k)
+            ids, lp, tail = topk_one_read(logits, k)
             rids, rlp, rtail = topk_from_logits(logits, k)
             assert ids.dtype == torch.int64 and lp.dtype == tail.dtype == torch.float32
             assert torch.equal(logits.float().gather(-1, ids), logits.float().gather(-1, rids))
             assert all(len(set(r.tolist())) == k for r in ids.cpu())
             assert torch.allclose(lp, rlp, atol=1e-5) and torch.allclose(tail, rtail, atol=1e-5)
-    assert len(calls) == 6  # every call above took the one-read path
+    with pytest.raises(ValueError, match="at least k = 64 blocks"):
+        topk_one_read(torch.randn(2, 63 * TOPK_BLOCK, device=dev), 64)
