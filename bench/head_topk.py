@@ -11,8 +11,8 @@ was first (`logit_cache.topk_from_logits`: float32 copies, a scatter and two log
 row-statistics kernel alone. (At `4e8ddad`, `head_topk_h200.csv`'s `topk_select` rows are the one-read path and
 its `topk_two_pass` rows today's `topk_select`.) Each as microseconds per call and tokens/s, and the floor of
 each: the matmul at the measured bf16 rate, the selection at one read of the bf16 logits at the measured copy
-bandwidth. The outputs of the first selection and today's are compared in the same run (largest log-prob and tail differences). A
-151,936-token vocabulary and hidden 2048 are Qwen3-30B-A3B's, 49,152 SmolLM2's.
+bandwidth. The outputs of the first selection and today's are compared in the same run (largest log-prob and
+tail differences). A 151,936-token vocabulary and hidden 2048 are Qwen3-30B-A3B's, 49,152 SmolLM2's.
 """
 from __future__ import annotations
 
