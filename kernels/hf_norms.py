@@ -67,13 +67,13 @@ def _choose_mode(module: torch.nn.Module, x: torch.Tensor, eps: float) -> tuple[
     return best, ""
 
 
-def _fused_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    x = hidden_states
-    if (args or kwargs or not isinstance(x, torch.Tensor) or not (x.is_cuda or INTERPRETED)
-            or torch.compiler.is_compiling()
+def _fused_norm_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # Ours takes one positional tensor; any other call (keywords, a gate, more inputs) is the module's business.
+    x = args[0] if len(args) == 1 and not kwargs else None
+    if (not isinstance(x, torch.Tensor) or not (x.is_cuda or INTERPRETED) or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             or not kernel.supports(x, self.weight)):
-        return self._stock_forward(hidden_states, *args, **kwargs)
+        return self._stock_forward(*args, **kwargs)
     state = self.__dict__.setdefault("_fused_norm_state", {})
     key = (x.dtype, self.weight.dtype, x.device.type)
     choice = state.get(key)
@@ -98,8 +98,7 @@ def install_fused_norms(model: torch.nn.Module) -> int:
             continue
         module._fused_eps = eps
         module.__dict__.pop("_fused_norm_state", None)
-        install_forward(module, FLAG, _fused_norm_forward)
-        fused += 1
+        fused += install_forward(module, FLAG, _fused_norm_forward)
     return fused
 
 

@@ -205,8 +205,7 @@ def install_fused_blocks(model: torch.nn.Module) -> int:
             coverage.fallback(problem, INSTEAD)
             continue
         module.__dict__.pop("_fused_block_state", None)
-        install_forward(module, FLAG, _fused_block_forward)
-        fused += 1
+        fused += install_forward(module, FLAG, _fused_block_forward)
     return fused
 
 

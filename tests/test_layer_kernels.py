@@ -214,5 +214,24 @@ def test_a_rotary_function_of_another_convention_keeps_its_own(caplog: pytest.Lo
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
+def test_a_module_carries_one_swapped_forward_at_a_time() -> None:
+    """Installing twice keeps the module's own forward; another integration's swap on the same module is refused
+    (each calls `_stock_forward`, so two would call each other); restoring gives the own forward back."""
+    from kernels.forward_swap import install_forward, restore_forwards
+
+    lin = torch.nn.Linear(3, 3)
+    own = lin.forward
+    assert install_forward(lin, "_a", lambda self, x: self._stock_forward(x) + 1)
+    assert install_forward(lin, "_a", lambda self, x: self._stock_forward(x) + 1)  # again: still the own forward
+    assert not install_forward(lin, "_b", lambda self, x: self._stock_forward(x) * 0)
+    x = torch.randn(2, 3)
+    assert torch.equal(lin(x), own(x) + 1)
+    restore_forwards(lin, "_a")
+    assert torch.equal(lin(x), own(x))
+    assert install_forward(lin, "_b", lambda self, x: self._stock_forward(x) * 0)  # free again
+    assert torch.equal(lin(x), torch.zeros(2, 3))
+    restore_forwards(lin, "_b")
+
+
 def test_every_architecture_of_the_moe_tests_is_covered_here() -> None:
     assert set(ROTARY_RUNS) == set(CONFIGS)
