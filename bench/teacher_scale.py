@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("bench/results/teacher_scale.csv"))
     ap.add_argument("--profile", action="store_true", help="also the GPU time of one batch by part of the model")
-    ap.add_argument("--variants", nargs="*", default=["all"], choices=sorted(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["all"], choices=sorted(VARIANTS))
     args = ap.parse_args(argv)
     run = start_run("teacher_scale")
     if run is None:

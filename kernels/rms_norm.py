@@ -71,9 +71,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int = CAST
     if mode not in MODES:
         raise ValueError(f"rms_norm mode {mode} is not one of {MODES}")
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)  # a view wherever the rows have one stride (a copy otherwise)
-    if x2.shape[0] > 1 and n > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2 = x.reshape(-1, n)  # a view wherever the rows have one stride, else a contiguous copy (last dim stride 1)
     y = torch.empty(x.shape, dtype=out_dtype(mode, x.dtype, weight.dtype), device=x.device)
     m = x2.shape[0]
     if m == 0:
