@@ -9,7 +9,10 @@ calls cycling over copies of the weights so that small layers are read from memo
   64 tokens (kernels.moe_router.route with split forced off and on);
 - per expert layout of the grid's anchors (and GPT-OSS's transposed, biased one) and token count: our experts
   with each gate/up tile (down at one group), then each down tile x slot groups (gate/up at the best), and with
-  the built-in choice (`experts default`), beside the weight-read floor of the experts routed to.
+  the built-in choice (`experts default`), beside the weight-read floor of the experts routed to;
+- (`--only paths`, at 5-16 tokens) the same layouts on each path of fused_experts: the per-slot GEMV, the
+  expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up and down), the grouped
+  GEMMs, and the built-in choice.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 
 from bench.common import start_run, write_rows
 from bench.moe_layer import graph_time, l2_copies
-from kernels.moe_experts import ExpertWeights, GemvConfig, fused_experts
+from kernels.moe_experts import ExpertWeights, GemvConfig, RowsConfig, fused_experts
 from kernels.moe_router import RouterSpec, route
 
 ROUTERS = [(8, 576, False), (8, 4096, False), (32, 2880, False), (60, 2048, False), (64, 2048, False),
@@ -35,8 +38,13 @@ UPS = [GemvConfig(16, 512, 4), GemvConfig(4, 1024, 4), GemvConfig(2, 1024, 4), G
        GemvConfig(8, 1024, 4), GemvConfig(4, 512, 2)]
 DOWNS = [GemvConfig(16, 1024, 8), GemvConfig(8, 1024, 8), GemvConfig(8, 1024, 4), GemvConfig(4, 1024, 4)]
 
+ROWS_SWEEP = [RowsConfig(16, 256, 4, 3), RowsConfig(16, 128, 4, 4), RowsConfig(32, 256, 4, 3), RowsConfig(64, 64, 4, 3),
+              RowsConfig(32, 128, 4, 3)]
 
-def _name(c: GemvConfig) -> str:
+
+def _name(c: GemvConfig | RowsConfig) -> str:
+    if isinstance(c, RowsConfig):
+        return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages}"
     return f"n{c.block_n} k{c.block_k} w{c.num_warps}" + (f" g{c.groups}" if c.groups else "")
 
 
@@ -104,12 +112,57 @@ def experts_rows(run, tokens: list[int]) -> list[dict]:
     return rows
 
 
+def _weights(E: int, H: int, I: int, k: int, transposed: bool) -> list[ExpertWeights]:
+    # Copies of one layout's random weights, enough that a call's weights have left L2 when its copy comes again.
+    ws = []
+    for _ in range(l2_copies(k * 3 * H * I * 2, E * 3 * H * I * 2)):
+        gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
+        dn = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+        if transposed:  # GPT-OSS keeps [E, H, 2I] / [E, I, H]
+            gu, dn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()
+        ws.append(ExpertWeights(gu, dn, transposed=transposed))
+    return ws
+
+
+def path_rows(run, tokens: list[int]) -> list[dict]:
+    """Each layout at each token count on every path of fused_experts (see the module docstring)."""
+    rows = []
+    for name, E, k, H, I, transposed in EXPERTS:
+        ws = _weights(E, H, I, k, transposed)
+        for T in tokens:
+            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+            ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
+            tw = torch.rand(T, k, device="cuda")
+            base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
+
+            def timed(**kw) -> float:
+                t = graph_time([lambda w=w: fused_experts(h, w, tw, ids, **kw) for w in ws])
+                return float("inf") if t is None else t * 1e6
+
+            got = {"gemv": timed(force_path="gemv"), "grouped": timed(force_path="grouped"), "default": timed()}
+            if T * k <= 128:
+                got.update({f"rows {_name(c)}": timed(force_path="rows", rows=(c, c)) for c in ROWS_SWEEP})
+            floor = ids.unique().numel() * 3 * H * I * 2 / run.bandwidth * 1e6
+            for prov, t in got.items():
+                rows.append(run.row(**base, provider=f"experts {prov}", metric="graph_time", value=round(t, 2),
+                                    unit="us"))
+            rows.append(run.row(**base, provider="floor", metric="graph_time", value=round(floor, 2),
+                                unit=f"us ({ids.unique().numel()} experts read)"))
+            best = min(got, key=got.__getitem__)
+            print(f"{base['shape']:28s} T={T} floor {floor:.1f} us | gemv {got['gemv']:.1f} | grouped "
+                  f"{got['grouped']:.1f} | default {got['default']:.1f} | best {best} {got[best]:.1f}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode_sweep.csv"))
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
-    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts"])
+    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths"])
+    ap.add_argument("--path-tokens", type=int, nargs="*", default=[8, 16])
     args = ap.parse_args(argv)
     run = start_run("decode_sweep")
     if run is None:
@@ -121,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         write_rows(args.out, rows)
     if "experts" in args.only:
         rows += experts_rows(run, args.tokens)
+        write_rows(args.out, rows)
+    if "paths" in args.only:
+        rows += path_rows(run, args.path_tokens)
     write_rows(args.out, rows)
     return 0
 

@@ -43,7 +43,7 @@ from bench.moe_layer import graph_time
 from kernels import dispatch
 from kernels.hf_moe import fused_triton_experts_forward, register
 from kernels.hf_shared import shared_expert, structure_problem
-from kernels.moe_experts import GEMV_MAX_TOKENS, GEMV_TILES, ExpertWeights, GemvConfig, fused_experts
+from kernels.moe_experts import DECODE_MAX_TOKENS, GEMV_MAX_TOKENS, GEMV_TILES, ExpertWeights, GemvConfig, fused_experts
 
 GEMV_SWEEP = [GemvConfig(16, 512, 4), GemvConfig(8, 512, 4), GemvConfig(8, 1024, 4), GemvConfig(16, 1024, 8),
               GemvConfig(32, 512, 8), GemvConfig(4, 1024, 4), GemvConfig(8, 2048, 8), GemvConfig(16, 256, 2),
@@ -115,7 +115,7 @@ def shape_rows(run, s, tokens: list[int], sweep: bool) -> list[dict]:
         times["experts grouped_mm"] = graph_time([lambda b=b: b.experts(h, idx, w) for b in blocks])
         if _rest(block, h) is not None:
             times["rest (shared expert) stock"] = graph_time([lambda b=b: _rest(b, h) for b in blocks])
-            if structure_problem(block) is None and T <= GEMV_MAX_TOKENS:  # the shared expert in our kernels
+            if structure_problem(block) is None and T <= DECODE_MAX_TOKENS:  # the shared expert in our kernels
                 shs = [shared_expert(b) for b in blocks]
                 times["experts+shared ours"] = graph_time([lambda i=i: fused_experts(h, wts[i], w, idx, shared=shs[i])
                                                            for i in range(len(blocks))])

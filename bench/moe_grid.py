@@ -57,7 +57,8 @@ from kernels.hf_shared import (
     structure_problem,
     uninstall_fused_blocks,
 )
-from kernels.moe_experts import GEMV_MAX_TOKENS, fused_experts
+from kernels.moe_experts import DECODE_MAX_TOKENS as SHARED_INSIDE_MAX_TOKENS
+from kernels.moe_experts import fused_experts
 
 TOKENS = [1, 16, 64, 256, 4096, 16384]
 EXPERTS = [8, 16, 32, 60, 64, 128, 256, 384]
@@ -242,7 +243,7 @@ def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) ->
     """With the routing held equal (the stock router's top-k): relative error of our experts and of grouped_mm
     against float64, on the first `tokens` tokens; and how often our router picks stock's top-k set. A block with
     a shared expert our kernels take adds `shared_block_rel_err_fused`: routed plus shared experts in our decode
-    kernels, on the first GEMV_MAX_TOKENS tokens, against float64."""
+    kernels, on the first SHARED_INSIDE_MAX_TOKENS tokens, against float64."""
     from transformers.integrations import moe as hf_moe
 
     from kernels.hf_moe import fused_triton_experts_forward
@@ -265,7 +266,7 @@ def experts_errors(block: torch.nn.Module, x: torch.Tensor, tokens: int = 64) ->
     out = {"experts_rel_err_fused": err(ours), "experts_rel_err_grouped_mm": err(stock),
            "router_topk_agree": agree.float().mean().item(), "router_topk_disagree_tokens": int((~agree).sum())}
     if shared_module(block) is not None and structure_problem(block) is None:
-        n = min(GEMV_MAX_TOKENS, h.shape[0])
+        n = min(SHARED_INSIDE_MAX_TOKENS, h.shape[0])
         v = hf_coverage.verdict(ex, h)
         sh = shared_expert(block)
         both = fused_experts(h[:n], hf_coverage.expert_weights(ex, v), w[:n], idx[:n], activation=v[3][0], shared=sh)

@@ -16,7 +16,7 @@ outputs differ keeps its stock forward, logged once. After that the block's path
 (kernels/dispatch.py): the stock forward (with our routers and experts where they win) or ours, whichever is
 faster on this GPU, as plain calls and as graph replays.
 
-Only at the decode path's token counts (moe_experts.GEMV_MAX_TOKENS): above them the shared expert is a dense
+Only at the decode paths' token counts (moe_experts.DECODE_MAX_TOKENS): above them the shared expert is a dense
 matmul over every token, which cuBLAS runs as well as anything, and the stock forward runs unchanged.
 """
 
@@ -32,7 +32,7 @@ from kernels import hf_coverage as coverage
 from kernels.dispatch import OURS, capturing, module_path, token_bucket
 from kernels.forward_swap import install_forward, restore_forwards
 from kernels.module_hooks import hooks_set_aside
-from kernels.moe_experts import GEMV_MAX_TOKENS, SharedExpert, fused_experts
+from kernels.moe_experts import DECODE_MAX_TOKENS, SharedExpert, fused_experts
 
 log = logging.getLogger("kernels.hf_moe")
 SHARED_NAMES = ("shared_expert", "shared_experts")
@@ -119,7 +119,7 @@ def _fused_block_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
         coverage.fallback(f"{type(self).__name__}'s forward takes more than the hidden states", INSTEAD)
         return self._stock_forward(hidden_states, *args, **kwargs)
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if (x.shape[0] > GEMV_MAX_TOKENS or torch.compiler.is_compiling()
+    if (x.shape[0] > DECODE_MAX_TOKENS or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))):
         return self._stock_forward(hidden_states)  # prefill sizes, tracing, training: the stock block
     state = self.__dict__.setdefault("_fused_block_state", {})

@@ -20,6 +20,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.interpreter import INTERPRETED
 from kernels.launch import cdiv, fast, launch_fitting, sm_count
 from kernels.moe_align import Alignment, align_slots
+from kernels.moe_expert_rows import MAX_SLOTS, down_rows_kernel, gate_up_rows_kernel
 from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel, slot_sum_kernel
 from kernels.moe_grouped_gemm import (
     ACT_CLAMPED_SWIGLU,
@@ -33,8 +34,14 @@ from kernels.moe_grouped_gemm import (
 )
 from kernels.moe_grouped_tma import down_tma_kernel, gate_up_tma_kernel, tma_layout_ok
 
-# Up to this many tokens the experts run as matrix-vector products (see moe_gemv); above, as grouped GEMMs.
+# Up to this many tokens the experts run as matrix-vector products, one per slot (see moe_gemv); up to
+# ROWS_MAX_TOKENS, each expert's tokens together (see moe_expert_rows); above, as grouped GEMMs.
 GEMV_MAX_TOKENS = 4
+ROWS_MAX_TOKENS = 16
+# The decode kernels' range: up to here a shared expert rides inside them as more slots (hf_shared); above, it is a
+# dense matmul on cuBLAS beside the grouped GEMMs.
+DECODE_MAX_TOKENS = ROWS_MAX_TOKENS
+ROWS_BLOCK_M = 16  # rows of the tensor-core tile: one block holds every token of an expert up to ROWS_MAX_TOKENS
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,34 @@ class GemvConfig:
     groups: int = 0  # down only: slot groups per token; 0: down_groups decides
 
 
+@dataclass(frozen=True)
+class RowsConfig:
+    """The expert-rows path (moe_expert_rows): output columns per program, input elements per step, warps,
+    software-pipeline stages."""
+
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (gate/up, down) of the expert-rows path; the transposed layout's columns are adjacent in memory, so it wants
+# wider tiles to load whole sectors.
+ROWS_TILES = (RowsConfig(16, 256, 4, 3), RowsConfig(16, 256, 4, 3))
+ROWS_TILES_TRANSPOSED = (RowsConfig(64, 64, 4, 3), RowsConfig(64, 64, 4, 3))
+
+
+def decode_path(tokens: int, top_k: int, dtype: torch.dtype) -> str:
+    """The path fused_experts takes for `tokens` tokens: "gemv" (a handful), "rows" (up to ROWS_MAX_TOKENS, when
+    the ids fit one load and the matmuls are half precision: float32 would run as TF32 on the tensor cores), or
+    "grouped"."""
+    if tokens <= GEMV_MAX_TOKENS:
+        return "gemv"
+    if tokens <= ROWS_MAX_TOKENS and tokens * top_k <= MAX_SLOTS and dtype in (torch.bfloat16, torch.float16):
+        return "rows"
+    return "grouped"
+
+
 # Narrow column tiles, long rows: enough programs to cover every SM, 16 KiB+ in flight per program.
 GEMV_DEFAULT = GemvConfig()
 
@@ -251,6 +286,7 @@ def fused_experts(
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
     shared: SharedExpert | None = None,
+    rows: tuple[RowsConfig, RowsConfig] | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * (Down_e(act(Gate_e x_t + bg_e) * (Up_e x_t + bu_e)) + bd_e), e = topk_ids[t, j];
     the biases (weights.gate_up_bias [E, 2I], weights.down_bias [E, H]) are 0 when absent. With `shared`, plus
@@ -260,8 +296,9 @@ def fused_experts(
     Returns [T, H] in hidden's dtype. activation: a `hidden_act` name of moe_grouped_gemm.ACTIVATIONS, or
     "clamped_swiglu" (GPT-OSS: act(g) * u = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
     g' = min(g, limit), with alpha = swiglu_alpha and limit = swiglu_limit; the other activations ignore both).
-    force_path: "gemv" or "grouped" (tests, benchmarks); configs: (gate/up, down) tiles of the grouped path, gemv:
-    (gate/up, down) of the decode path (default: pick_configs, GEMV_TILES or GEMV_TILES_TRANSPOSED).
+    force_path: "gemv", "rows" or "grouped" (tests, benchmarks; default: decode_path); configs: (gate/up, down)
+    tiles of the grouped path, gemv: of the decode GEMV, rows: of the expert-rows path (default: pick_configs,
+    GEMV_TILES or GEMV_TILES_TRANSPOSED, ROWS_TILES or ROWS_TILES_TRANSPOSED).
     """
     if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of "
@@ -286,7 +323,12 @@ def fused_experts(
     out_dtype = hidden.dtype
     if T == 0:
         return torch.empty_like(x)
-    path = force_path or ("gemv" if T <= GEMV_MAX_TOKENS else "grouped")
+    path = force_path or decode_path(T, k, weights.gate_up.dtype)
+    if path == "rows" and T * k > MAX_SLOTS:
+        raise ValueError(f"fused_experts: the rows path takes at most {MAX_SLOTS} slots; got {T} x {k}")
+
+    if path == "rows":
+        return _rows_path(x, weights, ids, topw, act, alpha, limit, shared, rows, out_dtype)
 
     if path == "gemv":
         g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
@@ -337,6 +379,42 @@ def fused_experts(
     # clamped gate send a TMA choice to the pointer kernels, which need other resources: both are in the key.
     fit_key = (choice, H, I, x.dtype, weights.gate_up.dtype, act, weights.gate_up_bias is None)
     return launch_fitting(fit_key, grouped_fallbacks(choice), launch)
+
+
+def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw: torch.Tensor, act: int,
+               alpha: float, limit: float, shared: SharedExpert | None,
+               tiles: tuple[RowsConfig, RowsConfig] | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """fused_experts on the expert-rows kernels: x [T, H], ids [T, k] int32, topw [T, k], all contiguous.
+    Returns [T, H] in out_dtype."""
+    T, H = x.shape
+    k = ids.shape[1]
+    I = weights.intermediate
+    g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
+    d_se, d_sn, d_sk = weights.down_strides()
+    gu, gd = tiles or (ROWS_TILES_TRANSPOSED if weights.transposed else ROWS_TILES)
+    n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
+    slots = k + n_sh
+    block_s = max(16, 1 << (T * k - 1).bit_length())
+    inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
+    fast(gate_up_rows_kernel)[(T * k + n_sh, cdiv(I, gu.block_n))](
+        x, weights.gate_up, ids, inter, T * k, T, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
+        gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh,
+        TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=gu.block_n,
+        BLOCK_K=gu.block_k, BLOCK_S=block_s, DOT_F32=INTERPRETED, N_SHARED=n_sh, HAS_SGATE=sh[5] is not None,
+        num_warps=gu.num_warps, num_stages=gu.num_stages)
+    part = torch.empty(T, slots, H, device=x.device, dtype=torch.float32)
+    sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
+                                                 shared.width)
+    fast(down_rows_kernel)[(T * k + n_sh, cdiv(H, gd.block_n))](
+        inter, weights.down, ids, topw, part, T * k, T, I, H, inter.stride(0), d_se, d_sn, d_sk,
+        *_bias_args(weights.down_bias), *sd,
+        TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=gd.block_n,
+        BLOCK_K=gd.block_k, BLOCK_S=block_s, DOT_F32=INTERPRETED, N_SHARED=n_sh,
+        num_warps=gd.num_warps, num_stages=gd.num_stages)
+    out = torch.empty(T, H, device=x.device, dtype=out_dtype)
+    fast(slot_sum_kernel)[(T, cdiv(H, SLOT_SUM_BLOCK))](part, out, H, out.stride(0), GROUPS=slots,
+                                                        BLOCK_N=SLOT_SUM_BLOCK, num_warps=4)
+    return out
 
 
 def _shared_args(shared: SharedExpert, width: int) -> tuple[int, tuple]:

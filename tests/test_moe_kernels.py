@@ -207,9 +207,9 @@ EXPERT_CASES = [
 ]
 
 
-# The decode path runs at most GEMV_MAX_TOKENS (4) tokens; forcing it on 64-97 tokens costs 40 s of the
-# interpreter for sizes it never serves, so it is tested on the decode sizes (1, 3 and 16 tokens) only.
-@pytest.mark.parametrize("T,E,k,H,I,path", [(*c, path) for path in ("gemv", "grouped") for c in EXPERT_CASES
+# The decode paths run at most 16 tokens; forcing them on 64-97 tokens costs 40 s of the interpreter for sizes
+# they never serve, so they are tested on the decode sizes (1, 3 and 16 tokens) only.
+@pytest.mark.parametrize("T,E,k,H,I,path", [(*c, path) for path in ("gemv", "rows", "grouped") for c in EXPERT_CASES
                                              if path == "grouped" or c[0] <= 16])
 def test_experts_match_float64(T: int, E: int, k: int, H: int, I: int, path: str) -> None:
     gen = torch.Generator().manual_seed(T * 7 + E + H)
@@ -283,7 +283,7 @@ def test_shared_expert_slots_match_float64(T: int, E: int, k: int, H: int, I: in
     ref = ref_experts(x, gate_up, down, topw, ids) + ref_shared(x, sh)
     w = as_layout(gate_up, down, None, None, layout)
     sh_dev = SharedExpert(*(t.to(DEV) if t is not None else None for t in dataclasses.astuple(sh)))
-    for path in ("gemv", "grouped"):
+    for path in ("gemv", "rows", "grouped"):
         out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path=path, shared=sh_dev)
         assert out.dtype == dtype and out.shape == (T, H)
         assert rel_err(out.cpu(), ref) < 1e-2, path
@@ -313,6 +313,45 @@ def test_down_slot_groups_match_float64_and_repeat_exactly(groups: int) -> None:
             for _ in range(2)]
     assert rel_err(outs[0].cpu(), ref) < 1e-2
     assert torch.equal(outs[0], outs[1])
+
+
+def test_rows_path_takes_repeated_experts_past_one_tile_and_repeats_exactly() -> None:
+    """The expert-rows kernels gather an expert's slots in blocks of 16 rows: with 2 experts, 16 tokens and each
+    token's 8 slots drawn with repeats (no router does that, a caller may), an expert has up to 128 slots, so the
+    block loop runs several times; a shared expert rides along. Matches float64; two calls give the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    T, E, k, H, I, Is = 16, 2, 8, 40, 24, 30
+    dtype = torch.bfloat16
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
+    sh = SharedExpert(*((torch.randn(*s, generator=gen) / s[1]**0.5).to(dtype) for s in ((Is, H), (Is, H), (H, Is))))
+    ids = torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32)
+    assert int((ids == 0).sum()) > 16 and int((ids == 1).sum()) > 16
+    topw = torch.rand(T, k, generator=gen)
+    ref = ref_experts(x, gate_up, down, topw, ids) + ref_shared(x, sh)
+    sh_dev = SharedExpert(*(t.to(DEV) if t is not None else None for t in dataclasses.astuple(sh)))
+    w = ExpertWeights(gate_up.to(DEV), down.to(DEV))
+    outs = [fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path="rows", shared=sh_dev)
+            for _ in range(2)]
+    assert rel_err(outs[0].cpu(), ref) < 1e-2
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_decode_path_rule() -> None:
+    """A handful of tokens: the per-slot GEMV; up to 16 tokens with at most 128 slots in half precision: the expert
+    rows; else the grouped GEMMs (float32 would run as TF32 on the rows path's tensor cores). A forced rows path
+    past 128 slots is refused."""
+    from kernels.moe_experts import decode_path
+
+    bf16 = torch.bfloat16
+    assert decode_path(1, 8, bf16) == decode_path(4, 8, bf16) == "gemv"
+    assert decode_path(5, 8, bf16) == decode_path(16, 8, torch.float16) == "rows"
+    assert decode_path(16, 9, bf16) == decode_path(17, 1, bf16) == decode_path(8, 8, torch.float32) == "grouped"
+    w = ExpertWeights(torch.zeros(4, 8, 16), torch.zeros(4, 16, 4))
+    with pytest.raises(ValueError, match="at most 128 slots"):
+        fused_experts(torch.zeros(17, 16), w, torch.ones(17, 8), torch.zeros(17, 8, dtype=torch.int32),
+                      force_path="rows")
 
 
 def test_down_groups_rule_gives_each_slot_its_own_programs() -> None:
@@ -383,11 +422,11 @@ def assert_clamp_bites(x, gate_up, gate_up_bias, ids, limit: float = 7.0) -> Non
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("layout", ["default", "transposed", "interleaved", "transposed+interleaved"])
-@pytest.mark.parametrize("path", ["gemv", "grouped"])
+@pytest.mark.parametrize("path", ["gemv", "rows", "grouped"])
 def test_experts_clamped_swiglu_and_biases(path: str, layout: str, bias: bool) -> None:
     """GPT-OSS's experts: clamped SwiGLU (alpha 1.702, limit 7, reached by some entries), optional gate/up and
     down biases, every weight layout (GPT-OSS's own is transposed+interleaved); bf16 and fp32."""
-    T = 3 if path == "gemv" else 29
+    T = {"gemv": 3, "rows": 7, "grouped": 29}[path]
     E, k, H, I = 8, 2, 40, 24
     for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 5e-3)):  # fp32: tf32-class dots on GPU
         x, gate_up, down, gb, db, topw, ids = gpt_oss_like(T, E, k, H, I, dtype, bias, seed=T + 10 * bias)
