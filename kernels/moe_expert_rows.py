@@ -123,7 +123,7 @@ def gate_up_rows_kernel(
                 rows = (tok * SLOTS + slots % TOP_K).to(tl.int64)
                 tl.store(out_ptr + rows[:, None] * stride_ot + offs_n[None, :], h.to(out_ptr.dtype.element_ty),
                          mask=valid[:, None] & n_ok[None, :])
-    else:
+    elif N_SHARED > 0:  # compiled only with a shared expert (its pointers are None without)
         c = pid - n_slots
         first_row = c.to(tl.int64) * N  # the chunk's first row of the shared weights
         ok = n_ok & (first_row + offs_n < sh_width)
@@ -171,7 +171,7 @@ def down_rows_kernel(
                 acc = acc * tl.load(topw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
                 tl.store(part_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], acc,
                          mask=valid[:, None] & n_ok[None, :])
-    else:
+    elif N_SHARED > 0:
         c = pid - n_slots
         first_col = c.to(tl.int64) * K  # the chunk's first column of the shared down weight
         for t0 in range(0, T, BLOCK_M):
