@@ -183,21 +183,34 @@ class RowsConfig:
     num_stages: int = 3
 
 
-# (gate/up, down) of the expert-rows path; the transposed layout's columns are adjacent in memory, so it wants
-# wider tiles to load whole sectors.
-ROWS_TILES = (RowsConfig(16, 256, 4, 3), RowsConfig(16, 256, 4, 3))
-ROWS_TILES_TRANSPOSED = (RowsConfig(64, 64, 4, 3), RowsConfig(64, 64, 4, 3))
+def rows_tile(k_dim: int) -> RowsConfig:
+    """The expert-rows tile for a matmul over k_dim inputs (H for gate/up, I for down). One H200, graph replays of
+    8 layouts x 8 and 16 tokens, uniform routing (bench/results/decode_paths_h200.csv): 32 columns x 128-wide steps
+    were within 8% of the best of five tiles everywhere but on Mixtral (4096 x 14336), where 256-wide steps were
+    3% faster than 128 and 16-column tiles lost 20-45% (too little in flight per program)."""
+    return RowsConfig(32, 256 if k_dim >= 4096 else 128, 4, 3)
 
 
-def decode_path(tokens: int, top_k: int, dtype: torch.dtype) -> str:
-    """The path fused_experts takes for `tokens` tokens: "gemv" (a handful), "rows" (up to ROWS_MAX_TOKENS, when
-    the ids fit one load and the matmuls are half precision: float32 would run as TF32 on the tensor cores), or
-    "grouped"."""
+def decode_path(tokens: int, top_k: int, dtype: torch.dtype, num_experts: int = 1, transposed: bool = False,
+                shared: bool = False) -> str:
+    """The path fused_experts takes: "gemv", "rows" or "grouped".
+
+    Up to GEMV_MAX_TOKENS the per-slot GEMV. Up to ROWS_MAX_TOKENS, when the ids fit one load (MAX_SLOTS) and
+    the matmuls are half precision (float32 would run as TF32 on the tensor cores), the expert rows, which read
+    each expert routed to once; except where the slots are fewer than half the experts and no shared expert
+    rides along: an expert is then seldom picked twice, and the per-slot GEMV's narrower programs read as fast
+    (uniform routing at 8 tokens, bench/results/decode_paths_h200.csv: Qwen3 131 against 147 us, DeepSeek-V3 1161
+    against 1217, top-1 32 experts 19 against 24). Transposed weights (GPT-OSS's) take the grouped GEMMs past
+    GEMV_MAX_TOKENS: the rows kernels read their adjacent columns in short pieces (369 against 339 us at 16
+    tokens). Else the grouped GEMMs."""
     if tokens <= GEMV_MAX_TOKENS:
         return "gemv"
-    if tokens <= ROWS_MAX_TOKENS and tokens * top_k <= MAX_SLOTS and dtype in (torch.bfloat16, torch.float16):
-        return "rows"
-    return "grouped"
+    if (tokens > ROWS_MAX_TOKENS or tokens * top_k > MAX_SLOTS or dtype not in (torch.bfloat16, torch.float16)
+            or transposed):
+        return "grouped"
+    if not shared and 2 * tokens * top_k < num_experts:
+        return "gemv"
+    return "rows"
 
 
 # Narrow column tiles, long rows: enough programs to cover every SM, 16 KiB+ in flight per program.
@@ -298,7 +311,7 @@ def fused_experts(
     g' = min(g, limit), with alpha = swiglu_alpha and limit = swiglu_limit; the other activations ignore both).
     force_path: "gemv", "rows" or "grouped" (tests, benchmarks; default: decode_path); configs: (gate/up, down)
     tiles of the grouped path, gemv: of the decode GEMV, rows: of the expert-rows path (default: pick_configs,
-    GEMV_TILES or GEMV_TILES_TRANSPOSED, ROWS_TILES or ROWS_TILES_TRANSPOSED).
+    GEMV_TILES or GEMV_TILES_TRANSPOSED, rows_tile).
     """
     if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of "
@@ -323,7 +336,7 @@ def fused_experts(
     out_dtype = hidden.dtype
     if T == 0:
         return torch.empty_like(x)
-    path = force_path or decode_path(T, k, weights.gate_up.dtype)
+    path = force_path or decode_path(T, k, weights.gate_up.dtype, E, weights.transposed, shared is not None)
     if path == "rows" and T * k > MAX_SLOTS:
         raise ValueError(f"fused_experts: the rows path takes at most {MAX_SLOTS} slots; got {T} x {k}")
 
@@ -391,7 +404,7 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     I = weights.intermediate
     g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
     d_se, d_sn, d_sk = weights.down_strides()
-    gu, gd = tiles or (ROWS_TILES_TRANSPOSED if weights.transposed else ROWS_TILES)
+    gu, gd = tiles or (rows_tile(H), rows_tile(I))
     n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
     slots = k + n_sh
     block_s = max(16, 1 << (T * k - 1).bit_length())

@@ -1,0 +1,91 @@
+"""Our Triton kernels compiled for a Hopper GPU on the CPU, no GPU needed.
+
+The interpreter (TRITON_INTERPRET=1, the CPU tests) runs kernels as Python: a branch that a specialisation makes
+dead, or an operand that is None in one specialisation, never reaches Triton's compiler there. A GPU then fails
+at the first launch (the expert-rows kernels' shared-expert branch took `None + offset` until it was guarded by
+a constexpr). Here each specialisation the host code launches is compiled to a cubin for sm_90, as a GPU's first
+call would: in a child process, since this one's kernels are the interpreter's.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMEM_LIMIT = 232448  # an H100/H200's shared memory per block
+# (shared chunks, biases, top-k, input width) of the expert-rows kernels compiled
+SPECS = [*((s, b, 8, 2048) for s, b in itertools.product((0, 2), (False, True))), (0, False, 1, 2048),
+         (2, False, 8, 4096)]
+
+
+def compile_for_hopper(fn, constexprs: dict, types: dict[str, str]):
+    """Compile `fn` with these constexprs (a pointer given as None is one the specialisation leaves out) and
+    argument types (default i32) to a cubin for sm_90; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs=dict(constexprs)), target=GPUTarget("cuda", 90, 32))
+
+
+def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
+    """(name, kernel, constexprs, types) of every specialisation of the expert-rows kernels fused_experts
+    launches: with and without a (gated) shared expert, with and without biases (then GPT-OSS's clamped gate),
+    top-8, and top-1 and the wide-input tile once each."""
+    from kernels.moe_expert_rows import MAX_SLOTS, down_rows_kernel, gate_up_rows_kernel
+    from kernels.moe_experts import rows_tile
+
+    half = {p: "*bf16" for p in ("x_ptr", "w_ptr", "out_ptr", "bias_ptr", "sh_gate_ptr", "sh_up_ptr", "sgate_ptr",
+                                 "a_ptr", "sh_down_ptr")}
+    types = {**half, "ids_ptr": "*i32", "topw_ptr": "*fp32", "part_ptr": "*fp32", "alpha": "fp32", "limit": "fp32"}
+    specs = []
+    for shared, bias, top_k, k_dim in SPECS:
+        c = rows_tile(k_dim)
+        base = dict(TOP_K=top_k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                    BLOCK_S=MAX_SLOTS, DOT_F32=False, N_SHARED=shared, **({} if bias else {"bias_ptr": None}))
+        gu = dict(base, ACT=4 if bias else 0, HAS_SGATE=shared > 0)
+        dn = dict(base)
+        if not shared:
+            gu.update(sh_gate_ptr=None, sh_up_ptr=None, sgate_ptr=None)
+            dn.update(sh_down_ptr=None)
+        name = f"shared={shared} bias={bias} k={top_k} K={k_dim}"
+        specs += [(f"gate_up {name}", gate_up_rows_kernel, gu, types), (f"down {name}", down_rows_kernel, dn, types)]
+    return specs
+
+
+def main() -> int:
+    """Compile every spec; print one line each; exit 1 on any failure or a block over the shared memory."""
+    failed = 0
+    for name, fn, consts, types in expert_rows_specs():
+        try:
+            k = compile_for_hopper(fn, consts, types)
+            ok = k.metadata.shared <= SMEM_LIMIT
+            print(f"{'ok  ' if ok else 'SMEM'} {name}: {k.metadata.shared} bytes of shared memory")
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
+            ok = False
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:600]}")
+        failed += not ok
+    return 1 if failed else 0
+
+
+def test_expert_rows_kernels_compile_for_hopper() -> None:
+    pytest.importorskip("triton")
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    got = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-2000:]
+    assert got.stdout.count("ok  ") == 2 * len(SPECS), got.stdout  # gate/up and down of each
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
