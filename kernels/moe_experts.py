@@ -191,25 +191,22 @@ def rows_tile(k_dim: int) -> RowsConfig:
     return RowsConfig(32, 256 if k_dim >= 4096 else 128, 4, 3)
 
 
-def decode_path(tokens: int, top_k: int, dtype: torch.dtype, num_experts: int = 1, transposed: bool = False,
-                shared: bool = False) -> str:
+def decode_path(tokens: int, top_k: int, dtype: torch.dtype, transposed: bool = False) -> str:
     """The path fused_experts takes: "gemv", "rows" or "grouped".
 
-    Up to GEMV_MAX_TOKENS the per-slot GEMV. Up to ROWS_MAX_TOKENS, when the ids fit one load (MAX_SLOTS) and
-    the matmuls are half precision (float32 would run as TF32 on the tensor cores), the expert rows, which read
-    each expert routed to once; except where the slots are fewer than half the experts and no shared expert
-    rides along: an expert is then seldom picked twice, and the per-slot GEMV's narrower programs read as fast
-    (uniform routing at 8 tokens, bench/results/decode_paths_h200.csv: Qwen3 131 against 147 us, DeepSeek-V3 1161
-    against 1217, top-1 32 experts 19 against 24). Transposed weights (GPT-OSS's) take the grouped GEMMs past
-    GEMV_MAX_TOKENS: the rows kernels read their adjacent columns in short pieces (369 against 339 us at 16
-    tokens). Else the grouped GEMMs."""
+    Up to GEMV_MAX_TOKENS the per-slot GEMV. Up to ROWS_MAX_TOKENS, when the ids fit one load (MAX_SLOTS) and the
+    matmuls are half precision (float32 would run as TF32 on the tensor cores), the expert rows, which read each
+    expert routed to once. Under uniform routing with few slots per expert the per-slot GEMV read as fast or
+    faster (8 tokens, bench/results/decode_paths_h200.csv: Qwen3 131 against 147 us, DeepSeek-V3 1161 against
+    1217), but a model's router repeats experts far more: a 384-expert top-8 layer at 16 tokens took 865 us on
+    the GEMV against 595 on the grouped GEMMs in the grid (bench/results/moe_grid_h200_t16.csv). Transposed
+    weights (GPT-OSS's) take the grouped GEMMs past GEMV_MAX_TOKENS: the rows kernels read their adjacent columns
+    in short pieces (369 against 339 us at 16 tokens). Else the grouped GEMMs."""
     if tokens <= GEMV_MAX_TOKENS:
         return "gemv"
     if (tokens > ROWS_MAX_TOKENS or tokens * top_k > MAX_SLOTS or dtype not in (torch.bfloat16, torch.float16)
             or transposed):
         return "grouped"
-    if not shared and 2 * tokens * top_k < num_experts:
-        return "gemv"
     return "rows"
 
 
@@ -336,7 +333,7 @@ def fused_experts(
     out_dtype = hidden.dtype
     if T == 0:
         return torch.empty_like(x)
-    path = force_path or decode_path(T, k, weights.gate_up.dtype, E, weights.transposed, shared is not None)
+    path = force_path or decode_path(T, k, weights.gate_up.dtype, weights.transposed)
     if path == "rows" and T * k > MAX_SLOTS:
         raise ValueError(f"fused_experts: the rows path takes at most {MAX_SLOTS} slots; got {T} x {k}")
 
