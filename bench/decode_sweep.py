@@ -124,10 +124,13 @@ def _weights(E: int, H: int, I: int, k: int, transposed: bool) -> list[ExpertWei
     return ws
 
 
-def path_rows(run, tokens: list[int]) -> list[dict]:
-    """Each layout at each token count on every path of fused_experts (see the module docstring)."""
+def path_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[dict]:
+    """Each layout (of `layouts` by name, default all) at each token count on every path of fused_experts (see the
+    module docstring)."""
     rows = []
     for name, E, k, H, I, transposed in EXPERTS:
+        if layouts and name not in layouts:
+            continue
         ws = _weights(E, H, I, k, transposed)
         for T in tokens:
             h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -140,6 +143,8 @@ def path_rows(run, tokens: list[int]) -> list[dict]:
                 return float("inf") if t is None else t * 1e6
 
             got = {"gemv": timed(force_path="gemv"), "grouped": timed(force_path="grouped"), "default": timed()}
+            if transposed:
+                got["rows default tile"] = timed(force_path="rows")
             if T * k <= 128:
                 got.update({f"rows {_name(c)}": timed(force_path="rows", rows=(c, c)) for c in ROWS_SWEEP})
             floor = ids.unique().numel() * 3 * H * I * 2 / run.bandwidth * 1e6
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
     ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths"])
     ap.add_argument("--path-tokens", type=int, nargs="*", default=[8, 16])
+    ap.add_argument("--layouts", nargs="*", default=None, help="expert layouts of `paths` by name (default: all)")
     args = ap.parse_args(argv)
     run = start_run("decode_sweep")
     if run is None:
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += experts_rows(run, args.tokens)
         write_rows(args.out, rows)
     if "paths" in args.only:
-        rows += path_rows(run, args.path_tokens)
+        rows += path_rows(run, args.path_tokens, args.layouts)
     write_rows(args.out, rows)
     return 0
 

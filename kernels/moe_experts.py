@@ -183,15 +183,19 @@ class RowsConfig:
     num_stages: int = 3
 
 
-def rows_tile(k_dim: int) -> RowsConfig:
+def rows_tile(k_dim: int, transposed: bool = False) -> RowsConfig:
     """The expert-rows tile for a matmul over k_dim inputs (H for gate/up, I for down). One H200, graph replays of
     8 layouts x 8 and 16 tokens, uniform routing (bench/results/decode_paths_h200.csv): 32 columns x 128-wide steps
     were within 8% of the best of five tiles everywhere but on Mixtral (4096 x 14336), where 256-wide steps were
-    3% faster than 128 and 16-column tiles lost 20-45% (too little in flight per program)."""
+    3% faster than 128 and 16-column tiles lost 20-45% (too little in flight per program). Transposed weights
+    (GPT-OSS's [E, H, 2I]) have a tile's columns adjacent in memory: 64 of them x 64-wide steps, 369 us at 16
+    tokens where 32 x 128 took 570."""
+    if transposed:
+        return RowsConfig(64, 64, 4, 3)
     return RowsConfig(32, 256 if k_dim >= 4096 else 128, 4, 3)
 
 
-def decode_path(tokens: int, top_k: int, dtype: torch.dtype, transposed: bool = False) -> str:
+def decode_path(tokens: int, top_k: int, dtype: torch.dtype) -> str:
     """The path fused_experts takes: "gemv", "rows" or "grouped".
 
     Up to GEMV_MAX_TOKENS the per-slot GEMV. Up to ROWS_MAX_TOKENS, when the ids fit one load (MAX_SLOTS) and the
@@ -200,12 +204,12 @@ def decode_path(tokens: int, top_k: int, dtype: torch.dtype, transposed: bool = 
     faster (8 tokens, bench/results/decode_paths_h200.csv: Qwen3 131 against 147 us, DeepSeek-V3 1161 against
     1217), but a model's router repeats experts far more: a 384-expert top-8 layer at 16 tokens took 865 us on
     the GEMV against 595 on the grouped GEMMs in the grid (bench/results/moe_grid_h200_t16.csv). Transposed
-    weights (GPT-OSS's) take the grouped GEMMs past GEMV_MAX_TOKENS: the rows kernels read their adjacent columns
-    in short pieces (369 against 339 us at 16 tokens). Else the grouped GEMMs."""
+    weights (GPT-OSS's) take the rows path too: uniform routing put it at 369 us against 339 for our grouped
+    GEMMs at 16 tokens, but GPT-OSS's biases keep those off the descriptor kernels, and the pointer kernels took
+    1.6 ms on transposed weights in the grid (bench/results/moe_grid_h200_decode.csv). Else the grouped GEMMs."""
     if tokens <= GEMV_MAX_TOKENS:
         return "gemv"
-    if (tokens > ROWS_MAX_TOKENS or tokens * top_k > MAX_SLOTS or dtype not in (torch.bfloat16, torch.float16)
-            or transposed):
+    if tokens > ROWS_MAX_TOKENS or tokens * top_k > MAX_SLOTS or dtype not in (torch.bfloat16, torch.float16):
         return "grouped"
     return "rows"
 
@@ -333,7 +337,7 @@ def fused_experts(
     out_dtype = hidden.dtype
     if T == 0:
         return torch.empty_like(x)
-    path = force_path or decode_path(T, k, weights.gate_up.dtype, weights.transposed)
+    path = force_path or decode_path(T, k, weights.gate_up.dtype)
     if path == "rows" and T * k > MAX_SLOTS:
         raise ValueError(f"fused_experts: the rows path takes at most {MAX_SLOTS} slots; got {T} x {k}")
 
@@ -401,7 +405,7 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     I = weights.intermediate
     g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
     d_se, d_sn, d_sk = weights.down_strides()
-    gu, gd = tiles or (rows_tile(H), rows_tile(I))
+    gu, gd = tiles or (rows_tile(H, weights.transposed), rows_tile(I, weights.transposed))
     n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
     slots = k + n_sh
     block_s = max(16, 1 << (T * k - 1).bit_length())

@@ -18,9 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMEM_LIMIT = 232448  # an H100/H200's shared memory per block
-# (shared chunks, biases, top-k, input width) of the expert-rows kernels compiled
-SPECS = [*((s, b, 8, 2048) for s, b in itertools.product((0, 2), (False, True))), (0, False, 1, 2048),
-         (2, False, 8, 4096)]
+# (shared chunks, biases, top-k, input width, transposed weights) of the expert-rows kernels compiled
+SPECS = [*((s, b, 8, 2048, False) for s, b in itertools.product((0, 2), (False, True))), (0, False, 1, 2048, False),
+         (2, False, 8, 4096, False), (0, True, 4, 2880, True)]
 
 
 def compile_for_hopper(fn, constexprs: dict, types: dict[str, str]):
@@ -37,7 +37,7 @@ def compile_for_hopper(fn, constexprs: dict, types: dict[str, str]):
 def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, types) of every specialisation of the expert-rows kernels fused_experts
     launches: with and without a (gated) shared expert, with and without biases (then GPT-OSS's clamped gate),
-    top-8, and top-1 and the wide-input tile once each."""
+    top-8, and top-1, the wide-input tile and GPT-OSS's (transposed, biased, top-4) once each."""
     from kernels.moe_expert_rows import MAX_SLOTS, down_rows_kernel, gate_up_rows_kernel
     from kernels.moe_experts import rows_tile
 
@@ -45,8 +45,8 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
                                  "a_ptr", "sh_down_ptr")}
     types = {**half, "ids_ptr": "*i32", "topw_ptr": "*fp32", "part_ptr": "*fp32", "alpha": "fp32", "limit": "fp32"}
     specs = []
-    for shared, bias, top_k, k_dim in SPECS:
-        c = rows_tile(k_dim)
+    for shared, bias, top_k, k_dim, transposed in SPECS:
+        c = rows_tile(k_dim, transposed)
         base = dict(TOP_K=top_k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                     BLOCK_S=MAX_SLOTS, DOT_F32=False, N_SHARED=shared, **({} if bias else {"bias_ptr": None}))
         gu = dict(base, ACT=4 if bias else 0, HAS_SGATE=shared > 0)
@@ -54,7 +54,7 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
         if not shared:
             gu.update(sh_gate_ptr=None, sh_up_ptr=None, sgate_ptr=None)
             dn.update(sh_down_ptr=None)
-        name = f"shared={shared} bias={bias} k={top_k} K={k_dim}"
+        name = f"shared={shared} bias={bias} k={top_k} K={k_dim} transposed={transposed}"
         specs += [(f"gate_up {name}", gate_up_rows_kernel, gu, types), (f"down {name}", down_rows_kernel, dn, types)]
     return specs
 
