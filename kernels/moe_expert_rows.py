@@ -56,27 +56,37 @@ def _match_rows(match, offs, m0, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _dots(x_ptr, tok, valid, stride_xt, g_base, u_base, row_stride, stride_k, offs_n, n_ok, K, sg_ptr, stride_sgk,
-          WITH_UP: tl.constexpr, WITH_SGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+          n0, N, WITH_UP: tl.constexpr, WITH_SGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PAIRED: tl.constexpr = False):
     # Float32 [BLOCK_M, BLOCK_N] products of rows x[tok] with weight rows offs_n (row r at base + r * row_stride,
     # element k at + k * stride_k): gate's, up's (WITH_UP, else zeros), and x . sgate per row (WITH_SGATE, else 0).
+    # PAIRED: gate row n and up row n are elements 2n and 2n + 1 of each contiguous input row at g_base (GPT-OSS's
+    # transposed, interleaved gate/up), loaded as one [BLOCK_K, 2 BLOCK_N] tile from column 2 n0 and split in
+    # registers: two stride-2 loads would not vectorise (a stride of 2 is not specialised), and ran 4x slower.
     offs_k = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt
     cols = offs_n[None, :] * row_stride
+    cols2 = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_ok = k < K
         x = tl.load(x_rows + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        m = k_ok[:, None] & n_ok[None, :]
-        wg = tl.load(g_base + k[:, None] * stride_k + cols, mask=m, other=0.0)
+        if PAIRED:
+            w2 = tl.load(g_base + k[:, None] * stride_k + cols2[None, :],
+                         mask=k_ok[:, None] & (cols2 < 2 * N)[None, :], other=0.0)
+            wg, wu = tl.split(tl.reshape(w2, (BLOCK_K, BLOCK_N, 2)))
+        else:
+            m = k_ok[:, None] & n_ok[None, :]
+            wg = tl.load(g_base + k[:, None] * stride_k + cols, mask=m, other=0.0)
+            if WITH_UP:
+                wu = tl.load(u_base + k[:, None] * stride_k + cols, mask=m, other=0.0)
         if DOT_F32:  # the interpreter's dot on half types
             x, wg = x.to(tl.float32), wg.to(tl.float32)
         acc_g = tl.dot(x.to(wg.dtype), wg, acc_g)
         if WITH_UP:
-            wu = tl.load(u_base + k[:, None] * stride_k + cols, mask=m, other=0.0)
             if DOT_F32:
                 wu = wu.to(tl.float32)
             acc_u = tl.dot(x.to(wu.dtype), wu, acc_u)
@@ -94,16 +104,19 @@ def gate_up_rows_kernel(
     sh_gate_ptr, sh_up_ptr, stride_shn, stride_shk, sh_width, sgate_ptr, stride_sgk,
     TOP_K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
-    N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False,
+    N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False, PAIRED: tl.constexpr = False,
 ):
     """out[t * S + j, n] = act(x[t] . Wg[e, n] + bg[e, n]) * (x[t] . Wu[e, n] + bu[e, n]), e = ids[t, j], S = TOP_K
     + N_SHARED, n < N = I; for j = TOP_K + c (chunk c of the shared expert), the same with rows c * N + n of the
     shared gate / up weights [sh_width, K] (zero past sh_width), times sigmoid(x[t] . sgate) (HAS_SGATE).
 
     Grid (n_slots + N_SHARED, cdiv(N, BLOCK_N)), n_slots = T * TOP_K <= BLOCK_S. Gate/up row n of a routed expert is
-    weight row n * row_mult + gate_off / up_off, its bias column the same in bias [E, 2I] (HAS_BIAS)."""
+    weight row n * row_mult + gate_off / up_off, its bias column the same in bias [E, 2I] (HAS_BIAS). PAIRED: the
+    interleaved layout with rows adjacent in memory (transposed weights, stride_wn 1: row_mult 2, gate_off 0,
+    up_off 1), loaded as pairs."""
     pid = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     SLOTS: tl.constexpr = TOP_K + N_SHARED
     if pid < n_slots:
@@ -115,7 +128,7 @@ def gate_up_rows_kernel(
                 tok = slots // TOP_K
                 g, u, _ = _dots(x_ptr, tok, valid, stride_xt, w_base + gate_off * stride_wn,
                                 w_base + up_off * stride_wn, row_mult * stride_wn, stride_wk, offs_n, n_ok, K,
-                                w_ptr, 0, True, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+                                w_ptr, 0, n0, N, True, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PAIRED)
                 if HAS_BIAS:  # before the activation, as the model adds it to the projection's output
                     g += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n * row_mult + gate_off, n_ok)[None, :]
                     u += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n * row_mult + up_off, n_ok)[None, :]
@@ -132,7 +145,7 @@ def gate_up_rows_kernel(
             valid = tok < T
             g, u, s = _dots(x_ptr, tok, valid, stride_xt, sh_gate_ptr + first_row * stride_shn,
                             sh_up_ptr + first_row * stride_shn, stride_shn, stride_shk, offs_n, ok, K,
-                            sgate_ptr, stride_sgk, True, HAS_SGATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+                            sgate_ptr, stride_sgk, n0, N, True, HAS_SGATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
             h = gated_act(g, u, ACT, alpha, limit)  # 0 on masked columns: act(0) * 0
             if HAS_SGATE:
                 h = h * tl.sigmoid(s)[:, None]
@@ -154,7 +167,8 @@ def down_rows_kernel(
     ids[t, j]; for j = TOP_K + c: a[t * S + j] . Wsd[n, c*K : (c+1)*K] (the shared down weight [N, sh_width],
     columns past sh_width 0). Grid as gate_up_rows_kernel's over N; moe_gemv.slot_sum_kernel adds part over j."""
     pid = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     SLOTS: tl.constexpr = TOP_K + N_SHARED
     if pid < n_slots:
@@ -164,8 +178,8 @@ def down_rows_kernel(
                 slots, valid = _match_rows(match, offs, m0, BLOCK_M)
                 rows = (slots // TOP_K) * SLOTS + slots % TOP_K
                 acc, _, _ = _dots(a_ptr, rows, valid, stride_at, w_ptr + e * stride_we, w_ptr, stride_wn,
-                                  stride_wk, offs_n, n_ok, K, w_ptr, 0, False, False, BLOCK_M, BLOCK_N, BLOCK_K,
-                                  DOT_F32)
+                                  stride_wk, offs_n, n_ok, K, w_ptr, 0, n0, N, False, False, BLOCK_M, BLOCK_N,
+                                  BLOCK_K, DOT_F32)
                 if HAS_BIAS:  # inside the routing weight: the model weights each expert's biased output
                     acc += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n, n_ok)[None, :]
                 acc = acc * tl.load(topw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -180,6 +194,6 @@ def down_rows_kernel(
             rows = tok * SLOTS + TOP_K + c
             acc, _, _ = _dots(a_ptr, rows, valid, stride_at, sh_down_ptr + first_col * stride_shk, sh_down_ptr,
                               stride_shn, stride_shk, offs_n, n_ok, tl.minimum(K, sh_width - first_col), sh_down_ptr,
-                              0, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+                              0, n0, N, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
             tl.store(part_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], acc,
                      mask=valid[:, None] & n_ok[None, :])

@@ -195,7 +195,7 @@ def rows_tile(k_dim: int, transposed: bool = False) -> RowsConfig:
     return RowsConfig(32, 256 if k_dim >= 4096 else 128, 4, 3)
 
 
-def decode_path(tokens: int, top_k: int, dtype: torch.dtype) -> str:
+def decode_path(tokens: int, top_k: int, dtype: torch.dtype, transposed: bool = False) -> str:
     """The path fused_experts takes: "gemv", "rows" or "grouped".
 
     Up to GEMV_MAX_TOKENS the per-slot GEMV. Up to ROWS_MAX_TOKENS, when the ids fit one load (MAX_SLOTS) and the
@@ -204,13 +204,14 @@ def decode_path(tokens: int, top_k: int, dtype: torch.dtype) -> str:
     faster (8 tokens, bench/results/decode_paths_h200.csv: Qwen3 131 against 147 us, DeepSeek-V3 1161 against
     1217), but a model's router repeats experts far more: a 384-expert top-8 layer at 16 tokens took 865 us on
     the GEMV against 595 on the grouped GEMMs in the grid (bench/results/moe_grid_h200_t16.csv). Transposed
-    weights (GPT-OSS's) take the rows path too: uniform routing put it at 369 us against 339 for our grouped
-    GEMMs at 16 tokens, but GPT-OSS's biases keep those off the descriptor kernels, and the pointer kernels took
-    1.6 ms on transposed weights in the grid (bench/results/moe_grid_h200_decode.csv). Else the grouped GEMMs."""
-    if tokens <= GEMV_MAX_TOKENS:
+    weights (GPT-OSS's [E, H, 2I]) take the rows from one token: the GEMV's 16-column tiles read 32 bytes of each
+    row, the rows' 64 columns 128 (GPT-OSS's layout at 1 / 2 / 4 tokens: 63 / 90 / 182 us against 99 / 172 / 303,
+    bench/results/decode_paths_small_h200.csv). Else the grouped GEMMs (GPT-OSS's biases keep those off the
+    descriptor kernels, and the pointer kernels took 1.6 ms on its transposed weights at 16 tokens)."""
+    if tokens <= GEMV_MAX_TOKENS and not transposed:
         return "gemv"
     if tokens > ROWS_MAX_TOKENS or tokens * top_k > MAX_SLOTS or dtype not in (torch.bfloat16, torch.float16):
-        return "grouped"
+        return "gemv" if tokens <= GEMV_MAX_TOKENS else "grouped"
     return "rows"
 
 
@@ -337,7 +338,7 @@ def fused_experts(
     out_dtype = hidden.dtype
     if T == 0:
         return torch.empty_like(x)
-    path = force_path or decode_path(T, k, weights.gate_up.dtype)
+    path = force_path or decode_path(T, k, weights.gate_up.dtype, weights.transposed)
     if path == "rows" and T * k > MAX_SLOTS:
         raise ValueError(f"fused_experts: the rows path takes at most {MAX_SLOTS} slots; got {T} x {k}")
 
@@ -415,7 +416,7 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
         gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh,
         TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=gu.block_n,
         BLOCK_K=gu.block_k, BLOCK_S=block_s, DOT_F32=INTERPRETED, N_SHARED=n_sh, HAS_SGATE=sh[5] is not None,
-        num_warps=gu.num_warps, num_stages=gu.num_stages)
+        PAIRED=(row_mult, gate_off, up_off, g_sn) == (2, 0, 1, 1), num_warps=gu.num_warps, num_stages=gu.num_stages)
     part = torch.empty(T, slots, H, device=x.device, dtype=torch.float32)
     sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
                                                  shared.width)

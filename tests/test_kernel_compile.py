@@ -37,7 +37,8 @@ def compile_for_hopper(fn, constexprs: dict, types: dict[str, str]):
 def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, types) of every specialisation of the expert-rows kernels fused_experts
     launches: with and without a (gated) shared expert, with and without biases (then GPT-OSS's clamped gate),
-    top-8, and top-1, the wide-input tile and GPT-OSS's (transposed, biased, top-4) once each."""
+    top-8, and top-1, the wide-input tile and GPT-OSS's (transposed, interleaved: paired loads; biased; top-4)
+    once each."""
     from kernels.moe_expert_rows import MAX_SLOTS, down_rows_kernel, gate_up_rows_kernel
     from kernels.moe_experts import rows_tile
 
@@ -49,7 +50,7 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
         c = rows_tile(k_dim, transposed)
         base = dict(TOP_K=top_k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                     BLOCK_S=MAX_SLOTS, DOT_F32=False, N_SHARED=shared, **({} if bias else {"bias_ptr": None}))
-        gu = dict(base, ACT=4 if bias else 0, HAS_SGATE=shared > 0)
+        gu = dict(base, ACT=4 if bias else 0, HAS_SGATE=shared > 0, PAIRED=transposed)
         dn = dict(base)
         if not shared:
             gu.update(sh_gate_ptr=None, sh_up_ptr=None, sgate_ptr=None)

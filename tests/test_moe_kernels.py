@@ -340,13 +340,15 @@ def test_rows_path_takes_repeated_experts_past_one_tile_and_repeats_exactly() ->
 
 def test_decode_path_rule() -> None:
     """A handful of tokens: the per-slot GEMV; up to 16 tokens with at most 128 slots in half precision: the expert
-    rows; else the grouped GEMMs (float32 would run as TF32 on the rows path's tensor cores). A forced rows path
-    past 128 slots is refused."""
+    rows, from one token for transposed weights; else the grouped GEMMs (float32 would run as TF32 on the rows
+    path's tensor cores). A forced rows path past 128 slots is refused."""
     from kernels.moe_experts import decode_path
 
     bf16 = torch.bfloat16
     assert decode_path(1, 8, bf16) == decode_path(4, 8, bf16) == "gemv"
     assert decode_path(5, 8, bf16) == decode_path(16, 8, torch.float16) == "rows"
+    assert decode_path(1, 4, bf16, transposed=True) == decode_path(16, 4, bf16, transposed=True) == "rows"
+    assert decode_path(2, 4, torch.float32, transposed=True) == "gemv"
     assert decode_path(16, 9, bf16) == decode_path(17, 1, bf16) == decode_path(8, 8, torch.float32) == "grouped"
     w = ExpertWeights(torch.zeros(4, 8, 16), torch.zeros(4, 16, 4))
     with pytest.raises(ValueError, match="at most 128 slots"):
