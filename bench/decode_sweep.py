@@ -11,8 +11,8 @@ calls cycling over copies of the weights so that small layers are read from memo
   with each gate/up tile (down at one group), then each down tile x slot groups (gate/up at the best), and with
   the built-in choice (`experts default`), beside the weight-read floor of the experts routed to;
 - (`--only paths`, at 5-16 tokens) the same layouts on each path of fused_experts: the per-slot GEMV, the
-  expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up and down), the grouped
-  GEMMs, and the built-in choice.
+  expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up and down) and the
+  best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in choice.
 """
 from __future__ import annotations
 
@@ -33,13 +33,19 @@ ROUTERS = [(8, 576, False), (8, 4096, False), (32, 2880, False), (60, 2048, Fals
 EXPERTS = [("qwen3-30b-a3b", 128, 8, 2048, 768, False), ("olmoe-1b-7b", 64, 8, 2048, 1024, False),
            ("qwen2-moe-a2.7b", 60, 4, 2048, 1408, False), ("smollm2-moe", 8, 2, 576, 1536, False),
            ("mixtral-8x7b", 8, 2, 4096, 14336, False), ("deepseek-v3", 256, 8, 7168, 2048, False),
-           ("e32-k1-h2048-i512", 32, 1, 2048, 512, False), ("gpt-oss-20b", 32, 4, 2880, 2880, True)]
+           ("e32-k1-h2048-i512", 32, 1, 2048, 512, False), ("gpt-oss-20b", 32, 4, 2880, 2880, True),
+           ("e256-k8-h3072-i256", 256, 8, 3072, 256, False), ("e128-k6-h3072-i512", 128, 6, 3072, 512, False)]
 UPS = [GemvConfig(16, 512, 4), GemvConfig(4, 1024, 4), GemvConfig(2, 1024, 4), GemvConfig(4, 2048, 8),
        GemvConfig(8, 1024, 4), GemvConfig(4, 512, 2)]
 DOWNS = [GemvConfig(16, 1024, 8), GemvConfig(8, 1024, 8), GemvConfig(8, 1024, 4), GemvConfig(4, 1024, 4)]
 
 ROWS_SWEEP = [RowsConfig(16, 256, 4, 3), RowsConfig(16, 128, 4, 4), RowsConfig(32, 256, 4, 3), RowsConfig(64, 64, 4, 3),
               RowsConfig(32, 128, 4, 3)]
+
+# Down tiles tried beside the best common tile: wider column tiles give a program more of a narrow expert's
+# weights (I = 256-512: 32 columns are 16-32 KiB).
+ROWS_DOWN_SWEEP = [RowsConfig(64, 128, 4, 3), RowsConfig(128, 128, 4, 3), RowsConfig(128, 64, 4, 3),
+                   RowsConfig(64, 256, 4, 3)]
 
 
 def _name(c: GemvConfig | RowsConfig) -> str:
@@ -146,7 +152,11 @@ def path_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[
             if transposed:
                 got["rows default tile"] = timed(force_path="rows")
             if T * k <= 128:
-                got.update({f"rows {_name(c)}": timed(force_path="rows", rows=(c, c)) for c in ROWS_SWEEP})
+                same = {c: timed(force_path="rows", rows=(c, c)) for c in ROWS_SWEEP}
+                got.update({f"rows {_name(c)}": t for c, t in same.items()})
+                best = min(same, key=same.__getitem__)
+                got.update({f"rows {_name(best)} / down {_name(d)}": timed(force_path="rows", rows=(best, d))
+                            for d in ROWS_DOWN_SWEEP})
             floor = ids.unique().numel() * 3 * H * I * 2 / run.bandwidth * 1e6
             for prov, t in got.items():
                 rows.append(run.row(**base, provider=f"experts {prov}", metric="graph_time", value=round(t, 2),
