@@ -183,16 +183,32 @@ class RowsConfig:
     num_stages: int = 3
 
 
-def rows_tile(k_dim: int, transposed: bool = False) -> RowsConfig:
-    """The expert-rows tile for a matmul over k_dim inputs (H for gate/up, I for down). One H200, graph replays of
-    8 layouts x 8 and 16 tokens, uniform routing (bench/results/decode_paths_h200.csv): 32 columns x 128-wide steps
-    were within 8% of the best of five tiles everywhere but on Mixtral (4096 x 14336), where 256-wide steps were
-    3% faster than 128 and 16-column tiles lost 20-45% (too little in flight per program). Transposed weights
-    (GPT-OSS's [E, H, 2I]) have a tile's columns adjacent in memory: 64 of them x 64-wide steps, 369 us at 16
-    tokens where 32 x 128 took 570."""
+def rows_tiles(hidden: int, width: int, experts: int, transposed: bool = False,
+               sms: int = 132) -> tuple[RowsConfig, RowsConfig]:
+    """(gate/up, down) tiles of the expert-rows path for hidden size H = `hidden`, expert width I = `width` and
+    `experts` experts read at most (min(E, T * k) plus shared-expert chunks), on a GPU of `sms` multiprocessors.
+
+    Measured on one H200 as graph replays (bench/results/decode_paths_h200.csv: 8 layouts, uniform routing, 8 and
+    16 tokens, one tile for both kernels; decode_paths_down_h200.csv: the grid's narrow layouts at 16 tokens, down
+    tiles beside the best common one). Wider column tiles give each program more of an expert's weights in
+    flight, as long as there are programs for every SM: gate/up 64 columns x 64-wide steps where experts x I / 64
+    covers two waves of SMs (Qwen3 at 16 tokens 205 against 226 us), else 32 x 128 (the top-1 32-expert layer,
+    about 16 experts x 8 tiles of 64: 32 x 128 was 12% faster) or, from H = 4096, 32 x 256 (Mixtral: 3% faster
+    than 128, 16-column tiles 20-45% slower); down 128 x 128 where I <= 1024 and experts x H / 128 covers the
+    SMs once (Qwen3 200 against 205 us with 64-column down, 256 x 3072 x 256 132 against 138, the top-1 layer
+    28.6 against 32.2 on 32 columns), else as gate/up by I. Transposed weights (GPT-OSS's [E, H, 2I]) have a
+    tile's columns adjacent in memory: 64 x 64 (369 us at 16 tokens where 32 x 128 took 570)."""
     if transposed:
-        return RowsConfig(64, 64, 4, 3)
-    return RowsConfig(32, 256 if k_dim >= 4096 else 128, 4, 3)
+        return RowsConfig(64, 64, 4, 3), RowsConfig(64, 64, 4, 3)
+
+    def narrow(k_dim: int) -> RowsConfig:
+        return RowsConfig(32, 256 if k_dim >= 4096 else 128, 4, 3)
+
+    gate_up = (RowsConfig(64, 64, 4, 3) if hidden < 4096 and experts * cdiv(width, 64) >= 2 * sms
+               else narrow(hidden))
+    down = (RowsConfig(128, 128, 4, 3) if width <= 1024 and experts * cdiv(hidden, 128) >= sms
+            else narrow(width))
+    return gate_up, down
 
 
 def decode_path(tokens: int, top_k: int, dtype: torch.dtype, transposed: bool = False) -> str:
@@ -313,7 +329,7 @@ def fused_experts(
     g' = min(g, limit), with alpha = swiglu_alpha and limit = swiglu_limit; the other activations ignore both).
     force_path: "gemv", "rows" or "grouped" (tests, benchmarks; default: decode_path); configs: (gate/up, down)
     tiles of the grouped path, gemv: of the decode GEMV, rows: of the expert-rows path (default: pick_configs,
-    GEMV_TILES or GEMV_TILES_TRANSPOSED, rows_tile).
+    GEMV_TILES or GEMV_TILES_TRANSPOSED, rows_tiles).
     """
     if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"fused_experts: activation {activation!r} not supported; one of "
@@ -406,8 +422,8 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     I = weights.intermediate
     g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
     d_se, d_sn, d_sk = weights.down_strides()
-    gu, gd = tiles or (rows_tile(H, weights.transposed), rows_tile(I, weights.transposed))
     n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
+    gu, gd = tiles or rows_tiles(H, I, min(weights.num_experts, T * k) + n_sh, weights.transposed, sm_count(x.device))
     slots = k + n_sh
     block_s = max(16, 1 << (T * k - 1).bit_length())
     inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)

@@ -38,20 +38,23 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
     """(name, kernel, constexprs, types) of every specialisation of the expert-rows kernels fused_experts
     launches: with and without a (gated) shared expert, with and without biases (then GPT-OSS's clamped gate),
     top-8, and top-1, the wide-input tile and GPT-OSS's (transposed, interleaved: paired loads; biased; top-4)
-    once each."""
+    once each; the tiles rows_tiles gives for many experts and, without shared expert and biases, for few."""
     from kernels.moe_expert_rows import MAX_SLOTS, down_rows_kernel, gate_up_rows_kernel
-    from kernels.moe_experts import rows_tile
+    from kernels.moe_experts import rows_tiles
 
     half = {p: "*bf16" for p in ("x_ptr", "w_ptr", "out_ptr", "bias_ptr", "sh_gate_ptr", "sh_up_ptr", "sgate_ptr",
                                  "a_ptr", "sh_down_ptr")}
     types = {**half, "ids_ptr": "*i32", "topw_ptr": "*fp32", "part_ptr": "*fp32", "alpha": "fp32", "limit": "fp32"}
     specs = []
     for shared, bias, top_k, k_dim, transposed in SPECS:
-        c = rows_tile(k_dim, transposed)
-        base = dict(TOP_K=top_k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                    BLOCK_S=MAX_SLOTS, DOT_F32=False, N_SHARED=shared, **({} if bias else {"bias_ptr": None}))
-        gu = dict(base, ACT=4 if bias else 0, HAS_SGATE=shared > 0, PAIRED=transposed)
-        dn = dict(base)
+        tiles = rows_tiles(k_dim, 768, 128, transposed)  # 128 experts: the wide tiles; few experts: the narrow
+        if not (shared or bias):
+            tiles = rows_tiles(k_dim, 768, 4, transposed)
+        base = dict(TOP_K=top_k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_S=MAX_SLOTS, DOT_F32=False, N_SHARED=shared,
+                    **({} if bias else {"bias_ptr": None}))
+        gu = dict(base, BLOCK_N=tiles[0].block_n, BLOCK_K=tiles[0].block_k, ACT=4 if bias else 0,
+                  HAS_SGATE=shared > 0, PAIRED=transposed)
+        dn = dict(base, BLOCK_N=tiles[1].block_n, BLOCK_K=tiles[1].block_k)
         if not shared:
             gu.update(sh_gate_ptr=None, sh_up_ptr=None, sgate_ptr=None)
             dn.update(sh_down_ptr=None)

@@ -350,6 +350,21 @@ def test_decode_path_rule() -> None:
     assert decode_path(1, 4, bf16, transposed=True) == decode_path(16, 4, bf16, transposed=True) == "rows"
     assert decode_path(2, 4, torch.float32, transposed=True) == "gemv"
     assert decode_path(16, 9, bf16) == decode_path(17, 1, bf16) == decode_path(8, 8, torch.float32) == "grouped"
+
+
+def test_rows_tiles_widen_only_where_every_sm_gets_programs() -> None:
+    """Wide column tiles where experts x tiles fill the GPU (gate/up two waves, down one), narrow ones where they
+    would leave multiprocessors idle, 256-wide steps from 4096 inputs, 64 x 64 for transposed weights."""
+    from kernels.moe_experts import rows_tiles
+
+    def shape(t):
+        return t.block_n, t.block_k
+
+    assert [shape(t) for t in rows_tiles(2048, 768, 128, sms=132)] == [(64, 64), (128, 128)]  # Qwen3, 16 tokens
+    assert [shape(t) for t in rows_tiles(2048, 512, 16, sms=132)] == [(32, 128), (128, 128)]  # top-1, 16 tokens
+    assert [shape(t) for t in rows_tiles(576, 1536, 8, sms=132)] == [(32, 128), (32, 128)]  # SmolLM2-MoE
+    assert [shape(t) for t in rows_tiles(7168, 2048, 129, sms=132)] == [(32, 256), (32, 128)]  # DeepSeek-V3
+    assert [shape(t) for t in rows_tiles(2880, 2880, 64, transposed=True)] == [(64, 64), (64, 64)]  # GPT-OSS
     w = ExpertWeights(torch.zeros(4, 8, 16), torch.zeros(4, 16, 4))
     with pytest.raises(ValueError, match="at most 128 slots"):
         fused_experts(torch.zeros(17, 16), w, torch.ones(17, 8), torch.zeros(17, 8, dtype=torch.int32),
