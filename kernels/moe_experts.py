@@ -1,10 +1,12 @@
-"""The MoE experts forward on our Triton kernels: picks the decode (GEMV) or the grouped-GEMM path, the tile
-configuration for the shape, and launches with no host synchronisation (CUDA-graph capturable).
+"""The MoE experts forward on our Triton kernels: picks the decode GEMV (1-4 tokens), the expert-rows (5-16
+tokens, see moe_expert_rows) or the grouped-GEMM path (`decode_path`), the tile configuration for the shape, and
+launches with no host synchronisation (CUDA-graph capturable).
 
 Expert biases and GPT-OSS's clamped SwiGLU run on the GEMV and pointer GEMM kernels; the descriptor (TMA)
 kernels take neither, so such experts never go there, whatever the tile config asks.
-A shared expert (`SharedExpert`) joins the decode path's two launches as extra slots per token (see moe_gemv);
-on the grouped path it is a dense MLP over every token, which cuBLAS runs near its peak, added to the routed sum.
+A shared expert (`SharedExpert`) joins the decode paths' launches as extra slots per token (see moe_gemv and
+moe_expert_rows); on the grouped path it is a dense MLP over every token, which cuBLAS runs near its peak, added
+to the routed sum.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The decode path of the MoE experts: a handful of tokens, where the work is reading expert weights once and
-the cost is launches, not arithmetic.
+"""The decode path of the MoE experts: a handful of tokens (1-4; from 5 to 16 see moe_expert_rows), where the work
+is reading expert weights once and the cost is launches, not arithmetic.
 
 No alignment, no padding, no atomics: two launches after the router.
 - gate/up: one program per (slot, column tile) computes act(x.Wg + bg) * (x.Wu + bu) as a matrix-vector product
