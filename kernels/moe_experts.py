@@ -198,7 +198,7 @@ def rows_tiles(hidden: int, width: int, experts: int, transposed: bool = False,
     about 16 experts x 8 tiles of 64: 32 x 128 was 12% faster) or, from H = 4096, 32 x 256 (Mixtral: 3% faster
     than 128, 16-column tiles 20-45% slower); down 128 x 128 where I <= 1024 and experts x H / 128 covers the
     SMs once (Qwen3 200 against 205 us with 64-column down, 256 x 3072 x 256 132 against 138, the top-1 layer
-    28.6 against 32.2 on 32 columns), else as gate/up by I. Transposed weights (GPT-OSS's [E, H, 2I]) have a
+    29.0 against 32.2 on 32 columns), else as gate/up by I. Transposed weights (GPT-OSS's [E, H, 2I]) have a
     tile's columns adjacent in memory: 64 x 64 (369 us at 16 tokens where 32 x 128 took 570)."""
     if transposed:
         return RowsConfig(64, 64, 4, 3), RowsConfig(64, 64, 4, 3)
