@@ -2,6 +2,7 @@
 tiles and slot groups, timed as the GPU runs them inside a captured decode step (issue 21, point 4).
 
     python -m bench.decode_sweep [--out bench/results/decode_sweep.csv] [--tokens 1 4] [--only router experts]
+    python -m bench.decode_sweep --only paths [--path-tokens 8 16] [--layouts qwen3-30b-a3b ...]
 
 Every time is a CUDA-graph replay divided over the many calls captured in it (bench.moe_layer.CallGraph), the
 calls cycling over copies of the weights so that small layers are read from memory (l2_copies). Rows:
@@ -10,7 +11,7 @@ calls cycling over copies of the weights so that small layers are read from memo
 - per expert layout of the grid's anchors (and GPT-OSS's transposed, biased one) and token count: our experts
   with each gate/up tile (down at one group), then each down tile x slot groups (gate/up at the best), and with
   the built-in choice (`experts default`), beside the weight-read floor of the experts routed to;
-- (`--only paths`, at 5-16 tokens) the same layouts on each path of fused_experts: the per-slot GEMV, the
+- (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the per-slot GEMV, the
   expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up and down) and the
   best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in choice.
 """
