@@ -1,5 +1,6 @@
-"""The decode path past a handful of tokens (5-16): each routed expert's weights read once for all the tokens
-routed to it, with no alignment pass.
+"""The decode path past a handful of tokens (5-16; from one token for transposed weights, see
+moe_experts.decode_path): each routed expert's weights read once for all the tokens routed to it, with no
+alignment pass.
 
 The per-slot GEMV (moe_gemv) reads an expert once per slot that picks it: at 16 tokens x top-8 over 128 experts
 that is 128 expert reads where about 80 experts are distinct, and the grouped GEMM (moe_grouped_gemm) needs the
@@ -18,7 +19,8 @@ layers at 16 tokens (kernels/NOTES.md). Here the grouping happens inside each pr
   token's slots in slot order (no atomics: the same output at every call).
 
 Three launches, as on the GEMV path; the programs of slots that are not an expert's first exit after one load of
-the ids.
+the ids. On the grid at 16 tokens (one H200, graph replays) the small and mid-size layers went from 30-54% of the
+weight-read floor to 51-76%, and GPT-OSS from 46% (stock's grouped_mm) to 78% (kernels/NOTES.md).
 """
 
 from __future__ import annotations
