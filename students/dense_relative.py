@@ -19,29 +19,21 @@ Candidates are tried in order: those sharing most name parts with the teacher's 
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
-import warnings
 from dataclasses import dataclass
 
-import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from students.dense_switch import dense_width, find_width_field, meta_model, non_ffn_shapes, with_layers
-from students.ffn_layout import layer_ffn
+from students.dense_switch import dense_width, find_width_field, meta_model, non_ffn_shapes
+from students.same_function import probe_config as _probe_config
+from students.same_function import same_outside_ffns
 from teachers.moe_config import num_layers
-from teachers.moe_layout import decoder_layers
 from teachers.upcycle import copy_rope_settings
 
 # Never copied from the teacher's config: identity fields, and the ones the derivation sets (depth, width,
 # per-layer lists).
 SKIP_FIELDS = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "num_hidden_layers",
                "intermediate_size", "layer_types", "auto_map"}
-PROBE_VOCAB = 256
-PROBE_TOKENS = 24
-PROBE_WINDOW = 4  # sliding windows and attention chunks, below PROBE_TOKENS so that they act
-PROBE_SCALES = (0.05, 0.5)
-PROBE_TOLERANCE = 1e-4  # float32: an equivalent family differs by rounding only (0.0 on every family seen)
 
 
 @dataclass(frozen=True)
@@ -146,80 +138,11 @@ def _search(teacher_cfg: PretrainedConfig) -> Relative | None:
     return None
 
 
-def _probe_config(cfg: PretrainedConfig) -> PretrainedConfig:
-    """A copy of `cfg` cheap to build for real: one layer of each kind (per-layer lists follow), a small vocabulary
-    (token ids inside it), windows and attention chunks shorter than the probe."""
-    depth = num_layers(cfg)
-    d = cfg.to_dict()
-    per_layer = [v for v in d.values() if isinstance(v, list) and len(v) == depth and depth > 1]
-    # the first layer of each kind any per-layer setting names, and at least two layers
-    keep = sorted({v.index(x) for v in per_layer for x in v} | {0, 1})
-    out = with_layers(cfg, [i for i in keep if i < depth])
-    out.vocab_size = PROBE_VOCAB
-    for k, v in d.items():
-        if k.endswith("_token_id") and isinstance(v, int) and v >= PROBE_VOCAB:
-            setattr(out, k, 0)
-        elif k.endswith("_token_id") and isinstance(v, list):
-            setattr(out, k, [x for x in v if isinstance(x, int) and x < PROBE_VOCAB] or None)
-        elif ("window" in k or k == "attention_chunk_size") and isinstance(v, int) and not isinstance(v, bool) \
-                and v > PROBE_WINDOW:
-            setattr(out, k, PROBE_WINDOW)
-    return out
-
-
-class _ZeroFfn(torch.nn.Module):
-    """Stands in for an FFN block: zeros of its input's shape (with a second value where the layer unpacks two)."""
-
-    def __init__(self, pair: bool) -> None:
-        super().__init__()
-        self.pair = pair
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> object:
-        z = torch.zeros_like(x)
-        return (z, None) if self.pair else z
-
-
-def _without_ffns(cfg: PretrainedConfig, scale: float, pair: bool) -> torch.nn.Module:
-    """The model `cfg` describes in float32 on the CPU, its FFN blocks replaced by _ZeroFfn before any weight is
-    allocated (an MoE's experts never are), every other parameter set from its name (same name, same values)."""
-    model = meta_model(cfg)
-    prefix, layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        *head, last = layer_ffn(layer, cfg.hidden_size, f"{prefix}.{i}").path.split(".")
-        parent = layer.get_submodule(".".join(head)) if head else layer
-        setattr(parent, last, _ZeroFfn(pair))
-    model = model.to_empty(device="cpu").float()
-    model.initialize_weights()  # buffers made on the meta device (rotary frequencies) are computed again
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gen = torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:12], 16))
-            p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if p.dim() == 1 else 0.0))
-    return model.eval()
-
-
-def _logits(cfg: PretrainedConfig, scale: float) -> torch.Tensor:
-    ids = torch.randint(0, PROBE_VOCAB, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    for pair in (False, True):  # the layer may unpack (hidden, router logits) from its FFN block
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return _without_ffns(cfg, scale, pair)(input_ids=ids, use_cache=False).logits.float()
-        except (TypeError, ValueError):
-            continue
-    raise ValueError(f"the {cfg.model_type} model does not run with its FFN blocks replaced")
-
-
 def _same_function(probe_teacher: PretrainedConfig, model_type: str) -> bool:
     """Whether the dense `model_type` built from the probe config computes the teacher's logits with the FFNs out."""
     try:
         probe = relative_config(probe_teacher, model_type, list(range(num_layers(probe_teacher))),
                                 probe_teacher.hidden_size)
-        for scale in PROBE_SCALES:
-            want, got = _logits(probe_teacher, scale), _logits(probe, scale)
-            if want.shape != got.shape or not torch.isfinite(want).all():
-                return False
-            if float((want - got).norm() / want.norm().clamp_min(1e-12)) > PROBE_TOLERANCE:
-                return False
-        return True
+        return same_outside_ffns(probe_teacher, probe)
     except Exception:  # noqa: BLE001 - a candidate that cannot run the probe is not equivalent
         return False

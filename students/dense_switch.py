@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from core.errors import UnsupportedModelError
+from students.config_layers import meta_model, with_layers
 from students.ffn_layout import check_student_layer, layer_ffn
+from students.same_function import probe_config, same_outside_ffns
 from teachers.moe_config import num_layers
 from teachers.moe_layout import decoder_layers
 
@@ -70,18 +71,6 @@ def find_dense_switch(config: PretrainedConfig) -> DenseSwitch | None:
     return _CACHE[key]
 
 
-def with_layers(config: PretrainedConfig, keep: list[int], skip: tuple[str, ...] = ()) -> PretrainedConfig:
-    """A copy of `config` with `len(keep)` layers: every per-layer list (layer_types, no_rope_layers, ...) but
-    those in `skip` follows `keep`, the teacher layer indices kept."""
-    depth = num_layers(config)
-    cfg = copy.deepcopy(config)
-    for k, v in config.to_dict().items():
-        if isinstance(v, list) and len(v) == depth and k not in skip and hasattr(cfg, k):
-            setattr(cfg, k, [v[i] for i in keep])
-    cfg.num_hidden_layers = len(keep)
-    return cfg
-
-
 def dense_config(config: PretrainedConfig, switch: DenseSwitch, keep: list[int], width: int) -> PretrainedConfig:
     """The teacher's config with `len(keep)` layers (per-layer lists follow `keep`), every layer dense of
     FFN width `width`."""
@@ -89,14 +78,6 @@ def dense_config(config: PretrainedConfig, switch: DenseSwitch, keep: list[int],
     setattr(cfg, switch.field, switch.value(len(keep)))
     setattr(cfg, switch.width_field, width)
     return cfg
-
-
-def meta_model(config: PretrainedConfig) -> torch.nn.Module:
-    """The model `config` describes, on the meta device: structure and shapes, no memory."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
 
 
 def switch_candidates(config: PretrainedConfig) -> list[tuple[str, str, Any]]:
@@ -136,9 +117,30 @@ def _search(config: PretrainedConfig) -> DenseSwitch | None:
         if width is None:
             continue
         wfield = find_width_field(cfg, reference, width, exclude=fld)
-        if wfield is not None:
-            return DenseSwitch(field=fld, rule=rule, width_field=wfield, fill=fill)
+        if wfield is None:
+            continue
+        found = DenseSwitch(field=fld, rule=rule, width_field=wfield, fill=fill)
+        if _changes_attention(config, found):
+            continue
+        return found
     return None
+
+
+def _changes_attention(config: PretrainedConfig, switch: DenseSwitch) -> bool:
+    """Whether making the layers dense changes what the rest of the model computes: the teacher and its switched
+    config, FFN blocks zeroed, give different logits on a probe (students/same_function.py). Cohere2-MoE's
+    attention applies rotary in full-attention layers only where the FFN is dense, so `mlp_layer_types` all
+    "dense" had the same names and shapes and another function (a derived student 4e-3 off its teacher where
+    it should be exact). A probe that cannot run (a layer that will not take a zero FFN) does not veto: names
+    and shapes then decide, as before."""
+    try:
+        probe = probe_config(config)
+        depth = num_layers(probe)
+        width = getattr(probe, switch.width_field, None) or probe.hidden_size
+        switched = dense_config(probe, switch, list(range(depth)), width)
+        return not same_outside_ffns(probe, switched)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return False
 
 
 def non_ffn_shapes(model: torch.nn.Module, config: PretrainedConfig) -> dict[str, tuple[int, ...]] | None:

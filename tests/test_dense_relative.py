@@ -97,3 +97,24 @@ def test_a_family_with_no_equivalent_dense_family_is_still_refused_with_the_fix(
 
     with pytest.raises(UnsupportedModelError, match="no dense family of transformers computes .* pass STUDENT="):
         check_derivable(shrink(arch))
+
+
+def test_a_dense_switch_that_changes_the_attention_is_not_taken() -> None:
+    """Cohere2-MoE's attention applies rotary in full-attention layers only where the layer's FFN is dense, so its
+    own switch (mlp_layer_types all "dense") keeps every name and shape and changes the function: a student
+    derived through it was 3.4e-3 off a teacher of equal experts, where it must be exact. The switch search runs
+    the FFN-free probe too, rejects it, and the relative search finds Cohere2, which is exact. (Where all layers
+    slide, as in tests/test_derive_families.py's config, the switch is equivalent and still taken.)"""
+    from transformers import AutoModelForCausalLM
+
+    from students.dense_switch import find_dense_switch
+    from students.dense_twin import check_derivable
+    from tests.arch_probe import _exactness
+
+    cfg = shrink("cohere2_moe")
+    assert "full_attention" in cfg.layer_types
+    assert find_dense_switch(cfg) is None
+    assert check_derivable(cfg).startswith("cohere2 (a dense relative of cohere2_moe")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert _exactness(model, torch.randint(0, cfg.vocab_size, (2, 9))) < 1e-5
