@@ -9,7 +9,9 @@ dense/sparse/MoE/MLP layers; each candidate value (the depth, one past it, 0, ev
 layer type everywhere) is tried by building the model on the meta device (no memory, no weights) and
 checking that
 - no layer holds experts or a router, each holds one gated (SwiGLU) FFN, all of one width;
-- every other parameter is the teacher's, name for name and shape for shape.
+- every other parameter is the teacher's, name for name and shape for shape;
+- with the FFNs zeroed, the switched model computes the teacher's logits (same_function.py): a switch may change
+  more than the FFNs (Cohere2-MoE's attention takes rotary in full-attention layers only where the FFN is dense).
 The config field that sets that width is found the same way (changed, and seen to change the width).
 A value depends on the depth (first_k_dense_replace = depth), so a switch is kept as a rule and applied to the
 student's own depth.

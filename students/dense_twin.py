@@ -6,8 +6,9 @@ preference:
 - a known dense relative (TWINS: Mixtral -> Llama, or Mistral with sliding-window attention; Qwen2-MoE -> Qwen2;
   Qwen3-MoE -> Qwen3): what the search below finds for them (a test holds them to it), kept so that the most
   common teachers skip it;
-- the teacher's own family with every layer dense, where its config has a switch for dense layers
-  (DeepSeek, GLM-4-MoE, ERNIE 4.5, Llama 4, Qwen3-Next, ...: found by trying, see dense_switch.py);
+- the teacher's own family with every layer dense, where its config has a switch for dense layers that changes
+  nothing else (DeepSeek, GLM-4-MoE, ERNIE 4.5, Llama 4, Qwen3-Next, ...: found by trying and checked by a
+  forward, see dense_switch.py);
 - any other dense family of transformers, found by trying and checked by a forward (dense_relative.py:
   Qwen3.5-MoE -> Qwen3.5, Solar-Open -> Llama, ...).
 Every config is built from the teacher's own config dict (every field the dense family also has), so rope, norm
