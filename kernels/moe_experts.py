@@ -185,6 +185,7 @@ class RowsConfig:
     num_stages: int = 3
 
 
+@lru_cache(maxsize=None)  # asked at every decode call: the answer depends on these ints alone
 def rows_tiles(hidden: int, width: int, experts: int, transposed: bool = False,
                sms: int = 132) -> tuple[RowsConfig, RowsConfig]:
     """(gate/up, down) tiles of the expert-rows path for hidden size H = `hidden`, expert width I = `width` and
