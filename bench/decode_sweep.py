@@ -3,7 +3,6 @@ tiles and slot groups, timed as the GPU runs them inside a captured decode step 
 
     python -m bench.decode_sweep [--out bench/results/decode_sweep.csv] [--tokens 1 4] [--only router experts]
     python -m bench.decode_sweep --only paths [--path-tokens 8 16] [--layouts qwen3-30b-a3b ...]
-    python -m bench.decode_sweep --only fold --path-tokens 1 4 16
 
 Every time is a CUDA-graph replay divided over the many calls captured in it (bench.moe_layer.CallGraph), the
 calls cycling over copies of the weights so that small layers are read from memory (l2_copies). Rows:
@@ -12,13 +11,9 @@ calls cycling over copies of the weights so that small layers are read from memo
 - per expert layout of the grid's anchors (and GPT-OSS's transposed, biased one) and token count: our experts
   with each gate/up tile (down at one group), then each down tile x slot groups (gate/up at the best), and with
   the built-in choice (`experts default`), beside the weight-read floor of the experts routed to;
-- (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the
-  per-slot GEMV, the expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up
-  and down) and the best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in
-  choice;
-- (`--only fold`, at `--path-tokens`) the same layouts on the built-in path with the slot sum folded into the down
-  kernel (`experts folded`) and as its own launch (`experts slot-sum kernel`), and whether the two outputs are the
-  same bits (`fold_bitwise_equal`, 1 or 0), checked after the timed replays.
+- (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the per-slot GEMV, the
+  expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up and down) and the
+  best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in choice.
 """
 from __future__ import annotations
 
@@ -29,7 +24,6 @@ import torch
 
 from bench.common import start_run, write_rows
 from bench.moe_layer import graph_time, l2_copies
-from kernels import moe_experts
 from kernels.moe_experts import ExpertWeights, GemvConfig, RowsConfig, fused_experts
 from kernels.moe_router import RouterSpec, route
 
@@ -178,48 +172,12 @@ def path_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[
     return rows
 
 
-def fold_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[dict]:
-    """Each layout at each token count on the built-in path, the slot sum folded into down and as its own kernel
-    (moe_experts.FOLD_SLOT_SUM), timed, and the two outputs compared bit for bit."""
-    rows = []
-    keep = moe_experts.FOLD_SLOT_SUM
-    try:
-        for name, E, k, H, I, transposed in EXPERTS:
-            if layouts and name not in layouts:
-                continue
-            ws = _weights(E, H, I, k, transposed)
-            for T in tokens:
-                h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-                ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
-                tw = torch.rand(T, k, device="cuda")
-                base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
-                got, outs = {}, {}
-                for fold in (False, True, False, True):  # twice each, interleaved: the clock drifts
-                    moe_experts.FOLD_SLOT_SUM = fold
-                    t = graph_time([lambda w=w: fused_experts(h, w, tw, ids) for w in ws])
-                    got[fold] = min(got.get(fold, float("inf")), float("inf") if t is None else t * 1e6)
-                    outs[fold] = fused_experts(h, ws[0], tw, ids)
-                same = torch.equal(outs[False], outs[True])
-                for fold, label in ((True, "folded"), (False, "slot-sum kernel")):
-                    rows.append(run.row(**base, provider=f"experts {label}", metric="graph_time",
-                                        value=round(got[fold], 2), unit="us"))
-                rows.append(run.row(**base, provider="experts", metric="fold_bitwise_equal", value=int(same),
-                                    unit="bool"))
-                print(f"{base['shape']:28s} T={T:2d} folded {got[True]:.1f} us | slot-sum kernel {got[False]:.1f} | "
-                      f"same bits {same}", flush=True)
-            del ws
-            torch.cuda.empty_cache()
-    finally:
-        moe_experts.FOLD_SLOT_SUM = keep
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode_sweep.csv"))
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
-    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths", "fold"])
+    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths"])
     ap.add_argument("--path-tokens", type=int, nargs="*", default=[8, 16])
     ap.add_argument("--layouts", nargs="*", default=None, help="expert layouts of `paths` by name (default: all)")
     args = ap.parse_args(argv)
@@ -236,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         write_rows(args.out, rows)
     if "paths" in args.only:
         rows += path_rows(run, args.path_tokens, args.layouts)
-    if "fold" in args.only:
-        rows += fold_rows(run, args.path_tokens, args.layouts)
     write_rows(args.out, rows)
     return 0
 

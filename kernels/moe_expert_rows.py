@@ -29,7 +29,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.moe_gemv import arrive_and_sum, clear_counters
 from kernels.moe_grouped_gemm import bias_cols, gated_act
 
 # The ids of a call, loaded whole by every program: T * top-k at most this (16 tokens x top-8).
@@ -106,11 +105,9 @@ def gate_up_rows_kernel(
     gate_off, up_off, row_mult,
     bias_ptr, stride_be, stride_bn, alpha, limit,
     sh_gate_ptr, sh_up_ptr, stride_shn, stride_shk, sh_width, sgate_ptr, stride_sgk,
-    part_ptr, part_len, n_counts,
     TOP_K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
     N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False, PAIRED: tl.constexpr = False,
-    CLEAR: tl.constexpr = False,
 ):
     """out[t * S + j, n] = act(x[t] . Wg[e, n] + bg[e, n]) * (x[t] . Wu[e, n] + bu[e, n]), e = ids[t, j], S = TOP_K
     + N_SHARED, n < N = I; for j = TOP_K + c (chunk c of the shared expert), the same with rows c * N + n of the
@@ -119,10 +116,7 @@ def gate_up_rows_kernel(
     Grid (n_slots + N_SHARED, cdiv(N, BLOCK_N)), n_slots = T * TOP_K <= BLOCK_S. Gate/up row n of a routed expert is
     weight row n * row_mult + gate_off / up_off, its bias column the same in bias [E, 2I] (HAS_BIAS). PAIRED: the
     interleaved layout with rows adjacent in memory (transposed weights, stride_wn 1: row_mult 2, gate_off 0,
-    up_off 1), loaded as pairs. CLEAR: also zero the n_counts arrival counters after part_ptr[:part_len] for the
-    folded down kernel that follows (moe_gemv.arrive_and_sum)."""
-    if CLEAR:
-        clear_counters(part_ptr, part_len, n_counts)
+    up_off 1), loaded as pairs."""
     pid = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -169,16 +163,12 @@ def down_rows_kernel(
     stride_at, stride_we, stride_wn, stride_wk,
     bias_ptr, stride_be, stride_bn,
     sh_down_ptr, stride_shn, stride_shk, sh_width,
-    out_ptr, stride_ot,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, N_SHARED: tl.constexpr = 0,
-    FOLD: tl.constexpr = False, BLOCK_T: tl.constexpr = 16,
 ):
     """part[t, j, n] = topw[t, j] * (a[t * S + j] . Wd[e, n] + bd[e, n]) (float32 [T, S, N], N = H, K = I), e =
     ids[t, j]; for j = TOP_K + c: a[t * S + j] . Wsd[n, c*K : (c+1)*K] (the shared down weight [N, sh_width],
-    columns past sh_width 0). Grid as gate_up_rows_kernel's over N; moe_gemv.slot_sum_kernel adds part over j, or
-    (FOLD) the last program of each column tile does, into out [T, N] (row stride stride_ot), BLOCK_T tokens at a
-    time (moe_gemv.arrive_and_sum; counters cleared by the gate/up kernel). part is then followed by the counters."""
+    columns past sh_width 0). Grid as gate_up_rows_kernel's over N; moe_gemv.slot_sum_kernel adds part over j."""
     pid = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -210,5 +200,3 @@ def down_rows_kernel(
                               0, n0, N, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
             tl.store(part_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], acc,
                      mask=valid[:, None] & n_ok[None, :])
-    if FOLD:  # every program counts itself in, those with nothing to store too
-        arrive_and_sum(part_ptr, out_ptr, n_slots + N_SHARED, T, N, stride_ot, SLOTS, BLOCK_T, BLOCK_N)

@@ -261,9 +261,6 @@ GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=
 # group per slot was the best or within 3% of it on 17 of 18 points; one group for all slots lost up to 19%
 # (GPT-OSS's shape, untransposed, at 1 token: 65 against 55 us).
 SLOT_SUM_BLOCK = 1024
-# The slot sum folded into the down kernels (moe_gemv.arrive_and_sum): one launch fewer per decode call, the same
-# output bit for bit. False brings back the separate slot_sum_kernel (benchmarks measure both).
-FOLD_SLOT_SUM = True
 
 
 def down_groups(slots: int) -> int:
@@ -373,26 +370,23 @@ def fused_experts(
         gu, gd = gemv or (GEMV_TILES_TRANSPOSED if weights.transposed else GEMV_TILES)
         n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
         slots = k + n_sh
-        groups = min(gd.groups or down_groups(slots), slots)  # never a group without a slot
-        fold = FOLD_SLOT_SUM and groups > 1
-        part, counts = _partial_sums(T * groups * H if groups > 1 else 0, cdiv(H, gd.block_n) if fold else 0,
-                                     x.device)
         inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
         fast(gate_up_gemv_kernel)[(T * slots, cdiv(I, gu.block_n))](
             x, weights.gate_up, ids, inter, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
-            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh, *counts,
+            gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh,
             TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
-            N_SHARED=n_sh, HAS_SGATE=sh[5] is not None, CLEAR=fold, num_warps=gu.num_warps)
+            N_SHARED=n_sh, HAS_SGATE=sh[5] is not None, num_warps=gu.num_warps)
         out = torch.empty(T, H, device=x.device, dtype=out_dtype)
         sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
                                                      shared.width)
+        groups = min(gd.groups or down_groups(slots), slots)  # never a group without a slot
+        part = out if groups == 1 else torch.empty(T, groups, H, device=x.device, dtype=torch.float32)
         fast(down_gemv_kernel)[(T * groups, cdiv(H, gd.block_n))](
-            inter, weights.down, ids, topw, out if groups == 1 else part, I, H, inter.stride(0), d_se, d_sn, d_sk,
-            out.stride(0), *_bias_args(weights.down_bias), *sd, *((out, T, out.stride(0)) if fold else (None, 0, 0)),
+            inter, weights.down, ids, topw, part, I, H, inter.stride(0), d_se, d_sn, d_sk, out.stride(0),
+            *_bias_args(weights.down_bias), *sd,
             TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_N=gd.block_n, BLOCK_K=gd.block_k,
-            N_SHARED=n_sh, GROUPS=groups, FOLD=fold, BLOCK_T=1 << (T - 1).bit_length() if fold else 1,
-            num_warps=gd.num_warps)
-        if groups > 1 and not fold:
+            N_SHARED=n_sh, GROUPS=groups, num_warps=gd.num_warps)
+        if groups > 1:
             fast(slot_sum_kernel)[(T, cdiv(H, SLOT_SUM_BLOCK))](part, out, H, out.stride(0), GROUPS=groups,
                                                                 BLOCK_N=SLOT_SUM_BLOCK, num_warps=4)
         return out
@@ -435,40 +429,26 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     gu, gd = tiles or rows_tiles(H, I, min(weights.num_experts, T * k) + n_sh, weights.transposed, sm_count(x.device))
     slots = k + n_sh
     block_s = max(16, 1 << (T * k - 1).bit_length())
-    fold = FOLD_SLOT_SUM
-    part, counts = _partial_sums(T * slots * H, cdiv(H, gd.block_n) if fold else 0, x.device)
     inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
     fast(gate_up_rows_kernel)[(T * k + n_sh, cdiv(I, gu.block_n))](
         x, weights.gate_up, ids, inter, T * k, T, H, I, x.stride(0), g_se, g_sn, g_sk, inter.stride(0),
-        gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh, *counts,
+        gate_off, up_off, row_mult, *_bias_args(weights.gate_up_bias), alpha, limit, *sh,
         TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=gu.block_n,
         BLOCK_K=gu.block_k, BLOCK_S=block_s, DOT_F32=INTERPRETED, N_SHARED=n_sh, HAS_SGATE=sh[5] is not None,
-        PAIRED=(row_mult, gate_off, up_off, g_sn) == (2, 0, 1, 1), CLEAR=fold, num_warps=gu.num_warps,
-        num_stages=gu.num_stages)
+        PAIRED=(row_mult, gate_off, up_off, g_sn) == (2, 0, 1, 1), num_warps=gu.num_warps, num_stages=gu.num_stages)
+    part = torch.empty(T, slots, H, device=x.device, dtype=torch.float32)
     sd = (None, 0, 0, 0) if shared is None else (shared.down, shared.down.stride(0), shared.down.stride(1),
                                                  shared.width)
-    out = torch.empty(T, H, device=x.device, dtype=out_dtype)
     fast(down_rows_kernel)[(T * k + n_sh, cdiv(H, gd.block_n))](
         inter, weights.down, ids, topw, part, T * k, T, I, H, inter.stride(0), d_se, d_sn, d_sk,
-        *_bias_args(weights.down_bias), *sd, out, out.stride(0),
+        *_bias_args(weights.down_bias), *sd,
         TOP_K=k, HAS_BIAS=weights.down_bias is not None, BLOCK_M=ROWS_BLOCK_M, BLOCK_N=gd.block_n,
-        BLOCK_K=gd.block_k, BLOCK_S=block_s, DOT_F32=INTERPRETED, N_SHARED=n_sh, FOLD=fold,
-        BLOCK_T=1 << (T - 1).bit_length(), num_warps=gd.num_warps, num_stages=gd.num_stages)
-    if fold:
-        return out
+        BLOCK_K=gd.block_k, BLOCK_S=block_s, DOT_F32=INTERPRETED, N_SHARED=n_sh,
+        num_warps=gd.num_warps, num_stages=gd.num_stages)
+    out = torch.empty(T, H, device=x.device, dtype=out_dtype)
     fast(slot_sum_kernel)[(T, cdiv(H, SLOT_SUM_BLOCK))](part, out, H, out.stride(0), GROUPS=slots,
                                                         BLOCK_N=SLOT_SUM_BLOCK, num_warps=4)
     return out
-
-
-def _partial_sums(length: int, counters: int, device: torch.device) -> tuple[torch.Tensor, tuple]:
-    """The down kernels' float32 partial sums (flat, `length`; none for length 0) with `counters` int32 arrival
-    counters after them in the same allocation (moe_gemv.arrive_and_sum), and the gate/up kernels' counter
-    arguments (the buffer, where the counters start, how many; (None, 0, 0) without counters)."""
-    if length == 0:
-        return None, (None, 0, 0)
-    part = torch.empty(length + counters, device=device, dtype=torch.float32)
-    return part, ((part, length, counters) if counters else (None, 0, 0))
 
 
 def _shared_args(shared: SharedExpert, width: int) -> tuple[int, tuple]:

@@ -1,8 +1,7 @@
 """The decode path of the MoE experts: a handful of tokens (1-4; from 5 to 16 see moe_expert_rows), where the work
 is reading expert weights once and the cost is launches, not arithmetic.
 
-No alignment, no padding, no atomics on the data (one counter per column tile, see arrive_and_sum): two
-launches after the router.
+No alignment, no padding, no atomics: two launches after the router.
 - gate/up: one program per (slot, column tile) computes act(x.Wg + bg) * (x.Wu + bu) as a matrix-vector product
   (the biases, GPT-OSS's, only where the experts have them: `HAS_BIAS`);
 - down: one program per (token, column tile) loops over the token's slots, so the sum stays in registers and
@@ -62,9 +61,8 @@ def gate_up_gemv_kernel(
     gate_off, up_off, row_mult,
     bias_ptr, stride_be, stride_bn, alpha, limit,
     sh_gate_ptr, sh_up_ptr, stride_shn, stride_shk, sh_width, sgate_ptr, stride_sgk,
-    part_ptr, part_len, n_counts,
     TOP_K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False, CLEAR: tl.constexpr = False,
+    N_SHARED: tl.constexpr = 0, HAS_SGATE: tl.constexpr = False,
 ):
     """out[slot, n] = act(x[t] . Wg[e, n] + bg[e, n]) * (x[t] . Wu[e, n] + bu[e, n]) for slot = t * (TOP_K +
     N_SHARED) + j, j < TOP_K, e = ids[t, j]; for j = TOP_K + c (the shared expert's chunk c), the same with rows
@@ -73,10 +71,7 @@ def gate_up_gemv_kernel(
 
     Gate/up row n of a routed expert is weight row n * row_mult + gate_off / up_off, and bias column the same in
     bias [E, 2I] (HAS_BIAS; else the bias terms are 0). alpha, limit: ACT_CLAMPED_SWIGLU's, ignored by the other
-    activations. CLEAR: also zero the n_counts arrival counters after part_ptr[:part_len] for the folded down
-    kernel that follows (arrive_and_sum)."""
-    if CLEAR:
-        clear_counters(part_ptr, part_len, n_counts)
+    activations."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     SLOTS: tl.constexpr = TOP_K + N_SHARED
@@ -141,9 +136,8 @@ def down_gemv_kernel(
     stride_at, stride_we, stride_wn, stride_wk, stride_ot,
     bias_ptr, stride_be, stride_bn,
     sh_down_ptr, stride_shn, stride_shk, sh_width,
-    sum_ptr, n_tokens, stride_st,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_SHARED: tl.constexpr = 0, GROUPS: tl.constexpr = 1, FOLD: tl.constexpr = False, BLOCK_T: tl.constexpr = 1,
+    N_SHARED: tl.constexpr = 0, GROUPS: tl.constexpr = 1,
 ):
     """out[t, n] = sum_j topw[t, j] * (a[t*S + j] . Wd[ids[t, j], n] + bd[ids[t, j], n])
     + sum_c a[t*S + TOP_K + c] . Wsd[n, c*K : (c+1)*K], S = TOP_K + N_SHARED; bd: the down bias [E, H] (HAS_BIAS;
@@ -151,9 +145,7 @@ def down_gemv_kernel(
 
     GROUPS > 1: program (t * GROUPS + g, n tile) sums only slots [g * P, (g + 1) * P), P = cdiv(S, GROUPS), and
     writes that float32 partial sum to out [T, GROUPS, N] (slot_sum_kernel adds the groups); GROUPS == 1 writes the
-    whole sum in out's dtype to out [T, N]. FOLD (GROUPS > 1): the last program of each column tile adds the groups
-    into sum [n_tokens, N] (row stride stride_st) itself (arrive_and_sum; counters cleared by the gate/up kernel),
-    BLOCK_T tokens at a time."""
+    whole sum in out's dtype to out [T, N]."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = pid // GROUPS
@@ -180,8 +172,6 @@ def down_gemv_kernel(
         tl.store(out_ptr + t * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
         tl.store(out_ptr + pid * N + offs_n, total, mask=n_ok)
-        if FOLD:
-            arrive_and_sum(out_ptr, sum_ptr, n_tokens * GROUPS, n_tokens, N, stride_st, GROUPS, BLOCK_T, BLOCK_N)
 
 
 @triton.jit
@@ -195,51 +185,3 @@ def slot_sum_kernel(part_ptr, out_ptr, N, stride_ot, GROUPS: tl.constexpr, BLOCK
     for g in tl.static_range(GROUPS):
         total += tl.load(part_ptr + (t * GROUPS + g) * N + offs_n, mask=n_ok, other=0.0)
     tl.store(out_ptr + t * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-# The slot sum folded into the down kernel (`FOLD`): a launch is 1.5-3 us inside a CUDA graph whatever its work, and
-# on the grid's smallest layers a decode block was four or five of them around a few microseconds of weights
-# (kernels/NOTES.md). Each down program counts itself in on its column tile's counter after its partial sums are
-# stored; the last to arrive adds that tile's partial sums in slot order, so the output is the separate kernel's,
-# bit for bit, at every call. The counters are int32 words right after the float32 partial sums in one allocation
-# (one tensor per call, never shared between streams or graph replays) and the gate/up kernel before (same stream,
-# so finished before any down program starts) zeroes them.
-
-
-@triton.jit
-def _counters(part_ptr, part_len):
-    # The arrival counters: int32, right after the part_len float32 partial sums.
-    return (part_ptr + part_len).to(tl.pointer_type(tl.int32))
-
-
-@triton.jit
-def clear_counters(part_ptr, part_len, n_counts, BLOCK: tl.constexpr = 1024):
-    """Program (0, 0) zeroes the n_counts arrival counters after part_ptr[:part_len] (see arrive_and_sum)."""
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        counts = _counters(part_ptr, part_len)
-        for c0 in range(0, n_counts, BLOCK):
-            offs = c0 + tl.arange(0, BLOCK)
-            tl.store(counts + offs, tl.zeros((BLOCK,), dtype=tl.int32), mask=offs < n_counts)
-
-
-@triton.jit
-def arrive_and_sum(part_ptr, out_ptr, arrivals, T, N, stride_ot, GROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """Called by each of the `arrivals` programs of column tile program_id(1) once its stores to part (float32
-    [T, GROUPS, N]) are issued: the last of them to arrive writes out[t, n] = sum_g part[t, g, n] (g = 0, 1, ... in
-    order, as slot_sum_kernel) for every token t and the tile's columns n."""
-    pid_n = tl.program_id(1)
-    tl.debug_barrier()  # every thread's stores are issued before this program's release on the counter
-    seen = tl.atomic_add(_counters(part_ptr, T * GROUPS * N) + pid_n, 1, sem="acq_rel", scope="gpu")
-    if seen == arrivals - 1:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        for t0 in range(0, T, BLOCK_T):
-            tok = t0 + tl.arange(0, BLOCK_T)
-            m = (tok < T)[:, None] & n_ok[None, :]
-            rows = part_ptr + tok[:, None] * (GROUPS * N) + offs_n[None, :]
-            total = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for g in tl.static_range(GROUPS):
-                # .cg: from L2, where the other programs' stores are; never a line this SM cached earlier
-                total += tl.load(rows + g * N, mask=m, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + tok[:, None] * stride_ot + offs_n[None, :], total.to(out_ptr.dtype.element_ty), mask=m)

@@ -21,7 +21,6 @@ SMEM_LIMIT = 232448  # an H100/H200's shared memory per block
 # (shared chunks, biases, top-k, input width, transposed weights) of the expert-rows kernels compiled
 SPECS = [*((s, b, 8, 2048, False) for s, b in itertools.product((0, 2), (False, True))), (0, False, 1, 2048, False),
          (2, False, 8, 4096, False), (0, True, 4, 2880, True)]
-GEMV_SPECS = [(0, False), (1, False), (0, True)]  # (shared chunks, biases) of the GEMV kernels compiled
 
 
 def compile_for_hopper(fn, constexprs: dict, types: dict[str, str]):
@@ -54,8 +53,8 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
         base = dict(TOP_K=top_k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_S=MAX_SLOTS, DOT_F32=False, N_SHARED=shared,
                     **({} if bias else {"bias_ptr": None}))
         gu = dict(base, BLOCK_N=tiles[0].block_n, BLOCK_K=tiles[0].block_k, ACT=4 if bias else 0,
-                  HAS_SGATE=shared > 0, PAIRED=transposed, CLEAR=True)  # the folded slot sum, as launched
-        dn = dict(base, BLOCK_N=tiles[1].block_n, BLOCK_K=tiles[1].block_k, FOLD=True, BLOCK_T=16)
+                  HAS_SGATE=shared > 0, PAIRED=transposed)
+        dn = dict(base, BLOCK_N=tiles[1].block_n, BLOCK_K=tiles[1].block_k)
         if not shared:
             gu.update(sh_gate_ptr=None, sh_up_ptr=None, sgate_ptr=None)
             dn.update(sh_down_ptr=None)
@@ -64,35 +63,10 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
     return specs
 
 
-def gemv_specs() -> list[tuple[str, object, dict, dict]]:
-    """The decode GEMV kernels with the slot sum folded into down (GROUPS > 1), with and without a gated shared
-    expert and biases, at the tiles fused_experts launches."""
-    from kernels.moe_experts import GEMV_TILES
-    from kernels.moe_gemv import down_gemv_kernel, gate_up_gemv_kernel
-
-    gu_t, dn_t = GEMV_TILES
-    types = {**{p: "*bf16" for p in ("x_ptr", "w_ptr", "bias_ptr", "sh_gate_ptr", "sh_up_ptr", "sgate_ptr",
-                                     "a_ptr", "sh_down_ptr", "sum_ptr")},
-             "ids_ptr": "*i32", "topw_ptr": "*fp32", "part_ptr": "*fp32", "alpha": "fp32", "limit": "fp32"}
-    specs = []
-    for shared, bias in GEMV_SPECS:
-        base = dict(TOP_K=8, HAS_BIAS=bias, N_SHARED=shared, **({} if bias else {"bias_ptr": None}))
-        gu = dict(base, BLOCK_N=gu_t.block_n, BLOCK_K=gu_t.block_k, ACT=4 if bias else 0, HAS_SGATE=shared > 0,
-                  CLEAR=True)
-        dn = dict(base, BLOCK_N=dn_t.block_n, BLOCK_K=dn_t.block_k, GROUPS=8 + shared, FOLD=True, BLOCK_T=4)
-        if not shared:
-            gu.update(sh_gate_ptr=None, sh_up_ptr=None, sgate_ptr=None)
-            dn.update(sh_down_ptr=None)
-        name = f"gemv shared={shared} bias={bias}"
-        specs += [(f"gate_up {name}", gate_up_gemv_kernel, gu, {**types, "out_ptr": "*bf16"}),
-                  (f"down {name}", down_gemv_kernel, dn, {**types, "out_ptr": "*fp32"})]
-    return specs
-
-
 def main() -> int:
     """Compile every spec; print one line each; exit 1 on any failure or a block over the shared memory."""
     failed = 0
-    for name, fn, consts, types in expert_rows_specs() + gemv_specs():
+    for name, fn, consts, types in expert_rows_specs():
         try:
             k = compile_for_hopper(fn, consts, types)
             ok = k.metadata.shared <= SMEM_LIMIT
@@ -104,7 +78,7 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def test_decode_kernels_compile_for_hopper() -> None:
+def test_expert_rows_kernels_compile_for_hopper() -> None:
     pytest.importorskip("triton")
     from triton.backends import backends
 
@@ -114,7 +88,7 @@ def test_decode_kernels_compile_for_hopper() -> None:
     env["PYTHONPATH"] = str(ROOT)
     got = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-2000:]
-    assert got.stdout.count("ok  ") == 2 * (len(SPECS) + len(GEMV_SPECS)), got.stdout  # gate/up and down of each
+    assert got.stdout.count("ok  ") == 2 * len(SPECS), got.stdout  # gate/up and down of each
 
 
 if __name__ == "__main__":

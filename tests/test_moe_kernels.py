@@ -339,44 +339,6 @@ def test_rows_path_takes_repeated_experts_past_one_tile_and_repeats_exactly() ->
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("path,T", [("gemv", 1), ("gemv", 3), ("rows", 5), ("rows", 16)])
-def test_folded_slot_sum_is_the_separate_kernels_bit_for_bit(path: str, T: int,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The slot sum folded into the down kernels (the last program of each column tile adds the partial sums)
-    gives the separate slot_sum_kernel's output bit for bit, with a gated shared expert in 2 chunks. The buffer
-    of partial sums and counters is handed out full of garbage, so the result also shows that the gate/up kernel
-    clears the counters (a counter left at garbage never sees its last program: the output stays unwritten)."""
-    gen = torch.Generator().manual_seed(T)
-    E, k, H, I, Is = 8, 3, 72, 40, 70
-    dtype = torch.bfloat16
-    x = torch.randn(T, H, generator=gen).to(dtype)
-    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(dtype)
-    down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
-    sh = SharedExpert(*((torch.randn(*s, generator=gen) / s[1]**0.5).to(dtype) for s in ((Is, H), (Is, H), (H, Is))),
-                      gate_weight=(torch.randn(1, H, generator=gen) / H**0.5).to(dtype))
-    ids = skewed_ids(T, E, k, gen)
-    topw = torch.rand(T, k, generator=gen).softmax(-1)
-    ref = ref_experts(x, gate_up, down, topw, ids) + ref_shared(x, sh)
-    w = ExpertWeights(gate_up.to(DEV), down.to(DEV))
-    sh_dev = SharedExpert(*(t.to(DEV) if t is not None else None for t in dataclasses.astuple(sh)))
-    plain = moe_experts._partial_sums
-
-    def garbage(length: int, counters: int, device: torch.device):
-        part, args = plain(length, counters, device)
-        if part is not None:
-            part.fill_(-3.0)  # as int32 counters: -1069547520
-        return part, args
-
-    monkeypatch.setattr(moe_experts, "_partial_sums", garbage)
-    outs = {}
-    for fold in (False, True, True):
-        monkeypatch.setattr(moe_experts, "FOLD_SLOT_SUM", fold)
-        outs.setdefault(fold, []).append(fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), force_path=path,
-                                                       shared=sh_dev))
-    assert rel_err(outs[True][0].cpu(), ref) < 1e-2
-    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][0], outs[True][1])
-
-
 def test_decode_path_rule() -> None:
     """A handful of tokens: the per-slot GEMV; up to 16 tokens with at most 128 slots in half precision: the expert
     rows, from one token for transposed weights; else the grouped GEMMs (float32 would run as TF32 on the rows
