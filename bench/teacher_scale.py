@@ -2,7 +2,7 @@
 
     python -m bench.teacher_scale [--layers 48] [--sequences 64] [--seq-len 2048] [--batch 4 8 16]
                                   [--top-k 64] [--out bench/results/teacher_scale.csv] [--profile]
-                                  [--variants all moe-only]
+                                  [--variants all moe-only] [--selections two-pass one-read ...]
 
 Random bf16 weights (made on the GPU: 61 GB for 48 layers), our fused kernels on (kernels.hf_moe, dispatcher
 included; variant `all`: also our RMSNorm and rotary kernels, as the stage runs; `moe-only`: router and experts
@@ -19,6 +19,7 @@ rows `teacher_profile` (ms per batch), the 25 largest kernels printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import tempfile
 import time
@@ -169,6 +170,24 @@ def _time_batches(run, model: torch.nn.Module, seqs: torch.Tensor, args: argpars
     return rows
 
 
+# The head's top-k selection the stage runs (logit_cache.topk.topk_select), by name: the two-pass path it ships
+# with, or the one-read path (faster alone, kernels/NOTES.md) swapped in for the run.
+SELECTIONS = {"two-pass": "topk_two_pass", "one-read": "topk_one_read"}
+
+
+@contextlib.contextmanager
+def _selection(name: str):
+    """logit_cache.topk.topk_select as SELECTIONS[name] inside the block (the stage looks it up at each call)."""
+    from logit_cache import topk
+
+    keep = topk.topk_select
+    topk.topk_select = getattr(topk, SELECTIONS[name])
+    try:
+        yield
+    finally:
+        topk.topk_select = keep
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=48)
@@ -179,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/teacher_scale.csv"))
     ap.add_argument("--profile", action="store_true", help="also the GPU time of one batch by part of the model")
     ap.add_argument("--variants", nargs="+", default=["all"], choices=sorted(VARIANTS))
+    ap.add_argument("--selections", nargs="+", default=["two-pass"], choices=sorted(SELECTIONS),
+                    help="the head's top-k selection, each in turn (repeat names to interleave runs)")
     args = ap.parse_args(argv)
     run = start_run("teacher_scale")
     if run is None:
@@ -198,8 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         uninstall_fused_rotary(model)
         fused = enable_fused_moe(model, **VARIANTS[variant])
         print(f"variant {variant}: {fused}", flush=True)
+        for selection in args.selections:
+            suffix = ("" if variant == "all" else f" ({variant})") + \
+                ("" if selection == "two-pass" else f" [{selection}]")
+            with _selection(selection):
+                rows += _time_batches(run, model, seqs, args, shape, per_token, suffix)
+            write_rows(args.out, rows)
         suffix = "" if variant == "all" else f" ({variant})"
-        rows += _time_batches(run, model, seqs, args, shape, per_token, suffix)
         if args.profile:
             with torch.inference_mode():
                 rows += profile_rows(run, model, seqs[:max(args.batch)].cuda(), args.top_k, shape, suffix)

@@ -62,9 +62,10 @@ def topk_select(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     k == V).
 
     `topk_one_read` gives the same in one read and was 2.2-2.5x faster on its own on an H200
-    (bench/results/head_topk_h200.csv), but the one logits-stage run with it read 55.5k tokens/s against 61.1k
-    with this path (teacher_scale_one_read_h200.csv, teacher_scale_h200.csv): until a stage run settles which, the
-    path the stage was measured on stays."""
+    (bench/results/head_topk_h200.csv), but the logits stage does not see it: three interleaved stage runs of each
+    read 60.8k / 61.9k / 62.9k tokens/s on this path and 62.3k / 60.4k / 63.9k on that one
+    (bench/results/teacher_scale_selection_h200.csv; an earlier single run's 55.5k was noise). The head's
+    selection is a small share of a batch, so the path the stage was first measured on stays."""
     return topk_two_pass(logits, k)
 
 
