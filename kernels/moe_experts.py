@@ -505,7 +505,7 @@ def grouped_gate_up(x: torch.Tensor, weights: ExpertWeights, al: Alignment, k: i
         *_bias_args(weights.gate_up_bias), alpha, limit,
         TOP_K=k, ACT=act, HAS_BIAS=weights.gate_up_bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_K=c.block_k, GROUP_M=c.group_m, EVEN_K=H % c.block_k == 0, DOT_F32=INTERPRETED,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        PAIRED=(row_mult, gate_off, up_off, g_sn) == (2, 0, 1, 1), num_warps=c.num_warps, num_stages=c.num_stages)
     return inter
 
 

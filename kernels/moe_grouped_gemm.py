@@ -125,12 +125,17 @@ def gate_up_kernel(
     bias_ptr, stride_be, stride_bn, alpha, limit,
     TOP_K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PAIRED: tl.constexpr = False,
 ):
     """out[row, n] = act(x[tok] . Wg[e, n] + bg[e, n]) * (x[tok] . Wu[e, n] + bu[e, n]) for each padded sorted row
     (N = I). Gate/up row n of expert e is weight row n * row_mult + gate_off / up_off (concatenated: row_mult 1,
     up_off I; interleaved: 2, 1), and so is its bias column in bias [E, 2I] (HAS_BIAS; else the bias terms are 0
-    and bias_ptr is unused). alpha, limit: ACT_CLAMPED_SWIGLU's parameters, ignored by the other activations."""
+    and bias_ptr is unused). alpha, limit: ACT_CLAMPED_SWIGLU's parameters, ignored by the other activations.
+
+    PAIRED: the interleaved layout with gate/up rows adjacent in memory (GPT-OSS's transposed [E, H, 2I]: stride_wn
+    1, row_mult 2, gate_off 0, up_off 1). Each K step then loads one contiguous [BLOCK_K, 2 BLOCK_N] tile of
+    gate/up pairs and splits it in registers: two loads of stride 2 do not vectorise (Triton specialises a stride of
+    1, not 2), and the same change made the expert-rows kernels 6x faster on that layout (kernels/NOTES.md)."""
     num_pid_m = P // BLOCK_M
     pid_m, pid_n = tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -143,16 +148,26 @@ def gate_up_kernel(
     w_base = w_ptr + e * stride_we + offs_k[:, None] * stride_wk
     g_ptrs = w_base + (offs_n * row_mult + gate_off)[None, :] * stride_wn
     u_ptrs = w_base + (offs_n * row_mult + up_off)[None, :] * stride_wn
+    cols2 = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # PAIRED: the tile's gate/up pairs, contiguous
+    n2_ok = cols2 < 2 * N
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        if PAIRED:
+            if EVEN_K:
+                w2 = tl.load(w_base + cols2[None, :], mask=n2_ok[None, :], other=0.0)
+            else:
+                w2 = tl.load(w_base + cols2[None, :], mask=n2_ok[None, :] & k_ok[:, None], other=0.0)
+            bg, bu = tl.split(tl.reshape(w2, (BLOCK_K, BLOCK_N, 2)))
+        elif EVEN_K:
+            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
             bg = tl.load(g_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             bu = tl.load(u_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if DOT_F32:
@@ -162,6 +177,7 @@ def gate_up_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
+        w_base += BLOCK_K * stride_wk
     if HAS_BIAS:  # before the activation, as the model adds it to the projection's output
         acc_g += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n * row_mult + gate_off, n_ok)[None, :]
         acc_u += bias_cols(bias_ptr, e, stride_be, stride_bn, offs_n * row_mult + up_off, n_ok)[None, :]

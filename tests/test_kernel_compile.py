@@ -21,17 +21,20 @@ SMEM_LIMIT = 232448  # an H100/H200's shared memory per block
 # (shared chunks, biases, top-k, input width, transposed weights) of the expert-rows kernels compiled
 SPECS = [*((s, b, 8, 2048, False) for s, b in itertools.product((0, 2), (False, True))), (0, False, 1, 2048, False),
          (2, False, 8, 4096, False), (0, True, 4, 2880, True)]
+GROUPED_TOKENS = [64, 256, 4096, 16384]  # token counts whose grouped gate/up tiles compile with paired loads
 
 
-def compile_for_hopper(fn, constexprs: dict, types: dict[str, str]):
+def compile_for_hopper(fn, constexprs: dict, types: dict[str, str], options: dict | None = None):
     """Compile `fn` with these constexprs (a pointer given as None is one the specialisation leaves out) and
-    argument types (default i32) to a cubin for sm_90; returns the compiled kernel."""
+    argument types (default i32) to a cubin for sm_90 (options: num_warps, num_stages); returns the compiled
+    kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, constexprs=dict(constexprs)), target=GPUTarget("cuda", 90, 32))
+    return triton.compile(ASTSource(fn, sig, constexprs=dict(constexprs)), target=GPUTarget("cuda", 90, 32),
+                          options=options)
 
 
 def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
@@ -63,12 +66,35 @@ def expert_rows_specs() -> list[tuple[str, object, dict, dict]]:
     return specs
 
 
+def grouped_paired_specs() -> list[tuple[str, object, dict, dict, dict]]:
+    """The grouped gate/up kernel on GPT-OSS's transposed, interleaved gate/up (paired loads), biased, with the
+    clamped gate, at each pointer tile pick_configs gives (a few rows per expert to thousands), H = 2880."""
+    from kernels.moe_experts import pick_configs
+    from kernels.moe_grouped_gemm import gate_up_kernel
+
+    types = {**{p: "*bf16" for p in ("x_ptr", "w_ptr", "out_ptr", "bias_ptr")}, "sorted_ptr": "*i32",
+             "block_expert_ptr": "*i32", "num_padded_ptr": "*i32", "alpha": "fp32", "limit": "fp32"}
+    specs, seen = [], set()
+    for tokens in GROUPED_TOKENS:
+        c = pick_configs(tokens, 4, 32)[0]
+        key = (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        consts = dict(TOP_K=4, ACT=4, HAS_BIAS=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                      GROUP_M=c.group_m, EVEN_K=2880 % c.block_k == 0, DOT_F32=False, PAIRED=True)
+        specs.append((f"grouped gate_up paired tile {key}", gate_up_kernel, consts, types,
+                      {"num_warps": c.num_warps, "num_stages": c.num_stages}))
+    return specs
+
+
 def main() -> int:
     """Compile every spec; print one line each; exit 1 on any failure or a block over the shared memory."""
     failed = 0
-    for name, fn, consts, types in expert_rows_specs():
+    specs = [(*spec, None) for spec in expert_rows_specs()] + grouped_paired_specs()
+    for name, fn, consts, types, options in specs:
         try:
-            k = compile_for_hopper(fn, consts, types)
+            k = compile_for_hopper(fn, consts, types, options)
             ok = k.metadata.shared <= SMEM_LIMIT
             print(f"{'ok  ' if ok else 'SMEM'} {name}: {k.metadata.shared} bytes of shared memory")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
@@ -78,7 +104,7 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def test_expert_rows_kernels_compile_for_hopper() -> None:
+def test_kernels_compile_for_hopper() -> None:
     pytest.importorskip("triton")
     from triton.backends import backends
 
@@ -88,7 +114,7 @@ def test_expert_rows_kernels_compile_for_hopper() -> None:
     env["PYTHONPATH"] = str(ROOT)
     got = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-2000:]
-    assert got.stdout.count("ok  ") == 2 * len(SPECS), got.stdout  # gate/up and down of each
+    assert got.stdout.count("ok  ") == 2 * len(SPECS) + len(grouped_paired_specs()), got.stdout
 
 
 if __name__ == "__main__":
