@@ -6,14 +6,16 @@ tiles and slot groups, timed as the GPU runs them inside a captured decode step 
 
 Every time is a CUDA-graph replay divided over the many calls captured in it (bench.moe_layer.CallGraph), the
 calls cycling over copies of the weights so that small layers are read from memory (l2_copies). Rows:
-- `router one` / `router split` for 12 routers (E = 8-384, H = 576-7168, bf16 and float32 logits) at 1, 4, 16 and
-  64 tokens (kernels.moe_router.route with split forced off and on);
+- `router one` / `router split` / `router gemm` for 12 routers (E = 8-384, H = 576-7168, bf16 and float32 logits)
+  at `--router-tokens` (default 1, 4, 16 and 64; kernels.moe_router.route with the one kernel, the split matmul
+  and the matmul logits forced), beside `router torch` (a softmax router in PyTorch ops, as transformers runs it);
 - per expert layout of the grid's anchors (and GPT-OSS's transposed, biased one) and token count: our experts
   with each gate/up tile (down at one group), then each down tile x slot groups (gate/up at the best), and with
   the built-in choice (`experts default`), beside the weight-read floor of the experts routed to;
-- (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the per-slot GEMV, the
-  expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up and down) and the
-  best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in choice.
+- (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the
+  per-slot GEMV, the expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up
+  and down) and the best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in
+  choice.
 """
 from __future__ import annotations
 
@@ -55,6 +57,16 @@ def _name(c: GemvConfig | RowsConfig) -> str:
     return f"n{c.block_n} k{c.block_k} w{c.num_warps}" + (f" g{c.groups}" if c.groups else "")
 
 
+def torch_router(h: torch.Tensor, w: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, ...]:
+    """A softmax router as transformers' Qwen3/OLMoE routers compute it, in PyTorch ops (the stock baseline)."""
+    logits = torch.nn.functional.linear(h.to(w.dtype), w)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    topw, topi = torch.topk(probs, spec.top_k, dim=-1)
+    if spec.renormalize:
+        topw = topw / topw.sum(dim=-1, keepdim=True)
+    return logits, topw.to(h.dtype), topi
+
+
 def router_rows(run, tokens: list[int]) -> list[dict]:
     rows = []
     for E, H, fp32 in ROUTERS:
@@ -64,11 +76,17 @@ def router_rows(run, tokens: list[int]) -> list[dict]:
         line = []
         for T in tokens:
             h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            for prov, split in (("router one", False), ("router split", True)):
-                t = graph_time(lambda: route(h, w, spec, split=split), 20)
+            provs = {"router one": lambda: route(h, w, spec, split=False, gemm=False),
+                     "router split": lambda: route(h, w, spec, split=True),
+                     "router gemm": lambda: route(h, w, spec, split=False, gemm=True),
+                     "router torch": lambda: torch_router(h, w, spec)}
+            got = {}
+            for prov, fn in provs.items():
+                t = graph_time(fn, 20)
+                got[prov] = float("inf") if t is None else round(t * 1e6, 2)
                 rows.append(run.row(kernel="decode_sweep", provider=prov, shape=shape, tokens=T, metric="graph_time",
-                                    value=round(t * 1e6, 2), unit="us"))
-            line.append(f"T={T}: one {rows[-2]['value']} split {rows[-1]['value']}")
+                                    value=got[prov], unit="us"))
+            line.append(f"T={T}: " + " ".join(f"{p.split()[1]} {v}" for p, v in got.items()))
         print(f"{shape:26s} " + " | ".join(line), flush=True)
     return rows
 

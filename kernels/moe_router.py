@@ -6,6 +6,8 @@ second topk over groups plus a scatter and a masked fill); each reads and writes
 program owns BLOCK_T tokens and keeps their [BLOCK_T, E] scores in registers from the matmul to the output.
 At decode sizes a large router matrix is first multiplied by many programs, each over a chunk of H, and the
 selection then reads their float32 partial sums (`split_plan`): two launches instead of one SM streaming it all.
+Past decode sizes the logits come from torch's matmul, as the model's own router computes them, and the selection
+kernel reads them as its one part (`gemm_logits`): the one-kernel router re-reads the router matrix per program.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -212,6 +215,21 @@ def split_plan(T: int, E: int, H: int, programs: int, force: bool = False) -> tu
     return chunk, cdiv(H, chunk)
 
 
+# Router matrices from this many bytes take the matmul logits past decode sizes (`gemm_logits`).
+GEMM_MIN_ROUTER_BYTES = 1 << 20
+
+
+def gemm_logits(T: int, router_bytes: int) -> bool:
+    """Whether the router's logits come from torch's matmul (cuBLAS, the model's own F.linear) rather than our
+    one-kernel router: past decode sizes, on a router matrix of GEMM_MIN_ROUTER_BYTES or more. The one-kernel
+    router reads the whole matrix once per program of 16-64 tokens, so its reads grow with T x E x H: on the H200
+    grid at 16,384 tokens a 384 x 7168 float32 router took about 25 ms of a Kimi-K2 block (56 ms ours against 31
+    with stock's router and our experts, moe_grid_h200_full.csv), DeepSeek-V3's about 6, and the dispatcher ran
+    stock's router on a 384 x 4096 bf16 one from 256 tokens (164 against 289 us at 4096). Small routers (Qwen3's
+    128 x 2048 bf16 is 0.5 MiB) keep the one kernel, which nothing measured against the matmul yet."""
+    return T > SPLIT_MAX_TOKENS and router_bytes >= GEMM_MIN_ROUTER_BYTES
+
+
 def route(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -220,9 +238,11 @@ def route(
     weights_dtype: torch.dtype = torch.float32,
     tiles: tuple[int, int, int, int] | None = None,
     split: bool | None = None,
+    gemm: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens to experts: one kernel launch, or two at decode sizes on a large router matrix (see
-    `split_plan`).
+    `split_plan`), or past decode sizes the logits from torch's matmul and the selection in one launch
+    (`gemm_logits`).
 
     hidden: [T, H] (bf16/fp16/fp32); weight: [E, H] router matrix; bias: optional [E] score-correction bias
     (added for the choice only, as DeepSeek-V3 does). Returns (logits [T, E] in the input dtype, or float32 when
@@ -230,6 +250,7 @@ def route(
     tiles: (tokens per program, H step, warps, stages) in place of the built-in choice of the one-kernel router
     (benchmarks).
     split: force the split matmul on (True) or off (False) at any size; None: `split_plan` decides.
+    gemm: force the matmul logits on (True) or off (False); None: `gemm_logits` decides (split takes precedence).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"route: hidden [T, H] and weight [E, H] expected, got {tuple(hidden.shape)} and "
@@ -273,7 +294,13 @@ def route(
     plan = None if split is False else split_plan(T, E, H, 2 * sm_count(hidden.device),
                                                     force=bool(split))
     parts, n_parts, pe = topw, 0, 0  # (unused pointer, no parts) for the one-kernel router
-    if plan is not None:
+    if plan is None and (gemm if gemm is not None else gemm_logits(T, weight.numel() * weight.element_size())):
+        # The logits as the model's own router computes them (F.linear: float32 for DeepSeek-style routers, else
+        # the input dtype, rounded to it), then the selection kernel reads them as its one "part" and writes them
+        # back unchanged into the same tensor.
+        logits = (F.linear(hidden.float(), weight.float()) if spec.fp32_logits else F.linear(hidden, weight))
+        parts, n_parts, pe = logits, 1, E
+    elif plan is not None:
         chunk, n_parts = plan
         # Rows of the partial sums padded to 16 floats: aligned rows load 16 bytes at a time (at E = 60 the
         # unpadded rows took the selection from 8 to 21 us at 4 tokens, one H200).

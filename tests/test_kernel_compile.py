@@ -88,10 +88,29 @@ def grouped_paired_specs() -> list[tuple[str, object, dict, dict, dict]]:
     return specs
 
 
+def router_selection_specs() -> list[tuple[str, object, dict, dict, dict]]:
+    """The router's selection kernel reading matmul logits as its one part (moe_router.gemm_logits): bf16 logits
+    (a softmax router) and float32 ones (DeepSeek's grouped sigmoid with its score bias), 384 experts."""
+    from kernels.moe_router import _router_kernel
+
+    specs = []
+    for fp32 in (False, True):
+        dt = "*fp32" if fp32 else "*bf16"
+        types = {"x_ptr": "*bf16", "w_ptr": dt, "bias_ptr": "*fp32", "logits_ptr": dt, "topw_ptr": "*fp32",
+                 "topi_ptr": "*i32", "part_ptr": dt, "scaling": "fp32"}
+        consts = dict(SCORING=int(fp32), RENORM=True, HAS_BIAS=fp32, FP32_LOGITS=fp32, N_GROUP=8 if fp32 else 1,
+                      TOPK_GROUP=4 if fp32 else 1, TOP_K=8, BLOCK_T=16, BLOCK_H=16, BLOCK_E=512, BLOCK_K=8,
+                      BLOCK_G=8 if fp32 else 2, DOT_F32=False, FP32_PRECISION="ieee", FROM_PARTS=True, BLOCK_P=1,
+                      **({} if fp32 else {"bias_ptr": None}))
+        specs.append((f"router selection from matmul logits fp32={fp32}", _router_kernel, consts, types,
+                      {"num_warps": 8, "num_stages": 1}))
+    return specs
+
+
 def main() -> int:
     """Compile every spec; print one line each; exit 1 on any failure or a block over the shared memory."""
     failed = 0
-    specs = [(*spec, None) for spec in expert_rows_specs()] + grouped_paired_specs()
+    specs = [(*spec, None) for spec in expert_rows_specs()] + grouped_paired_specs() + router_selection_specs()
     for name, fn, consts, types, options in specs:
         try:
             k = compile_for_hopper(fn, consts, types, options)
@@ -114,7 +133,8 @@ def test_kernels_compile_for_hopper() -> None:
     env["PYTHONPATH"] = str(ROOT)
     got = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-2000:]
-    assert got.stdout.count("ok  ") == 2 * len(SPECS) + len(grouped_paired_specs()), got.stdout
+    want = 2 * len(SPECS) + len(grouped_paired_specs()) + len(router_selection_specs())
+    assert got.stdout.count("ok  ") == want, got.stdout
 
 
 if __name__ == "__main__":

@@ -65,14 +65,15 @@ def test_router_matches_reference(name: str, E: int, k: int, spec: RouterSpec, T
 
 
 def check_route(name: str, E: int, k: int, spec: RouterSpec, T: int,
-                tiles: tuple[int, int, int, int] | None = None, split: bool | None = None, H: int = 72) -> None:
+                tiles: tuple[int, int, int, int] | None = None, split: bool | None = None, H: int = 72,
+                gemm: bool | None = None) -> None:
     # H = 72: not a power of two, not a multiple of the K block
     gen = torch.Generator().manual_seed(hash((name, T)) % 2**31)
     dtype = torch.float32 if spec.fp32_logits else torch.bfloat16
     x = torch.randn(T, H, generator=gen).to(DEV, dtype)
     w = (torch.randn(E, H, generator=gen) * 0.2).to(DEV, dtype)
     bias = (torch.randn(E, generator=gen) * 0.05).to(DEV) if spec.scoring == "sigmoid" else None
-    logits, topw, topi = route(x, w, spec, bias=bias, tiles=tiles, split=split)
+    logits, topw, topi = route(x, w, spec, bias=bias, tiles=tiles, split=split, gemm=gemm)
     ref_logits = x.double() @ w.double().T
     assert rel_err(logits, ref_logits) < (1e-5 if spec.fp32_logits else 1e-2)
     # Selection and weights, judged on the kernel's own logits. bf16 logits tie often, so the test asks that
@@ -91,9 +92,30 @@ def check_route(name: str, E: int, k: int, spec: RouterSpec, T: int,
 
 @pytest.mark.parametrize("tiles", [(64, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3)])
 def test_router_large_t_tiles(tiles: tuple[int, int, int, int]) -> None:
-    """The tiles route() picks at T >= 8192, on a T that leaves the last program partly empty."""
-    check_route("olmoe large-T tiles", 64, 8, RouterSpec(top_k=8, renormalize=False), 100, tiles)
-    check_route("qwen3 large-T tiles", 128, 8, RouterSpec(top_k=8), 100, tiles if tiles[0] <= 32 else None)
+    """The one-kernel router's tiles for T >= 8192 (where it runs with gemm=False), on a T that leaves the last
+    program partly empty."""
+    check_route("olmoe large-T tiles", 64, 8, RouterSpec(top_k=8, renormalize=False), 100, tiles, gemm=False)
+    check_route("qwen3 large-T tiles", 128, 8, RouterSpec(top_k=8), 100, tiles if tiles[0] <= 32 else None,
+                gemm=False)
+
+
+@pytest.mark.parametrize("name,E,k,spec", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
+@pytest.mark.parametrize("T,gemm", [(100, False), (100, True), (3, True)])
+def test_router_one_kernel_and_matmul_logits_match_reference(name: str, E: int, k: int, spec: RouterSpec, T: int,
+                                                             gemm: bool) -> None:
+    """The one-kernel router past decode sizes and the matmul logits at decode sizes, both when asked (the
+    built-in choice, gemm_logits, gives the matmul to large routers past 64 tokens)."""
+    check_route(name, E, k, spec, T, gemm=gemm)
+
+
+def test_gemm_logits_rule() -> None:
+    """The matmul logits take over where the split router stops, on large router matrices only."""
+    from kernels.moe_router import GEMM_MIN_ROUTER_BYTES, SPLIT_MAX_TOKENS, gemm_logits
+
+    big, small = 384 * 7168 * 4, 128 * 2048 * 2  # Kimi-K2's float32 router, Qwen3's bf16 one
+    assert not gemm_logits(1, big) and not gemm_logits(SPLIT_MAX_TOKENS, big)
+    assert gemm_logits(SPLIT_MAX_TOKENS + 1, big) and gemm_logits(16384, GEMM_MIN_ROUTER_BYTES)
+    assert not gemm_logits(16384, small)
 
 
 @pytest.mark.parametrize("name,E,k,spec", ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
