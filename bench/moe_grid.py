@@ -21,7 +21,8 @@ alone, DISTILL_MOE_DISPATCH=fused) and `dispatched` (what `enable_fused_moe` run
 measured, kernels/dispatch.py); at <= 64 tokens also as CUDA-graph replays (many calls per graph, over copies of
 the block larger than the L2 cache: bench.moe_layer.CallGraph; in five paired rounds as well). Rows per point:
 each time, the best stock backend and its time, `speedup_vs_best_stock` of ours and of dispatched (> 1: faster
-than the best stock), and correctness with the routing held equal: the relative error of our experts and of
+than the best stock), which paths dispatched ran (`paths_plain`, `paths_graph`: each deciding module's choice, in
+the unit column), and correctness with the routing held equal: the relative error of our experts and of
 grouped_mm's against a float64 computation, and the share of tokens whose top-k set our router picks as stock's
 does. At decode sizes (<= 16 tokens) also the weight-read floor: the bytes of the distinct experts the stock
 router picks plus the block's other weights, over the copy bandwidth measured at the start of the run, and each
@@ -292,6 +293,17 @@ def block_copies(block: torch.nn.Module, s: Shape) -> list[torch.nn.Module]:
     return [block] + [copy.deepcopy(block) for _ in range(n - 1)]
 
 
+def dispatch_choices(block: torch.nn.Module, tokens: int, graph: bool) -> str:
+    """What the dispatcher chose in `block` for calls of `tokens` tokens (plain calls, or `graph`: a graph
+    capture): each deciding module's class and path, e.g. "Qwen3MoeExperts=ours; Qwen3MoeTopKRouter=stock"; ""
+    where nothing was chosen. Every slot the modules keep (kernels.dispatch.module_path) ends in (token bucket,
+    capturing)."""
+    bucket = dispatch.token_bucket(tokens)
+    got = {f"{type(m).__name__}={path}" for m in block.modules()
+           for slot, path in m.__dict__.get("_fused_paths", {}).items() if slot[-2:] == (bucket, graph)}
+    return "; ".join(sorted(got))
+
+
 def set_providers(blocks: list[torch.nn.Module], prov: str) -> None:
     """`set_provider` on each of `blocks`."""
     for b in blocks:
@@ -316,6 +328,7 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
                                 unit=f"us ({idx.unique().numel()} experts read)"))
         times: dict[str, float] = {}
         captured: dict[str, CallGraph] = {}
+        choices: list[dict] = []
         for prov in STOCK + ["fused_triton", "dispatched"]:
             if prov == "batched_mm" and T * s.top_k * 3 * s.hidden * s.width * 2 > BATCHED_MM_BUDGET:
                 continue
@@ -330,6 +343,11 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
                         g = CallGraph.capture([lambda b=b: _out(b, x) for b in blocks])
                         if g is not None:
                             captured[prov] = g
+                    if prov == "dispatched":  # which paths "dispatched" stands for at this point
+                        for kind, graph in (("plain", False), ("graph", True)):
+                            if choice := dispatch_choices(block, T, graph):
+                                choices.append(run.row(**base, provider=prov, metric=f"paths_{kind}", value=1,
+                                                       unit=choice))
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 rows.append(run.row(**base, provider=prov, metric="failed", value=1, unit=type(e).__name__))
                 print(f"  {s.name} T={T} {prov}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -345,6 +363,7 @@ def shape_rows(run, s: Shape, tokens: list[int]) -> list[dict]:
         captured.clear()
         for prov, t in times.items():
             rows.append(run.row(**base, provider=prov, metric="time", value=round(t * 1e6, 2), unit="us"))
+        rows += choices
         for prov, t in graphs.items():
             rows.append(run.row(**base, provider=prov + "+cudagraph", metric="time", value=round(t * 1e6, 2), unit="us"))
         for kind, tt in (("plain", times), ("graph", graphs)):

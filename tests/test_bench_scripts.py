@@ -214,3 +214,23 @@ def test_l2_copies_put_three_caches_between_two_calls_on_one_copy_within_budgets
     assert l2_copies(10.6e6, 42e6, l2=l2) == 8  # SmolLM2-MoE: would want 18, at most 8
     assert l2_copies(10.6e6, 4e9, l2=l2) == 4  # ... and at most 16 GB of copies
     assert l2_copies(704e6, 22.5e9, l2=l2) == 1  # DeepSeek-V3: one call already reads 12 caches' worth
+
+
+def test_moe_grid_records_the_dispatchers_choices_per_token_bucket() -> None:
+    """bench.moe_grid's `paths_*` rows: each deciding module's choice for the point's token bucket, plain calls and
+    graph captures apart, other buckets left out (module_path's slots end in (bucket, capturing))."""
+    import torch
+
+    from bench.moe_grid import dispatch_choices
+
+    class Qwen3MoeTopKRouter(torch.nn.Module):
+        pass
+
+    block = torch.nn.Sequential(Qwen3MoeTopKRouter(), torch.nn.Linear(2, 2))
+    block[0]._fused_paths = {(torch.bfloat16, 16, False): "stock", (torch.bfloat16, 16, True): "ours",
+                             (torch.bfloat16, 1, False): "ours"}
+    block[1]._fused_paths = {(torch.bfloat16, 8, 16, False): "grouped_mm"}  # experts: (dtype, k, bucket, graph)
+    assert dispatch_choices(block, 9, graph=False) == "Linear=grouped_mm; Qwen3MoeTopKRouter=stock"
+    assert dispatch_choices(block, 16, graph=True) == "Qwen3MoeTopKRouter=ours"
+    assert dispatch_choices(block, 1, graph=False) == "Qwen3MoeTopKRouter=ours"
+    assert dispatch_choices(block, 64, graph=False) == ""
