@@ -161,6 +161,20 @@ def moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
 
 # ------------------------------------------------------------------------------------------ pre-run check ---
 
+def expert_tables(model: torch.nn.Module, experts: int) -> str:
+    """The [experts, hidden] parameters of the last decoder layer, where it has two or more (an expert per row, in
+    and out: retrieval experts such as Doge's product-key ones, a vector each; a router alone is one such
+    table), as "path [E, H], ..."; "" otherwise."""
+    prefix, layers = decoder_layers(model)
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+    if not len(layers) or hidden is None:
+        return ""
+    last = len(layers) - 1  # the last layer: families with dense first layers route from there on
+    found = [f"{prefix}.{last}.{name} {list(p.shape)}" for name, p in layers[last].named_parameters()
+             if tuple(p.shape) == (experts, hidden)]
+    return ", ".join(found[:4]) if len(found) >= 2 else ""
+
+
 def some_layers(indices: list[int]) -> str:
     """Layer indices for a one-line message: all of them when few."""
     if len(indices) <= 6:
@@ -188,6 +202,12 @@ def check_moe_layout(config: object, trust_remote_code: bool = False) -> list[st
             f"this {model_type} config cannot build a model ({type(e).__name__}: {msg}); use the checkpoint's "
             "complete config.json (defaults of some families are incomplete)") from e
     layers = moe_layers(model)
+    if not layers and (tables := expert_tables(model, experts)):
+        raise UnsupportedModelError(
+            f"the {model_type} config declares {experts} experts, stored as rows of 2-D tables ({tables}): "
+            "experts of one vector each, picked per token (retrieval experts, e.g. product keys), which this "
+            "pipeline cannot route, fuse or merge; use a teacher whose experts are matrices, or distill this one "
+            "as a dense teacher with teacher_options.allow_dense=true")
     if not layers:
         raise UnsupportedModelError(
             f"the {model_type} config declares {experts} experts but no decoder layer holds them (no parameter "

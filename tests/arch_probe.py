@@ -330,7 +330,8 @@ def probe(model_type: str) -> dict:
             steps["preflight"] = _crash(e)
 
     # 2 discovery -------------------------------------------------------------------------------------------
-    from teachers.moe_layout import moe_layers
+    from teachers.moe_config import config_num_experts
+    from teachers.moe_layout import expert_tables, moe_layers
     from teachers.routers import find_routers
     try:
         layers = moe_layers(model)
@@ -338,7 +339,10 @@ def probe(model_type: str) -> dict:
         detail = (f"{len(layers)} MoE layers {[m.index for m in layers]}, E={[m.num_experts for m in layers][:1]}, "
                   f"k={[m.top_k for m in layers][:1]}, experts {[m.expert_paths for m in layers][:1]}, "
                   f"routers {[m.router_paths for m in layers][:1]}")
-        if not layers:
+        tables = expert_tables(model, config_num_experts(model.config)) if not layers else ""
+        if tables:  # experts of one vector each (product-key retrieval): refused by name at preflight
+            steps["discovery"] = {"status": "refusal", "detail": f"experts as rows of 2-D tables: {tables}"}
+        elif not layers:
             steps["discovery"] = {"status": "wrong", "detail": "no MoE layer found: " + detail}
         elif len(routers) != len(layers):
             steps["discovery"] = {"status": "refusal", "detail": f"{len(routers)} routers for {len(layers)} "

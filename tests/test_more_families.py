@@ -112,3 +112,16 @@ def test_a_factor_the_block_applies_after_the_router_is_measured_and_derived(arc
     if arch == "cohere2_moe":
         assert torch.allclose(stats.shared_gate[moe], torch.full((int(moe.sum()),), shared), atol=1e-4)
     assert _exactness(model, ids) < exact
+
+
+def test_experts_stored_as_rows_of_tables_are_refused_as_such() -> None:
+    """Doge's experts are vectors, rows of two [E, H] tables picked by product keys: preflight names them and says
+    what to do, where it used to say no decoder layer holds the experts. A family whose experts are matrices
+    (and whose router is an [E, H] table too) is not taken for one."""
+    from teachers.moe_layout import check_moe_layout, expert_tables
+
+    with pytest.raises(UnsupportedModelError, match=r"rows of 2-D tables .*mlp\.down_embed.*allow_dense"):
+        check_moe_layout(shrink("doge"))
+    model = _model("qwen3_next")
+    assert expert_tables(model, model.config.num_experts) == ""
+    assert check_moe_layout(shrink("qwen3_next"))  # found as an MoE, notes returned
