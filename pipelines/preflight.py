@@ -79,7 +79,7 @@ def preflight(cfg: PipelineConfig, run_dir: Path, artifact_dir: Path | None = No
         teacher_cfg = load_config(teacher_path, "teacher", opts.trust_remote_code)
         check_teacher_config(teacher_cfg, cfg.teacher, opts.allow_dense)
         if is_moe(teacher_cfg):  # a dense teacher (allow_dense) has no MoE layout to find
-            notes += check_moe_layout(teacher_cfg, opts.trust_remote_code)
+            notes += check_moe_layout(teacher_cfg, opts.trust_remote_code, opts.allow_dense)
         _check_model_folder(teacher_path)
         vocab = vocab_size(teacher_cfg)
         # The tokenizer must load, and fit the model: an id past the output layer fails deep inside a forward.

@@ -182,11 +182,13 @@ def some_layers(indices: list[int]) -> str:
     return f"{indices[0]}, {indices[1]}, ... {indices[-1]} ({len(indices)} layers)"
 
 
-def check_moe_layout(config: object, trust_remote_code: bool = False) -> list[str]:
+def check_moe_layout(config: object, trust_remote_code: bool = False, allow_dense: bool = False) -> list[str]:
     """Find the MoE blocks, experts and routers of the model `config` describes, built on the meta device
     (no weights, no memory). Returns notes for the user (e.g. router analytics that will be skipped);
     raises UnsupportedModelError, one line, when the config cannot build a model or declares experts that no
-    decoder layer holds. A dense config returns no notes (whether dense is allowed is decided elsewhere)."""
+    decoder layer holds; with `allow_dense` the latter is a note instead: the teacher runs as a dense model
+    (its logits through its own forward; no router analytics, no derived student). A dense config returns no
+    notes (whether dense is allowed is decided elsewhere)."""
     from transformers import AutoModelForCausalLM
 
     experts = config_num_experts(config)
@@ -202,17 +204,21 @@ def check_moe_layout(config: object, trust_remote_code: bool = False) -> list[st
             f"this {model_type} config cannot build a model ({type(e).__name__}: {msg}); use the checkpoint's "
             "complete config.json (defaults of some families are incomplete)") from e
     layers = moe_layers(model)
-    if not layers and (tables := expert_tables(model, experts)):
-        raise UnsupportedModelError(
-            f"the {model_type} config declares {experts} experts, stored as rows of 2-D tables ({tables}): "
-            "experts of one vector each, picked per token (retrieval experts, e.g. product keys), which this "
-            "pipeline cannot route, fuse or merge; use a teacher whose experts are matrices, or distill this one "
-            "as a dense teacher with teacher_options.allow_dense=true")
     if not layers:
-        raise UnsupportedModelError(
-            f"the {model_type} config declares {experts} experts but no decoder layer holds them (no parameter "
-            f"[{experts}, ...] of 3+ dims nor a list of {experts} experts): this pipeline cannot find its MoE "
-            "blocks; use a transformers MoE family, or a dense teacher with teacher_options.allow_dense=true")
+        if tables := expert_tables(model, experts):
+            why = (f"the {model_type} config declares {experts} experts, stored as rows of 2-D tables ({tables}): "
+                   "experts of one vector each, picked per token (retrieval experts, e.g. product keys), which "
+                   "this pipeline cannot route, fuse or merge")
+        else:
+            why = (f"the {model_type} config declares {experts} experts but no decoder layer holds them (no "
+                   f"parameter [{experts}, ...] of 3+ dims nor a list of {experts} experts): this pipeline cannot "
+                   "find its MoE blocks")
+        if allow_dense:
+            return [f"{why}; teacher_options.allow_dense: it runs as a dense teacher (its logits from its own "
+                    "forward, no router analytics, no derived student: give STUDENT=<dense model>)"]
+        raise UnsupportedModelError(f"{why}; use a teacher whose experts this pipeline finds (a transformers MoE "
+                                    "family), or set teacher_options.allow_dense=true to distill it as a dense "
+                                    "teacher into a dense STUDENT of your choice")
     notes = []
     bare = [m.index for m in layers if not m.routers]
     if bare:

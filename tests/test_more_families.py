@@ -120,8 +120,10 @@ def test_experts_stored_as_rows_of_tables_are_refused_as_such() -> None:
     (and whose router is an [E, H] table too) is not taken for one."""
     from teachers.moe_layout import check_moe_layout, expert_tables
 
-    with pytest.raises(UnsupportedModelError, match=r"rows of 2-D tables .*mlp\.down_embed.*allow_dense"):
+    with pytest.raises(UnsupportedModelError, match=r"rows of 2-D tables .*mlp\.down_embed.*allow_dense=true"):
         check_moe_layout(shrink("doge"))
+    (note,) = check_moe_layout(shrink("doge"), allow_dense=True)  # what the setting the message names does
+    assert "runs as a dense teacher" in note and "STUDENT" in note
     model = _model("qwen3_next")
     assert expert_tables(model, model.config.num_experts) == ""
     assert check_moe_layout(shrink("qwen3_next"))  # found as an MoE, notes returned
