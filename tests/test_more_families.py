@@ -127,3 +127,33 @@ def test_experts_stored_as_rows_of_tables_are_refused_as_such() -> None:
     model = _model("qwen3_next")
     assert expert_tables(model, model.config.num_experts) == ""
     assert check_moe_layout(shrink("qwen3_next"))  # found as an MoE, notes returned
+
+
+def test_allow_dense_takes_a_teacher_whose_experts_cannot_be_found(tmp_path, smollm2_tokenizer_dir) -> None:
+    """The refusal above names teacher_options.allow_dense; with it, the pipeline's preflight takes the Doge
+    teacher as a dense one (a note says what that means); without it, preflight refuses before any weight is
+    read. (The whole pipeline on such a teacher and a dense student runs to its report: the README's architecture
+    paragraph.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipelines.config import load_config
+    from pipelines.preflight import preflight
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    cfg = shrink("doge")
+    cfg.vocab_size, cfg.max_position_embeddings = len(tok), 512
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "doge")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                     ).save_pretrained(tmp_path / "student")
+    for folder in ("doge", "student"):
+        tok.save_pretrained(tmp_path / folder)
+    for allow in (False, True):
+        run_cfg = load_config("ci", f"teacher_options.allow_dense={str(allow).lower()}", teacher=str(tmp_path / "doge"),
+                              student=str(tmp_path / "student"), run_name="doge")
+        if not allow:
+            with pytest.raises(UnsupportedModelError, match="allow_dense=true"):
+                preflight(run_cfg, tmp_path / "runs" / "doge")
+        else:
+            notes = preflight(run_cfg, tmp_path / "runs" / "doge")
+            assert any("runs as a dense teacher" in n for n in notes), notes
