@@ -1,12 +1,14 @@
 """The decode path of the MoE experts: a handful of tokens (1-4; from 5 to 16 see moe_expert_rows), where the work
 is reading expert weights once and the cost is launches, not arithmetic.
 
-No alignment, no padding, no atomics: two launches after the router.
+No alignment, no padding, no atomics: two or three launches after the router.
 - gate/up: one program per (slot, column tile) computes act(x.Wg + bg) * (x.Wu + bu) as a matrix-vector product
   (the biases, GPT-OSS's, only where the experts have them: `HAS_BIAS`);
-- down: one program per (token, column tile) loops over the token's slots, so the sum stays in registers and
-  the output is written once, in the model's dtype; each slot's down bias joins its product before the routing
-  weight.
+- down: one program per (token, slot group, column tile) adds its group's weighted products (each slot's down
+  bias joins its product before the routing weight); with one group per token (GROUPS == 1) the sum is written
+  once in the model's dtype, else each group writes float32 partial sums and slot_sum_kernel adds them in slot
+  order (the default: a group per slot, moe_experts.down_groups). Folding that sum into the down kernel (the last
+  program of a column tile adding it) measured no faster (kernels/NOTES.md).
 Shared experts (DeepSeek's, Qwen2-MoE's) ride along as N_SHARED more slots per token: the shared MLP's width cut
 into chunks of the routed width (the last one masked), each chunk a slot with routing weight 1, read from the
 shared weights' own tensors. A gated shared expert (Qwen2-MoE: sigmoid(x . w) times its output) has its gate dot
