@@ -106,7 +106,7 @@ def _router_kernel(
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr, FROM_PARTS: tl.constexpr,
-    BLOCK_P: tl.constexpr = 1,
+    BLOCK_P: tl.constexpr = 1, STORE_LOGITS: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -133,8 +133,9 @@ def _router_kernel(
     else:
         # F.linear hands back logits rounded to the input dtype; the scores are computed from those.
         logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits.to(logits_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    if STORE_LOGITS:  # off where the logits came from the matmul and are already the caller's
+        tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits.to(logits_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
     neg_inf = float("-inf")
     if SCORING == 0:
@@ -268,7 +269,15 @@ def route(
         raise ValueError("route: group-limited routing scores a group by its two best experts; groups need >= 2")
     hidden = hidden.contiguous()
     weight = weight.contiguous().to(hidden.dtype) if not spec.fp32_logits else weight.contiguous()
-    logits = torch.empty(T, E, device=hidden.device, dtype=torch.float32 if spec.fp32_logits else hidden.dtype)
+    plan = None if split is False else split_plan(T, E, H, 2 * sm_count(hidden.device), force=bool(split))
+    from_matmul = T > 0 and plan is None and (gemm if gemm is not None else
+                                              gemm_logits(T, weight.numel() * weight.element_size()))
+    if from_matmul:
+        # The logits as the model's own router computes them (F.linear: float32 for DeepSeek-style routers, else
+        # the input dtype, rounded to it); the selection kernel reads them as its one "part".
+        logits = F.linear(hidden.float(), weight.float()) if spec.fp32_logits else F.linear(hidden, weight)
+    else:
+        logits = torch.empty(T, E, device=hidden.device, dtype=torch.float32 if spec.fp32_logits else hidden.dtype)
     topw = torch.empty(T, spec.top_k, device=hidden.device, dtype=weights_dtype)
     topi = torch.empty(T, spec.top_k, device=hidden.device, dtype=torch.int32)
     if T == 0:
@@ -291,14 +300,8 @@ def route(
         block_t, block_h, warps, stages = tiles
     if bias is not None:
         bias = bias.contiguous()
-    plan = None if split is False else split_plan(T, E, H, 2 * sm_count(hidden.device),
-                                                    force=bool(split))
     parts, n_parts, pe = topw, 0, 0  # (unused pointer, no parts) for the one-kernel router
-    if plan is None and (gemm if gemm is not None else gemm_logits(T, weight.numel() * weight.element_size())):
-        # The logits as the model's own router computes them (F.linear: float32 for DeepSeek-style routers, else
-        # the input dtype, rounded to it), then the selection kernel reads them as its one "part" and writes them
-        # back unchanged into the same tensor.
-        logits = (F.linear(hidden.float(), weight.float()) if spec.fp32_logits else F.linear(hidden, weight))
+    if from_matmul:
         parts, n_parts, pe = logits, 1, E
     elif plan is not None:
         chunk, n_parts = plan
@@ -330,7 +333,7 @@ def route(
             BLOCK_T=bt, BLOCK_H=bh, BLOCK_E=block_e, BLOCK_K=next_pow2(spec.top_k),
             BLOCK_G=max(2, next_pow2(spec.n_group)), DOT_F32=INTERPRETED,
             FP32_PRECISION=DECODE_FP32_PRECISION if T <= 64 else "ieee", FROM_PARTS=n_parts > 0,
-            BLOCK_P=block_p, num_warps=nw, num_stages=ns,
+            BLOCK_P=block_p, STORE_LOGITS=not from_matmul, num_warps=nw, num_stages=ns,
         )
 
     block_p = 1

@@ -101,6 +101,7 @@ def router_selection_specs() -> list[tuple[str, object, dict, dict, dict]]:
         consts = dict(SCORING=int(fp32), RENORM=True, HAS_BIAS=fp32, FP32_LOGITS=fp32, N_GROUP=8 if fp32 else 1,
                       TOPK_GROUP=4 if fp32 else 1, TOP_K=8, BLOCK_T=16, BLOCK_H=16, BLOCK_E=512, BLOCK_K=8,
                       BLOCK_G=8 if fp32 else 2, DOT_F32=False, FP32_PRECISION="ieee", FROM_PARTS=True, BLOCK_P=1,
+                      STORE_LOGITS=False,
                       **({} if fp32 else {"bias_ptr": None}))
         specs.append((f"router selection from matmul logits fp32={fp32}", _router_kernel, consts, types,
                       {"num_warps": 8, "num_stages": 1}))
