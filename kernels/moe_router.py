@@ -56,7 +56,7 @@ class RouterSpec:
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, rows, cols, h_lo, h_hi, stride_xt, stride_we,
+def logits_tile(x_ptr, w_ptr, rows, cols, h_lo, h_hi, stride_xt, stride_we,
                  FP32_LOGITS: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
     """float32 [BLOCK_T, BLOCK_E] = x[rows, h_lo:h_hi] . w[cols, h_lo:h_hi]^T. rows and cols must be in bounds:
@@ -92,51 +92,20 @@ def _router_partial_logits_kernel(
     rows_in = tl.where(rows < T, rows, 0)
     cols_in = tl.where(cols < E, cols, 0)
     h_lo = split * h_chunk
-    acc = _logits_tile(x_ptr, w_ptr, rows_in, cols_in, h_lo, tl.minimum(h_lo + h_chunk, H), stride_xt, stride_we,
+    acc = logits_tile(x_ptr, w_ptr, rows_in, cols_in, h_lo, tl.minimum(h_lo + h_chunk, H), stride_xt, stride_we,
                        FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
     tl.store(part_ptr + split * T * pe + rows[:, None] * pe + cols[None, :], acc,
              mask=(rows < T)[:, None] & (cols < E)[None, :])
 
 
 @triton.jit
-def _router_kernel(
-    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr, part_ptr, n_parts, pe,
-    T, H, E, stride_xt, stride_we, scaling,
-    SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
-    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr, FROM_PARTS: tl.constexpr,
-    BLOCK_P: tl.constexpr = 1, STORE_LOGITS: tl.constexpr = True,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    col_ok = cols < E
-
-    if FROM_PARTS:
-        # The split matmul's partial sums, BLOCK_P parts per load (one load per part waited on its own round trip:
-        # 66 parts of a DeepSeek-V3 router took 31 us), added in a fixed order: the same logits at every call.
-        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        pp = tl.arange(0, BLOCK_P)
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        for p0 in range(0, n_parts, BLOCK_P):
-            p = p0 + pp
-            acc += tl.sum(tl.load(part_ptr + p[:, None, None] * T * pe + (rows[:, None] * pe + cols[None, :])[None],
-                                  mask=(p < n_parts)[:, None, None] & tile_ok[None], other=0.0), axis=0)
-    else:
-        # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
-        acc = _logits_tile(x_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), 0, H, stride_xt,
-                           stride_we, FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
-    if FP32_LOGITS:
-        logits = acc
-    else:
-        # F.linear hands back logits rounded to the input dtype; the scores are computed from those.
-        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-    if STORE_LOGITS:  # off where the logits came from the matmul and are already the caller's
-        tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits.to(logits_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-
+def select_topk(logits, cols, col_ok, E, bias_ptr, scaling, SCORING: tl.constexpr, RENORM: tl.constexpr,
+                HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    """From float32 logits [BLOCK_T, BLOCK_E] (columns `cols` of E, valid where `col_ok`) to (top-k weights float32
+    [BLOCK_T, BLOCK_K], top-k expert ids int32 [BLOCK_T, BLOCK_K], best first; columns past TOP_K are 0): scores,
+    optional bias for the choice, group-limited selection, top-k, renormalisation and scaling, as RouterSpec
+    says. Shared by the router kernel and the one-launch decode block (moe_block_decode)."""
     neg_inf = float("-inf")
     if SCORING == 0:
         z = tl.where(col_ok[None, :], logits, neg_inf)
@@ -185,6 +154,51 @@ def _router_kernel(
             denom = denom + 1e-20
         topw = topw / denom[:, None]
     topw = topw * scaling
+    return topw, topi
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, w_ptr, bias_ptr, logits_ptr, topw_ptr, topi_ptr, part_ptr, n_parts, pe,
+    T, H, E, stride_xt, stride_we, scaling,
+    SCORING: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_LOGITS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr, FROM_PARTS: tl.constexpr,
+    BLOCK_P: tl.constexpr = 1, STORE_LOGITS: tl.constexpr = True,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+
+    if FROM_PARTS:
+        # The split matmul's partial sums, BLOCK_P parts per load (one load per part waited on its own round trip:
+        # 66 parts of a DeepSeek-V3 router took 31 us), added in a fixed order: the same logits at every call.
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        pp = tl.arange(0, BLOCK_P)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        for p0 in range(0, n_parts, BLOCK_P):
+            p = p0 + pp
+            acc += tl.sum(tl.load(part_ptr + p[:, None, None] * T * pe + (rows[:, None] * pe + cols[None, :])[None],
+                                  mask=(p < n_parts)[:, None, None] & tile_ok[None], other=0.0), axis=0)
+    else:
+        # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
+        acc = logits_tile(x_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), 0, H, stride_xt,
+                           stride_we, FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
+    if FP32_LOGITS:
+        logits = acc
+    else:
+        # F.linear hands back logits rounded to the input dtype; the scores are computed from those.
+        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if STORE_LOGITS:  # off where the logits came from the matmul and are already the caller's
+        tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits.to(logits_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    topw, topi = select_topk(logits, cols, col_ok, E, bias_ptr, scaling, SCORING, RENORM, HAS_BIAS, N_GROUP,
+                             TOPK_GROUP, TOP_K, BLOCK_T, BLOCK_E, BLOCK_K, BLOCK_G)
+    karange = tl.arange(0, BLOCK_K)
     out_mask = row_ok[:, None] & (karange < TOP_K)[None, :]
     offs = rows[:, None] * TOP_K + karange[None, :]
     tl.store(topw_ptr + offs, topw.to(topw_ptr.dtype.element_ty), mask=out_mask)
