@@ -15,14 +15,7 @@ calls cycling over copies of the weights so that small layers are read from memo
 - (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the
   per-slot GEMV, the expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up
   and down) and the best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in
-  choice;
-- (`--only block`, at `--block-tokens`, default 1, 4 and 16) whole MoE blocks (router, routed experts, shared
-  expert) on the grid's small and mid-size shapes: today's launches (our router, then fused_experts with the shared
-  expert inside) against the one-launch block (kernels.moe_block_decode: the router inside each program where it
-  is small, else a router launch then one block launch) with each tile of BLOCK_SWEEP and the built-in choice,
-  beside the floor (the distinct experts routed to, the shared expert and the router), with the relative
-  difference of the one-launch output from today's; with `--block-diag`, the parts of each timed alone (today's
-  router and experts; the one launch without its router, its down, its count-in).
+  choice.
 """
 from __future__ import annotations
 
@@ -33,8 +26,7 @@ import torch
 
 from bench.common import start_run, write_rows
 from bench.moe_layer import graph_time, l2_copies
-from kernels.moe_block_decode import BlockTiles, block_decode, route_inside
-from kernels.moe_experts import ExpertWeights, GemvConfig, RowsConfig, SharedExpert, fused_experts
+from kernels.moe_experts import ExpertWeights, GemvConfig, RowsConfig, fused_experts
 from kernels.moe_router import RouterSpec, route
 
 ROUTERS = [(8, 576, False), (8, 4096, False), (32, 2880, False), (60, 2048, False), (64, 2048, False),
@@ -198,100 +190,12 @@ def path_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[
     return rows
 
 
-# (name, experts, top-k, hidden, width, shared: none / gated (Qwen2-MoE, 4 widths) / ungated (DeepSeek, 1 width),
-# DeepSeek groups): the grid's blocks whose decode points sat below half the floor, and mid-size ones beside them.
-BLOCKS = [("smollm2-moe", 8, 2, 576, 1536, "none", 1), ("e32-k1-h2048-i512-ungated", 32, 1, 2048, 512, "ungated", 1),
-          ("e256-k8-h3072-i256-gated", 256, 8, 3072, 256, "gated", 1),
-          ("e60-k2-h4096-i768-gated", 60, 2, 4096, 768, "gated", 1), ("olmoe-1b-7b", 64, 8, 2048, 1024, "none", 1),
-          ("qwen3-30b-a3b", 128, 8, 2048, 768, "none", 1), ("qwen2-moe-a2.7b", 60, 4, 2048, 1408, "gated", 1),
-          ("e128-k6-h3072-i512-gated", 128, 6, 3072, 512, "gated", 1), ("deepseek-v3", 256, 8, 7168, 2048, "ungated", 8)]
-BLOCK_SWEEP = [BlockTiles(16, 64, 64, 4, 3), BlockTiles(16, 128, 64, 4, 3), BlockTiles(32, 128, 64, 4, 3),
-               BlockTiles(64, 128, 64, 4, 3), BlockTiles(16, 256, 64, 8, 3), BlockTiles(32, 64, 128, 4, 2),
-               BlockTiles(64, 64, 64, 8, 3)]
-
-
-def block_rows(run, tokens: list[int], layouts: list[str] | None = None, diag: bool = False) -> list[dict]:
-    """Whole blocks, today's launches against the one-launch block (see the module docstring)."""
-    rows = []
-    for name, E, k, H, I, shared, groups in BLOCKS:
-        if layouts and name not in layouts:
-            continue
-        if shared == "ungated":
-            spec = RouterSpec(top_k=k, scoring="sigmoid", n_group=groups, topk_group=max(1, groups // 2),
-                              scaling=2.5, fp32_logits=True)
-        else:
-            spec = RouterSpec(top_k=k, renormalize=shared == "none")
-        Is = {"none": 0, "gated": 4 * I, "ungated": I}[shared]
-        per_call = (k * 3 * H * I + 3 * H * Is + E * H) * 2
-        copies = []
-        for _ in range(l2_copies(per_call, (E * 3 * H * I + 3 * H * Is + E * H) * 2)):
-            w = ExpertWeights(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02,
-                              torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02)
-            sh = None if not Is else SharedExpert(
-                *(torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in ((Is, H), (Is, H), (H, Is))),
-                torch.randn(1, H, device="cuda", dtype=torch.bfloat16) * 0.02 if shared == "gated" else None)
-            rw = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) * 0.05
-            copies.append((w, sh, rw))
-        inside = route_inside(copies[0][2], spec)
-        for T in tokens:
-            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            base = dict(kernel="decode_sweep", shape=name, tokens=T)
-
-            def today(w, sh, rw):
-                _, tw, ti = route(h, rw, spec)
-                return fused_experts(h, w, tw, ti, shared=sh)
-
-            def one(w, sh, rw, tiles=None):
-                if inside:
-                    return block_decode(h, w, router_weight=rw, spec=spec, shared=sh, tiles=tiles)
-                _, tw, ti = route(h, rw, spec)
-                return block_decode(h, w, topk_weights=tw, topk_ids=ti, shared=sh, tiles=tiles)
-
-            def timed(fn, **kw) -> float:
-                t = graph_time([lambda c=c: fn(*c, **kw) for c in copies])
-                return float("inf") if t is None else t * 1e6
-
-            ref, got_one = today(*copies[0]).double(), one(*copies[0]).double()
-            diff = float((got_one - ref).norm() / ref.norm())
-            got = {"today": timed(today), "one default": timed(one)}
-            got.update({f"one i{c.block_i} h{c.block_h} n{c.block_n} w{c.num_warps} s{c.num_stages}":
-                        timed(one, tiles=c) for c in BLOCK_SWEEP})
-            _, _, ti = route(h, copies[0][2], spec)
-            if diag:  # the parts of each: today's router and experts alone, the one launch with parts left out
-                tw = torch.rand(T, k, device="cuda")
-                got["today router alone"] = timed(lambda w, sh, rw: route(h, rw, spec))
-                got["today experts alone"] = timed(lambda w, sh, rw: fused_experts(h, w, tw, ti, shared=sh))
-                for d, what in ((1, "no router"), (2, "no down"), (4, "no count-in"), (3, "no router, no down"),
-                                (7, "gate/up alone")):
-                    got[f"one {what}"] = timed(lambda w, sh, rw, d=d: block_decode(
-                        h, w, router_weight=rw, spec=spec, shared=sh, diag=d) if inside else block_decode(
-                        h, w, topk_weights=tw, topk_ids=ti, shared=sh, diag=d))
-            read = ti.unique().numel() * 3 * H * I * 2 + 3 * H * Is * 2 + E * H * 2
-            floor = read / run.bandwidth * 1e6
-            for prov, t in got.items():
-                rows.append(run.row(**base, provider=f"block {prov}", metric="graph_time", value=round(t, 2),
-                                    unit="us"))
-            rows.append(run.row(**base, provider="floor", metric="graph_time", value=round(floor, 2),
-                                unit=f"us ({ti.unique().numel()} experts read)"))
-            rows.append(run.row(**base, provider="block one default", metric="rel_diff_vs_today", value=diff,
-                                unit="ratio"))
-            best = min(got, key=got.__getitem__)
-            print(f"{name:28s} T={T:2d} floor {floor:6.1f} us | today {got['today']:6.1f} | one {got['one default']:6.1f}"
-                  f" (router {'inside' if inside else 'launch'}) | best {best} {got[best]:.1f} | diff {diff:.1e}",
-                  flush=True)
-        del copies
-        torch.cuda.empty_cache()
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode_sweep.csv"))
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
-    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths", "block"])
-    ap.add_argument("--block-tokens", type=int, nargs="*", default=[1, 4, 16])
-    ap.add_argument("--block-diag", action="store_true", help="`block`: also time the parts (see block_rows)")
+    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths"])
     ap.add_argument("--path-tokens", type=int, nargs="*", default=[8, 16])
     ap.add_argument("--layouts", nargs="*", default=None, help="expert layouts of `paths` by name (default: all)")
     args = ap.parse_args(argv)
@@ -308,9 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         write_rows(args.out, rows)
     if "paths" in args.only:
         rows += path_rows(run, args.path_tokens, args.layouts)
-        write_rows(args.out, rows)
-    if "block" in args.only:
-        rows += block_rows(run, args.block_tokens, args.layouts, args.block_diag)
     write_rows(args.out, rows)
     return 0
 

@@ -368,7 +368,7 @@ def fused_experts(
         g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
         d_se, d_sn, d_sk = weights.down_strides()
         gu, gd = gemv or (GEMV_TILES_TRANSPOSED if weights.transposed else GEMV_TILES)
-        n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else shared_args(shared, I)
+        n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
         slots = k + n_sh
         inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
         fast(gate_up_gemv_kernel)[(T * slots, cdiv(I, gu.block_n))](
@@ -425,7 +425,7 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     I = weights.intermediate
     g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
     d_se, d_sn, d_sk = weights.down_strides()
-    n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else shared_args(shared, I)
+    n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
     gu, gd = tiles or rows_tiles(H, I, min(weights.num_experts, T * k) + n_sh, weights.transposed, sm_count(x.device))
     slots = k + n_sh
     block_s = max(16, 1 << (T * k - 1).bit_length())
@@ -451,7 +451,7 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     return out
 
 
-def shared_args(shared: SharedExpert, width: int) -> tuple[int, tuple]:
+def _shared_args(shared: SharedExpert, width: int) -> tuple[int, tuple]:
     """(chunks of the routed `width`, the gate/up GEMV kernel's shared-expert arguments)."""
     g, u, gw = shared.gate, shared.up, shared.gate_weight
     if g.stride() != u.stride():  # one pair of strides addresses both (nn.Linear weights always share them)
