@@ -105,7 +105,7 @@ def select_topk(logits, cols, col_ok, E, bias_ptr, scaling, SCORING: tl.constexp
     """From float32 logits [BLOCK_T, BLOCK_E] (columns `cols` of E, valid where `col_ok`) to (top-k weights float32
     [BLOCK_T, BLOCK_K], top-k expert ids int32 [BLOCK_T, BLOCK_K], best first; columns past TOP_K are 0): scores,
     optional bias for the choice, group-limited selection, top-k, renormalisation and scaling, as RouterSpec
-    says. Shared by the router kernel and the one-launch decode block (moe_block_decode)."""
+    says."""
     neg_inf = float("-inf")
     if SCORING == 0:
         z = tl.where(col_ok[None, :], logits, neg_inf)
@@ -230,19 +230,24 @@ def split_plan(T: int, E: int, H: int, programs: int, force: bool = False) -> tu
     return chunk, cdiv(H, chunk)
 
 
-# Router matrices from this many bytes take the matmul logits past decode sizes (`gemm_logits`).
-GEMM_MIN_ROUTER_BYTES = 1 << 20
+# Past decode sizes, routers of a multiple of this many experts take the matmul logits (`gemm_logits`).
+GEMM_EXPERTS_MULTIPLE = 16
 
 
-def gemm_logits(T: int, router_bytes: int) -> bool:
+def gemm_logits(T: int, experts: int) -> bool:
     """Whether the router's logits come from torch's matmul (cuBLAS, the model's own F.linear) rather than our
-    one-kernel router: past decode sizes, on a router matrix of GEMM_MIN_ROUTER_BYTES or more. The one-kernel
-    router reads the whole matrix once per program of 16-64 tokens, so its reads grow with T x E x H: on the H200
-    grid at 16,384 tokens a 384 x 7168 float32 router took about 25 ms of a Kimi-K2 block (56 ms ours against 31
-    with stock's router and our experts, moe_grid_h200_full.csv), DeepSeek-V3's about 6, and the dispatcher ran
-    stock's router on a 384 x 4096 bf16 one from 256 tokens (164 against 289 us at 4096). Small routers (Qwen3's
-    128 x 2048 bf16 is 0.5 MiB) keep the one kernel, which nothing measured against the matmul yet."""
-    return T > SPLIT_MAX_TOKENS and router_bytes >= GEMM_MIN_ROUTER_BYTES
+    one-kernel router: past decode sizes, for a number of experts that is a multiple of GEMM_EXPERTS_MULTIPLE.
+
+    The one-kernel router reads the whole router matrix once per program of 16-64 tokens, so its reads grow with
+    T x E x H. Timed on one H200 as graph replays at 256 and 16,384 tokens (12 routers, E = 8-384, H = 576-7168,
+    bf16 and float32 logits; bench/results/decode_router_gemm_h200.csv): the matmul logits were faster at both
+    counts on every router whose E is a multiple of 16 (E = 16-384; at 16,384 tokens a 384 x 7168 bf16 router 206
+    against 1792 us, DeepSeek-V3's 256 x 7168 float32 one 1552 against 7278, Qwen3's 128 x 2048 39 against 50; at
+    256 tokens 7.8-49 us against 14-662), and slower where it is not: E = 60 (Qwen1.5/2-MoE) 18.6 against 12.9 us
+    at 256 and 68 against 32 at 16,384 (cuBLAS on an output row of 60), E = 8 within 10% either way (one 9.3 against
+    10.8 us at 16,384). The split matmul (`split_plan`) stays below SPLIT_MAX_TOKENS: at 16,384 tokens it was the
+    slowest of the three everywhere."""
+    return T > SPLIT_MAX_TOKENS and experts % GEMM_EXPERTS_MULTIPLE == 0
 
 
 def route(
@@ -285,7 +290,7 @@ def route(
     weight = weight.contiguous().to(hidden.dtype) if not spec.fp32_logits else weight.contiguous()
     plan = None if split is False else split_plan(T, E, H, 2 * sm_count(hidden.device), force=bool(split))
     from_matmul = T > 0 and plan is None and (gemm if gemm is not None else
-                                              gemm_logits(T, weight.numel() * weight.element_size()))
+                                              gemm_logits(T, E))
     if from_matmul:
         # The logits as the model's own router computes them (F.linear: float32 for DeepSeek-style routers, else
         # the input dtype, rounded to it); the selection kernel reads them as its one "part".
