@@ -57,8 +57,8 @@ class RouterSpec:
 
 @triton.jit
 def logits_tile(x_ptr, w_ptr, rows, cols, h_lo, h_hi, stride_xt, stride_we,
-                 FP32_LOGITS: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+                FP32_LOGITS: tl.constexpr, DOT_F32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
     """float32 [BLOCK_T, BLOCK_E] = x[rows, h_lo:h_hi] . w[cols, h_lo:h_hi]^T. rows and cols must be in bounds:
     callers point the ones past the end at row or column 0 and never use what they give."""
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
@@ -93,7 +93,7 @@ def _router_partial_logits_kernel(
     cols_in = tl.where(cols < E, cols, 0)
     h_lo = split * h_chunk
     acc = logits_tile(x_ptr, w_ptr, rows_in, cols_in, h_lo, tl.minimum(h_lo + h_chunk, H), stride_xt, stride_we,
-                       FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
+                      FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
     tl.store(part_ptr + split * T * pe + rows[:, None] * pe + cols[None, :], acc,
              mask=(rows < T)[:, None] & (cols < E)[None, :])
 
@@ -186,7 +186,7 @@ def _router_kernel(
     else:
         # Router matmul: [BLOCK_T, H] x [H, E], float32 accumulation.
         acc = logits_tile(x_ptr, w_ptr, tl.where(row_ok, rows, 0), tl.where(col_ok, cols, 0), 0, H, stride_xt,
-                           stride_we, FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
+                          stride_we, FP32_LOGITS, DOT_F32, FP32_PRECISION, BLOCK_T, BLOCK_H, BLOCK_E)
     if FP32_LOGITS:
         logits = acc
     else:
@@ -289,8 +289,7 @@ def route(
     hidden = hidden.contiguous()
     weight = weight.contiguous().to(hidden.dtype) if not spec.fp32_logits else weight.contiguous()
     plan = None if split is False else split_plan(T, E, H, 2 * sm_count(hidden.device), force=bool(split))
-    from_matmul = T > 0 and plan is None and (gemm if gemm is not None else
-                                              gemm_logits(T, E))
+    from_matmul = T > 0 and plan is None and (gemm if gemm is not None else gemm_logits(T, E))
     if from_matmul:
         # The logits as the model's own router computes them (F.linear: float32 for DeepSeek-style routers, else
         # the input dtype, rounded to it); the selection kernel reads them as its one "part".
