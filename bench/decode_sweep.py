@@ -3,6 +3,7 @@ tiles and slot groups, timed as the GPU runs them inside a captured decode step 
 
     python -m bench.decode_sweep [--out bench/results/decode_sweep.csv] [--tokens 1 4] [--only router experts]
     python -m bench.decode_sweep --only paths [--path-tokens 8 16] [--layouts qwen3-30b-a3b ...]
+    python -m bench.decode_sweep --only dense [--tokens 1 4 16] [--layouts smollm2-moe ...]
 
 Every time is a CUDA-graph replay divided over the many calls captured in it (bench.moe_layer.CallGraph), the
 calls cycling over copies of the weights so that small layers are read from memory (l2_copies). Rows:
@@ -15,7 +16,13 @@ calls cycling over copies of the weights so that small layers are read from memo
 - (`--only paths`, at `--path-tokens`, default 8 and 16) the same layouts on each path of fused_experts: the
   per-slot GEMV, the expert-rows kernels with each tile of ROWS_SWEEP (`rows <tile>`, the same tile for gate/up
   and down) and the best of those with each down tile of ROWS_DOWN_SWEEP, the grouped GEMMs, and the built-in
-  choice.
+  choice;
+- (`--only dense`, at `--tokens`) what the weight-read floor asks of a small layer, read without routing: the
+  distinct experts the call routes to gathered beforehand into two dense matrices ([n 2I, H] and [H, n I]) and read
+  by two cuBLAS matmuls (`dense gemms`: the bytes of the floor, the routing known, no activation, no dependency
+  between the two), beside our experts on the same routing (`experts default`) and a chain of three dependent
+  one-element kernels (`chain3 empty`: what three dependent steps, router -> gate/up -> down, cost with nothing to
+  read). If `dense gemms` is below half the floor, no block that must also route can reach it as launched kernels.
 """
 from __future__ import annotations
 
@@ -190,14 +197,70 @@ def path_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[
     return rows
 
 
+def dense_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[dict]:
+    """Per layout (of `layouts`, default all) and token count: the floor's bytes read by two dense cuBLAS matmuls
+    with the routing known, our experts on the same routing, and an empty three-kernel chain (module docstring)."""
+    rows = []
+    one = torch.zeros(1, device="cuda")
+
+    def chain3() -> None:  # three dependent launches that read and write one float each
+        one.add_(1)
+        one.mul_(0.5)
+        one.add_(1)
+
+    chain = graph_time(chain3)
+    rows.append(run.row(kernel="decode_sweep", provider="chain3 empty", shape="-", tokens=0, metric="graph_time",
+                        value=round(chain * 1e6, 2), unit="us"))
+    print(f"three dependent empty kernels: {chain * 1e6:.2f} us a call", flush=True)
+    for name, E, k, H, I, transposed in EXPERTS:
+        if layouts and name not in layouts:
+            continue
+        ws = _weights(E, H, I, k, transposed)
+        for T in tokens:
+            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+            ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
+            tw = torch.rand(T, k, device="cuda")
+            used = ids.unique().long()
+            n = used.numel()
+            dense = []  # per copy: the routed experts' gate/up rows [n 2I, H] and down columns [H, n I], contiguous
+            for w in ws:
+                gu = w.gate_up[used].transpose(1, 2) if transposed else w.gate_up[used]  # [n, 2I, H]
+                dn = w.down[used].transpose(1, 2) if transposed else w.down[used]  # [n, H, I]
+                dense.append((gu.reshape(n * 2 * I, H).contiguous(), dn.permute(1, 0, 2).reshape(H, n * I).contiguous()))
+            a = torch.randn(T, n * I, device="cuda", dtype=torch.bfloat16)
+            base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
+
+            def gemms(w1: torch.Tensor, w2: torch.Tensor) -> None:
+                torch.nn.functional.linear(h, w1)
+                torch.nn.functional.linear(a, w2)
+
+            got = {"dense gemms": graph_time([lambda d=d: gemms(*d) for d in dense]),
+                   "experts default": graph_time([lambda w=w: fused_experts(h, w, tw, ids) for w in ws])}
+            got = {p: float("inf") if t is None else t * 1e6 for p, t in got.items()}
+            floor = n * 3 * H * I * 2 / run.bandwidth * 1e6
+            for prov, t in got.items():
+                rows.append(run.row(**base, provider=prov, metric="graph_time", value=round(t, 2), unit="us"))
+                rows.append(run.row(**base, provider=prov, metric="floor_share", value=round(floor / t, 4),
+                                    unit="ratio"))
+            rows.append(run.row(**base, provider="floor", metric="graph_time", value=round(floor, 2),
+                                unit=f"us ({n} experts read)"))
+            print(f"{base['shape']:28s} T={T} floor {floor:.1f} us | dense gemms {got['dense gemms']:.1f} "
+                  f"({floor / got['dense gemms']:.2f}) | ours {got['experts default']:.1f} "
+                  f"({floor / got['experts default']:.2f})", flush=True)
+            del dense
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode_sweep.csv"))
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
-    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths"])
+    ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths", "dense"])
     ap.add_argument("--path-tokens", type=int, nargs="*", default=[8, 16])
-    ap.add_argument("--layouts", nargs="*", default=None, help="expert layouts of `paths` by name (default: all)")
+    ap.add_argument("--layouts", nargs="*", default=None, help="expert layouts of `paths` and `dense` by name (default: all)")
     args = ap.parse_args(argv)
     run = start_run("decode_sweep")
     if run is None:
@@ -212,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         write_rows(args.out, rows)
     if "paths" in args.only:
         rows += path_rows(run, args.path_tokens, args.layouts)
+        write_rows(args.out, rows)
+    if "dense" in args.only:
+        rows += dense_rows(run, args.tokens, args.layouts)
     write_rows(args.out, rows)
     return 0
 
