@@ -263,6 +263,15 @@ GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=
 SLOT_SUM_BLOCK = 1024
 
 
+def fit_k(tile: GemvConfig | RowsConfig, k_dim: int) -> GemvConfig | RowsConfig:
+    """tile with its step over the input (block_k) no wider than k_dim rounded up to a power of two (at least 32).
+    A 1024-wide step over a 256-wide expert row masks three quarters of every load; real layers change only in the
+    decode GEMV's down step over experts 256-512 wide, and the interpreter runs the tests' 16-56-wide experts up to
+    32x faster."""
+    width = max(32, 1 << max(0, k_dim - 1).bit_length())
+    return tile if tile.block_k <= width else dataclasses.replace(tile, block_k=width)
+
+
 def down_groups(slots: int) -> int:
     """Slot groups per token for the decode down GEMV: one per slot (routed experts plus shared-expert chunks)."""
     return max(1, slots)
@@ -368,6 +377,7 @@ def fused_experts(
         g_se, g_sn, g_sk, gate_off, up_off, row_mult = weights.gate_up_strides()
         d_se, d_sn, d_sk = weights.down_strides()
         gu, gd = gemv or (GEMV_TILES_TRANSPOSED if weights.transposed else GEMV_TILES)
+        gu, gd = fit_k(gu, H), fit_k(gd, I)
         n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
         slots = k + n_sh
         inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)
@@ -427,6 +437,7 @@ def _rows_path(x: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topw:
     d_se, d_sn, d_sk = weights.down_strides()
     n_sh, sh = (0, (None, None, 0, 0, 0, None, 0)) if shared is None else _shared_args(shared, I)
     gu, gd = tiles or rows_tiles(H, I, min(weights.num_experts, T * k) + n_sh, weights.transposed, sm_count(x.device))
+    gu, gd = fit_k(gu, H), fit_k(gd, I)
     slots = k + n_sh
     block_s = max(16, 1 << (T * k - 1).bit_length())
     inter = torch.empty(T * slots, I, device=x.device, dtype=out_dtype)

@@ -23,6 +23,43 @@ if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _patch_triton_language_once_per_launch() -> None:
+    """Triton's interpreter re-patches triton.language (inspect.getmembers over its modules, about 3 ms) at every
+    call of a @triton.jit helper inside a kernel, although the launch patched those very modules already: a third
+    of the interpreter's time in our kernel tests (tests/test_hf_moe.py's decode under cProfile: 49 of 160 s in
+    14,789 such calls). Inside a launch, a helper whose globals hold only language modules the launch patched
+    skips that work; any other call, and any Triton without these internals, runs the interpreter's own code."""
+    try:
+        from triton.runtime import interpreter as ti
+
+        grid_call, patch, scope_cls, lang = ti.GridExecutor.__call__, ti._patch_lang, ti._LangPatchScope, ti.tl
+    except (ImportError, AttributeError):
+        return
+    launches: list[set[int]] = []  # per active launch: ids of the language modules it patched
+
+    def launch(self, *args, **kwargs):
+        launches.append(set())
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    def patch_once(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is lang or v is lang.core}
+        if launches and langs and langs <= launches[-1]:
+            return scope_cls()
+        scope = patch(fn)
+        if launches:
+            launches[-1] |= langs
+        return scope
+
+    ti.GridExecutor.__call__, ti._patch_lang = launch, patch_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_language_once_per_launch()
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's real tokenizer (read once from the fetched gguf) saved as an ordinary tokenizer folder."""

@@ -234,6 +234,14 @@ EXPERT_CASES = [
 # The decode paths run at most 4 (GEMV) and 16 tokens (rows); forcing them on more costs the interpreter 20-40 s
 # for sizes they never serve, so each is tested on the sizes it runs (the GEMV at 1 and 3 tokens, the rows at 1, 3
 # and 16).
+SERVES = {"gemv": moe_experts.GEMV_MAX_TOKENS, "rows": moe_experts.ROWS_MAX_TOKENS, "grouped": None}
+
+
+def served(path: str, T: int) -> int:
+    """How many of a test's T tokens `path` is run on: the most it serves (SERVES), the grouped GEMMs all T."""
+    return T if SERVES[path] is None else min(T, SERVES[path])
+
+
 @pytest.mark.parametrize("T,E,k,H,I,path", [(*c, path) for path in ("gemv", "rows", "grouped") for c in EXPERT_CASES
                                              if path == "grouped" or c[0] <= {"gemv": 4, "rows": 16}[path]])
 def test_experts_match_float64(T: int, E: int, k: int, H: int, I: int, path: str) -> None:
@@ -269,8 +277,9 @@ def test_experts_layouts_and_activations(layout: str, act: str) -> None:
         inter = torch.stack([gate_up[:, :I], gate_up[:, I:]], dim=2).reshape(E, 2 * I, H)  # g0, u0, g1, u1, ...
         w = ExpertWeights(inter.to(DEV), down.to(DEV), concatenated=False)
     for path in ("gemv", "grouped"):
-        out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation=act, force_path=path)
-        assert rel_err(out.cpu(), ref) < 5e-3, path  # fp32 inputs, tf32-class dots
+        n = served(path, T)
+        out = fused_experts(x[:n].to(DEV), w, topw[:n].to(DEV), ids[:n].to(DEV), activation=act, force_path=path)
+        assert rel_err(out.cpu(), ref[:n]) < 5e-3, path  # fp32 inputs, tf32-class dots
 
 
 def ref_shared(x: torch.Tensor, sh: SharedExpert, act: str = "silu") -> torch.Tensor:
@@ -491,9 +500,10 @@ def test_experts_biases_with_plain_silu_and_other_alpha_limit() -> None:
         ref = ref_experts(x, gate_up, down, topw, ids, act=act, gate_up_bias=gb, down_bias=db, alpha=alpha,
                           limit=limit)
         for path in ("gemv", "grouped"):
-            out = fused_experts(x.to(DEV), w, topw.to(DEV), ids.to(DEV), activation=act, swiglu_alpha=alpha,
-                                swiglu_limit=limit, force_path=path)
-            assert rel_err(out.cpu(), ref) < 5e-3, (act, path)
+            n = served(path, T)
+            out = fused_experts(x[:n].to(DEV), w, topw[:n].to(DEV), ids[:n].to(DEV), activation=act,
+                                swiglu_alpha=alpha, swiglu_limit=limit, force_path=path)
+            assert rel_err(out.cpu(), ref[:n]) < 5e-3, (act, path)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the descriptor path's unwritten padding rows, see below
@@ -633,6 +643,19 @@ def test_fp16_router_and_experts(T: int, E: int, k: int, H: int, I: int) -> None
     tma = (TileConfig(16, 32, 32, 2, 4, 2, tma=True), TileConfig(16, 32, 32, 2, 4, 2, per_slot=True, tma=True,
                                                                   programs_per_sm=1))
     for path, configs in (("gemv", None), ("grouped", None), ("grouped", tma)):
-        out = fused_experts(x.to(DEV), w, topw, topi, configs=configs, force_path=path)
+        n = served(path, T)
+        out = fused_experts(x[:n].to(DEV), w, topw[:n], topi[:n], configs=configs, force_path=path)
         assert out.dtype == torch.float16
-        assert rel_err(out.cpu(), ref) < 1e-2, (path, configs is not None)
+        assert rel_err(out.cpu(), ref[:n]) < 1e-2, (path, configs is not None)
+
+
+def test_decode_tiles_step_no_wider_than_the_expert_row() -> None:
+    """fit_k: a decode tile's step over the input shrinks to the row rounded up to a power of two (at least 32),
+    never grows, and keeps the tile's other fields."""
+    fit_k, Gemv, Rows = moe_experts.fit_k, moe_experts.GemvConfig, moe_experts.RowsConfig
+    assert fit_k(Gemv(4, 1024, 4, groups=2), 256) == Gemv(4, 256, 4, groups=2)
+    assert fit_k(Gemv(4, 1024, 4), 300).block_k == 512
+    assert fit_k(Gemv(4, 1024, 4), 24).block_k == 32
+    assert fit_k(Gemv(4, 1024, 4), 7168) == Gemv(4, 1024, 4)
+    assert fit_k(Rows(128, 128, 4, 3), 1408) == Rows(128, 128, 4, 3)
+    assert fit_k(Rows(32, 256, 4, 3), 40) == Rows(32, 64, 4, 3)
