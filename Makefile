@@ -15,6 +15,10 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for make test (0: one process). Each test file stays in one worker (--dist loadfile):
 # most of the suite's time is processes importing torch, transformers and mlflow, which two cores do at once.
 TEST_WORKERS ?= 2
+# Threads per test process (OMP_NUM_THREADS; pipelines the tests start inherit it). Two workers on two cores,
+# each running torch's two threads, spin against each other: one thread each ran three pipeline test files 13%
+# faster in wall time and 18% less CPU (2026-12-03, 2 cores).
+TEST_THREADS ?= 1
 PORT ?= 5000
 GPUS ?= 1
 TIME_LIMIT ?= 0
@@ -42,6 +46,7 @@ help: ## this list
 	@echo "  TIME_LIMIT=<s>       stop cleanly before this many seconds (exit 75); the same command resumes"
 	@echo "  TRIALS=<n> STEPS=<n> make sweep: Optuna trials, optimizer steps per trial (default: moe-distill sweep --help)"
 	@echo "  TEST_WORKERS=$(TEST_WORKERS)       make test: pytest processes, one test file each at a time (0: one process)"
+	@echo "  TEST_THREADS=$(TEST_THREADS)       make test: threads per test process (OMP_NUM_THREADS)"
 	@echo "  MLFLOW_TRACKING_URI  $(MLFLOW_TRACKING_URI)"
 	@echo "  HF_HUB_OFFLINE=$(HF_HUB_OFFLINE)  set 0 to allow hub ids"
 	@echo "  DISTILL_BUNDLE=<dir>   offline machine: install and fetch from a \`make bundle\` folder"
@@ -115,7 +120,7 @@ show-config: $(VENV)/.installed ## every config key of a run (TEACHER, STUDENT, 
 		--set "$(SET)" --run-name "$(RUN)"
 
 test: $(VENV)/.installed ## unit tests + end-to-end test on tiny models
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ui: $(VENV)/.installed ## MLflow UI on http://127.0.0.1 (PORT=5000)
 	$(VENV)/bin/moe-distill ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --port $(PORT)
