@@ -226,7 +226,8 @@ def dense_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list
             for w in ws:
                 gu = w.gate_up[used].transpose(1, 2) if transposed else w.gate_up[used]  # [n, 2I, H]
                 dn = w.down[used].transpose(1, 2) if transposed else w.down[used]  # [n, H, I]
-                dense.append((gu.reshape(n * 2 * I, H).contiguous(), dn.permute(1, 0, 2).reshape(H, n * I).contiguous()))
+                dense.append((gu.reshape(n * 2 * I, H).contiguous(),
+                              dn.permute(1, 0, 2).reshape(H, n * I).contiguous()))
             a = torch.randn(T, n * I, device="cuda", dtype=torch.bfloat16)
             base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
 
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-tokens", type=int, nargs="*", default=[1, 4, 16, 64])
     ap.add_argument("--only", nargs="*", default=["router", "experts"], choices=["router", "experts", "paths", "dense"])
     ap.add_argument("--path-tokens", type=int, nargs="*", default=[8, 16])
-    ap.add_argument("--layouts", nargs="*", default=None, help="expert layouts of `paths` and `dense` by name (default: all)")
+    ap.add_argument("--layouts", nargs="*", default=None,
+                    help="expert layouts of `paths` and `dense` by name (default: all)")
     args = ap.parse_args(argv)
     run = start_run("decode_sweep")
     if run is None:
