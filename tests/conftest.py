@@ -25,10 +25,11 @@ if not _cuda_available():
 
 def _patch_triton_language_once_per_launch() -> None:
     """Triton's interpreter re-patches triton.language (inspect.getmembers over its modules, about 3 ms) at every
-    call of a @triton.jit helper inside a kernel, although the launch patched those very modules already: a third
-    of the interpreter's time in our kernel tests (tests/test_hf_moe.py's decode under cProfile: 49 of 160 s in
-    14,789 such calls). Inside a launch, a helper whose globals hold only language modules the launch patched
-    skips that work; any other call, and any Triton without these internals, runs the interpreter's own code."""
+    call of a @triton.jit helper inside a kernel, although the launch patched those very modules already (14,789
+    such calls in tests/test_hf_moe.py's Qwen2-MoE decode; that test took 44-47 s with this and 49-53 s without,
+    two runs each, Triton 3.9). Inside a launch, a helper whose globals hold only language modules the launch
+    patched skips that work; any other call, and any Triton without these internals, runs the interpreter's own
+    code."""
     try:
         from triton.runtime import interpreter as ti
 
