@@ -243,6 +243,18 @@ def test_shared_expert_blocks_decode_on_our_kernels(name: str, monkeypatch: pyte
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), err
 
 
+def _calls(model: torch.nn.Module, n: int = 2) -> torch.Tensor:
+    """Logits [n, 1, 2, vocab] of n decode-sized calls (one sequence of 2 tokens, no cache): each block's first
+    such call compares its paths, the later ones run the path it kept."""
+    ids = torch.tensor([[5, 7]], device=DEV)
+    with torch.no_grad():
+        return torch.stack([model(input_ids=ids, use_cache=False).logits.double() for _ in range(n)])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 def test_a_block_that_is_not_what_its_structure_says_keeps_its_stock_forward(
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Structure is not semantics: a block with the shared-expert layout whose forward scales its output (as an
@@ -252,17 +264,16 @@ def test_a_block_that_is_not_what_its_structure_says_keeps_its_stock_forward(
         cls = type(layer.mlp)
         layer.mlp.__class__ = type(cls.__name__, (cls,), {"forward": lambda self, h, _c=cls: 1.5 * _c.forward(self, h)})
     model.set_experts_implementation("eager")
-    ref_tokens, ref_logits = _decode(model)
+    ref = _calls(model)
     monkeypatch.setenv(dispatch.ENV, "fused")
     hf_moe._warned.clear()
     enable_fused_moe(model)
     with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
-        tokens, logits = _decode(model)
+        logits = _calls(model)
     assert "differs from its stock forward" in caplog.text, caplog.text
-    assert caplog.text.count("differs from its stock forward") == 1  # once, not per block and step
-    assert torch.equal(tokens, ref_tokens)
+    assert caplog.text.count("differs from its stock forward") == 1  # once, not per block and call
     # The blocks' stock forwards, with our routers and experts in them: float32 dots of another order on a GPU
-    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < (1e-4 if DEV == "cpu" else 2e-3)
+    assert _rel(logits, ref) < (1e-4 if DEV == "cpu" else 2e-3)
 
 
 def test_shared_experts_our_kernels_cannot_take_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
@@ -272,14 +283,13 @@ def test_shared_experts_our_kernels_cannot_take_are_left_alone(caplog: pytest.Lo
     mlp = model.model.layers[0].mlp.shared_expert
     mlp.up_proj = torch.nn.Linear(48, 56, bias=True).to(DEV)
     model.set_experts_implementation("eager")
-    ref_tokens, _ = _decode(model)
+    ref = _calls(model)
     hf_moe._warned.clear()
     with caplog.at_level(logging.WARNING, logger="kernels.hf_moe"):
         summary = enable_fused_moe(model)
     assert summary["shared_blocks_fused"] == model.config.num_hidden_layers - 1
     assert "shared_expert is not three bias-free nn.Linear" in caplog.text
-    tokens, _ = _decode(model)
-    assert torch.equal(tokens, ref_tokens)
+    assert _rel(_calls(model), ref) < (1e-4 if DEV == "cpu" else 2e-3)
     # Offloading hooks (accelerate's) load weights inside the forwards our kernels would bypass: left alone too.
     other = model.model.layers[1].mlp
     other.shared_expert.down_proj._hf_hook = object()
