@@ -110,9 +110,7 @@ def experts_rows(run, tokens: list[int]) -> list[dict]:
                 gu, dn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()
             ws.append(ExpertWeights(gu, dn, transposed=transposed))
         for T in tokens:
-            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
-            tw = torch.rand(T, k, device="cuda")
+            h, ids, tw = _random_call(T, E, k, H)
             base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
 
             def timed(tiles: tuple[GemvConfig, GemvConfig] | None) -> float:
@@ -144,6 +142,14 @@ def experts_rows(run, tokens: list[int]) -> list[dict]:
     return rows
 
 
+def _random_call(T: int, E: int, k: int, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode call's inputs under uniform routing: tokens [T, H] bf16, k distinct expert ids per token [T, k]
+    int32, routing weights [T, k] float32."""
+    h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
+    return h, ids, torch.rand(T, k, device="cuda")
+
+
 def _weights(E: int, H: int, I: int, k: int, transposed: bool) -> list[ExpertWeights]:
     # Copies of one layout's random weights, enough that a call's weights have left L2 when its copy comes again.
     ws = []
@@ -165,9 +171,7 @@ def path_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list[
             continue
         ws = _weights(E, H, I, k, transposed)
         for T in tokens:
-            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
-            tw = torch.rand(T, k, device="cuda")
+            h, ids, tw = _random_call(T, E, k, H)
             base = dict(kernel="decode_sweep", shape=name + (" transposed" if transposed else ""), tokens=T)
 
             def timed(**kw) -> float:
@@ -217,9 +221,7 @@ def dense_rows(run, tokens: list[int], layouts: list[str] | None = None) -> list
             continue
         ws = _weights(E, H, I, k, transposed)
         for T in tokens:
-            h = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]).int()
-            tw = torch.rand(T, k, device="cuda")
+            h, ids, tw = _random_call(T, E, k, H)
             used = ids.unique().long()
             n = used.numel()
             dense = []  # per copy: the routed experts' gate/up rows [n 2I, H] and down columns [H, n I], contiguous
