@@ -185,7 +185,11 @@ def test_every_grid_shape_matches_float64_on_the_gpu(tokens: int, monkeypatch: p
     from bench.moe_grid import build_block, experts_errors, grid
     from kernels import dispatch
 
-    monkeypatch.delenv(dispatch.ENV, raising=False)  # experts_errors forces our path; put it back afterwards
+    # experts_errors sets our path in os.environ itself: record the variable (set, then deleted) so that teardown
+    # restores it even when it was unset (delenv of an unset variable records nothing to undo, and the forced
+    # path then leaked into the next tests of the process: tests/test_moe_dispatch.py failed after this one).
+    monkeypatch.setenv(dispatch.ENV, "measure")
+    monkeypatch.delenv(dispatch.ENV)
     worst: dict[str, float] = {}
     for s in grid(GRID_TESTED):
         block = build_block(s)
