@@ -263,6 +263,7 @@ GEMV_TILES_TRANSPOSED = (GemvConfig(16, 512, 4), GemvConfig(16, 1024, 8, groups=
 SLOT_SUM_BLOCK = 1024
 
 
+@lru_cache(maxsize=None)  # asked twice at every decode call, where the host's time is the call's time
 def fit_k(tile: GemvConfig | RowsConfig, k_dim: int) -> GemvConfig | RowsConfig:
     """tile with its step over the input (block_k) no wider than k_dim rounded up to a power of two (at least 32).
     A 1024-wide step over a 256-wide expert row masks three quarters of every load; real layers change only in the
